@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import torch
+import yaml
+
+from gligen.cli import main
+
+
+def write_config(path: Path, pretrained: str, max_steps: int) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {"pretrained": pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
+        "data": {"class_path": "tests.fixtures.RandomBoxDataModule", "init_args": {"length": 8, "batch_size": 2}},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_writes_a_fixed_run_directory_and_resumes_from_it(tiny_pretrained, tmp_path):
+    run_dir = tmp_path / "runs" / "toy"
+    config = write_config(tmp_path / "config.yaml", tiny_pretrained, max_steps=2)
+    cli = main(["fit", "--config", str(config), "--run_dir", str(run_dir)])
+    assert cli.trainer.global_step == 2
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
+    assert list(run_dir.glob("events.out.tfevents.*"))  # the TensorBoard run is the run directory itself
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+    seen = {}
+    cli = main(["fit", "--config", str(config), "--run_dir", str(run_dir), "--trainer.max_steps", "3"])
+    seen["step"] = cli.trainer.global_step
+    assert seen["step"] == 3  # continued from step 2, did not start again
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 3 and first["global_step"] == 2
+    assert not list((run_dir).glob("version_*"))  # no auto-incremented versions
