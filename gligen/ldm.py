@@ -23,6 +23,8 @@ class FrozenLDM(nn.Module):
         self.unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
         # training always uses the DDPM forward process with the pipeline's own betas and prediction type
         self.noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        # the pipeline's own scheduler settings (steps_offset, set_alpha_to_one, ...) for the samplers
+        self.scheduler_config = dict(DDPMScheduler.load_config(pretrained, subfolder="scheduler"))
         self.requires_grad_(False)
         self.eval()
 

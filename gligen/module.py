@@ -187,6 +187,24 @@ class GLIGENModule(L.LightningModule):
     def configure_callbacks(self):
         return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
+    @classmethod
+    def from_checkpoint(cls, path: str, pretrained: str | None = None, map_location="cpu") -> "GLIGENModule":
+        """Rebuild from a checkpoint of this module: the frozen LDM from `pretrained` (default: the one the run
+        used), the grounding layers from the file. Loaded with `weights_only=True` (no unpickling)."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if "hyper_parameters" not in checkpoint:
+            raise ValueError(f"{path}: not a GLIGENModule checkpoint (no 'hyper_parameters')")
+        hparams = dict(checkpoint["hyper_parameters"])
+        if pretrained is not None:
+            hparams["pretrained"] = pretrained
+        module = cls(**hparams)
+        try:
+            module.on_load_checkpoint(checkpoint)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        module.load_state_dict(checkpoint["state_dict"], strict=False)
+        return module.eval()
+
     # ----- checkpoints: trainable weights only -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, _ in self.trainable_named_parameters()}
