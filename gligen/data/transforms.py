@@ -1,0 +1,203 @@
+"""Per-sample transforms: geometry of image, boxes and keypoints, grounding padding. Pure functions, no model code.
+
+Coordinates are normalised to the image they live on. Resizing does not change normalised coordinates, so the whole
+resize + crop is one affine map per axis, ``x' = x * scale + shift`` (see ``crop_geometry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gligen.data.schema import COCO_FLIP_PAIRS, NUM_KEYPOINTS, VISIBLE, DecodedSample
+
+MAX_OBJECTS = 30
+MAX_PERSONS = 8
+# keypoint index -> index of its mirror image (nose maps to itself)
+FLIP_PERMUTATION = np.arange(NUM_KEYPOINTS)
+for _left, _right in COCO_FLIP_PAIRS:
+    FLIP_PERMUTATION[_left], FLIP_PERMUTATION[_right] = _right, _left
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A ``size`` x ``size`` window at (left, top) of an image of (width, height) pixels."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    size: int
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-axis (x, y) scale and shift taking full-image normalised coords to crop normalised coords."""
+        scale = np.array([self.width, self.height], dtype=np.float64) / self.size
+        shift = -np.array([self.left, self.top], dtype=np.float64) / self.size
+        return scale, shift
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """Size after resizing so that the short side is exactly ``resolution``."""
+    if width <= height:
+        return resolution, max(resolution, round(height * resolution / width))
+    return max(resolution, round(width * resolution / height)), resolution
+
+
+def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
+    size = resized_size(*image.size, resolution)
+    return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+
+def choose_crop(width: int, height: int, resolution: int, rng: np.random.Generator | None = None) -> Crop:
+    """Centre crop when ``rng`` is None, otherwise a uniformly random window."""
+    if rng is None:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, width - resolution + 1)), int(rng.integers(0, height - resolution + 1))
+    return Crop(width, height, left, top, resolution)
+
+
+def crop_boxes(boxes: np.ndarray, crop: Crop) -> np.ndarray:
+    """Map boxes [N, 4] (xyxy, normalised to the full image) into the crop; not clipped."""
+    scale, shift = crop.scale_shift()
+    return boxes * np.tile(scale, 2) + np.tile(shift, 2)
+
+
+def flip_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Horizontal mirror: x0, x1 = 1 - x1, 1 - x0."""
+    out = boxes.copy()
+    out[:, 0], out[:, 2] = 1.0 - boxes[:, 2], 1.0 - boxes[:, 0]
+    return out
+
+
+def filter_boxes(boxes: np.ndarray, min_area: float = 0.01, max_objects: int = MAX_OBJECTS
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Drop boxes fully outside [0, 1]^2, clip the rest, drop those with area < ``min_area`` (fraction of the
+    image), keep the ``max_objects`` largest (largest first, ties in input order).
+
+    Returns the kept boxes and their indices into the input, so per-object data (phrases, embeddings) follows."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    inside = (boxes[:, 2] > 0) & (boxes[:, 0] < 1) & (boxes[:, 3] > 0) & (boxes[:, 1] < 1)
+    clipped = np.clip(boxes, 0.0, 1.0)
+    area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    candidates = np.flatnonzero(inside & (area >= min_area))
+    order = np.argsort(-area[candidates], kind="stable")[:max_objects]
+    kept = candidates[order]
+    return clipped[kept], kept
+
+
+def crop_keypoints(keypoints: np.ndarray, crop: Crop) -> np.ndarray:
+    """Map keypoints [P, 17, 3] (x, y, v) into the crop; those that land outside become invisible (v = 0,
+    coordinates zeroed)."""
+    out = np.array(keypoints, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
+    scale, shift = crop.scale_shift()
+    out[..., :2] = out[..., :2] * scale + shift
+    outside = ((out[..., :2] < 0) | (out[..., :2] > 1)).any(-1) | (out[..., 2] == 0)
+    out[outside] = 0.0
+    return out
+
+
+def flip_keypoints(keypoints: np.ndarray) -> np.ndarray:
+    """Horizontal mirror of keypoints [P, 17, 3]: x -> 1 - x for labelled points, and left/right indices swapped
+    (a mirrored left wrist is the right wrist; the official code forgets this swap)."""
+    out = np.array(keypoints, dtype=np.float64)[:, FLIP_PERMUTATION]
+    labelled = out[..., 2] > 0
+    out[..., 0] = np.where(labelled, 1.0 - out[..., 0], out[..., 0])
+    return out
+
+
+def pad_grounding(boxes: np.ndarray, phrases: list[str], max_objects: int = MAX_OBJECTS) -> dict:
+    """Pad to ``max_objects``: ``boxes`` float32 [max_objects, 4] (zeros where padded), ``masks`` float32
+    [max_objects] (1 = real object), ``phrases`` (max_objects strings, "" where padded)."""
+    n = len(phrases)
+    if n > max_objects or len(boxes) != n:
+        raise ValueError(f"{len(boxes)} boxes and {n} phrases for max_objects={max_objects}")
+    out_boxes = torch.zeros(max_objects, 4)
+    out_boxes[:n] = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(n, 4))
+    masks = torch.zeros(max_objects)
+    masks[:n] = 1.0
+    return {"boxes": out_boxes, "masks": masks, "phrases": list(phrases) + [""] * (max_objects - n)}
+
+
+def pad_rows(rows: np.ndarray, max_rows: int) -> torch.Tensor:
+    """Zero-pad per-object rows [n, D] to [max_rows, D]."""
+    out = torch.zeros(max_rows, rows.shape[1])
+    out[: len(rows)] = torch.as_tensor(rows, dtype=torch.float32)
+    return out
+
+
+def pad_keypoints(keypoints: np.ndarray, max_persons: int = MAX_PERSONS) -> dict:
+    """Keep the ``max_persons`` persons with most present keypoints and pad: ``keypoints`` float32
+    [max_persons, 17, 2], ``keypoint_masks`` float32 [max_persons, 17] (1 where visibility is 2)."""
+    keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
+    present = keypoints[..., 2] == VISIBLE
+    order = np.argsort(-present.sum(1), kind="stable")[:max_persons]
+    xy = torch.zeros(max_persons, NUM_KEYPOINTS, 2)
+    masks = torch.zeros(max_persons, NUM_KEYPOINTS)
+    n = len(order)
+    xy[:n] = torch.as_tensor(keypoints[order, :, :2] * present[order, :, None], dtype=torch.float32)
+    masks[:n] = torch.as_tensor(present[order], dtype=torch.float32)
+    return {"keypoints": xy, "keypoint_masks": masks}
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    resolution: int
+    max_objects: int = MAX_OBJECTS
+    max_persons: int = MAX_PERSONS
+    min_area: float = 0.01
+    random_crop: bool = False
+    random_flip: bool = True
+
+
+def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random.Generator | None = None) -> dict:
+    """Decoded sample -> one training example (the per-sample part of the batch contract).
+
+    ``rng`` None means deterministic (validation): centre crop, no flip. With latents the geometry is fixed at
+    encoding time: the boxes refer to the encoded image and only the flip remains (it needs the ``_flip`` latents).
+    """
+    ann = sample.annotation
+    flip_coin = rng is not None and cfg.random_flip and bool(rng.random() < 0.5)
+    out: dict = {"key": sample.key, "kind": ann.kind}
+
+    if "latent_mean.npy" in sample.arrays:
+        flip = flip_coin and "latent_mean_flip.npy" in sample.arrays
+        suffix = "_flip" if flip else ""
+        for name in ("latent_mean", "latent_std"):
+            out[name] = torch.as_tensor(sample.arrays[f"{name}{suffix}.npy"], dtype=torch.float32)
+        crop = Crop(1, 1, 0, 0, 1)  # identity
+    else:
+        image = resize_short_side(sample.image, cfg.resolution)
+        crop = choose_crop(*image.size, cfg.resolution, rng if cfg.random_crop else None)
+        image = image.crop((crop.left, crop.top, crop.left + crop.size, crop.top + crop.size))
+        flip = flip_coin
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        out["pixel_values"] = image_to_tensor(image)
+
+    boxes = crop_boxes(np.array([o.box for o in ann.objects], dtype=np.float64).reshape(-1, 4), crop)
+    boxes, kept = filter_boxes(flip_boxes(boxes) if flip else boxes, cfg.min_area, cfg.max_objects)
+    out.update(pad_grounding(boxes, [ann.objects[i].phrase for i in kept], cfg.max_objects))
+    for name in ("phrase_embeds", "entity_embeds"):
+        if f"{name}.npy" in sample.arrays:
+            out[name] = pad_rows(sample.arrays[f"{name}.npy"][kept], cfg.max_objects)
+
+    # detection data trains with the null caption; stored caption embeddings cannot be trusted to be null
+    out["caption"] = "" if ann.kind == "detection" else sample.caption
+    if "caption_embeds.npy" in sample.arrays and ann.kind != "detection":
+        out["caption_embeds"] = torch.as_tensor(sample.arrays["caption_embeds.npy"], dtype=torch.float32)
+
+    if ann.persons is not None:
+        kps = np.stack([p.keypoints for p in ann.persons]) if ann.persons else np.zeros((0, NUM_KEYPOINTS, 3))
+        kps = crop_keypoints(kps, crop)
+        out.update(pad_keypoints(flip_keypoints(kps) if flip else kps, cfg.max_persons))
+    return out
