@@ -58,3 +58,16 @@ def main(args=None) -> GLIGENCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def fit_from_config(config: str, *overrides: str) -> Path:
+    """Train (or resume, or find already finished) the run a YAML config describes; returns its last checkpoint.
+
+    Experiments call this instead of re-implementing training: a finished run resumes at max_steps and stops at
+    once, an interrupted one continues.
+    """
+    cli = main(["fit", "--config", config, *overrides])
+    checkpoint = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{config}: training finished without writing {checkpoint} (is run_dir set?)")
+    return checkpoint

@@ -93,7 +93,10 @@ class GLIGENModule(L.LightningModule):
         return self.ldm.encode_images(batch["pixel_values"])
 
     def batch_captions(self, batch: dict, drop: torch.Tensor) -> torch.Tensor:
-        """Caption context [B, 77, D]; samples where `drop` is True get the null caption ""."""
+        """Caption context [B, 77, D]; samples where `drop` is True, and detection data, get the null caption ""."""
+        if "kinds" in batch:
+            detection = torch.tensor([k == "detection" for k in batch["kinds"]], device=drop.device)
+            drop = drop | detection
         if "caption_embeds" in batch:
             embeds = batch["caption_embeds"].float()
             if drop.any():

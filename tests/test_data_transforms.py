@@ -181,9 +181,10 @@ def test_transform_sample_random_crop_uses_rng():
     assert torch.allclose(out["boxes"][1], torch.tensor([0.0, 0.0, 0.2, 1.0]))  # 'outside' is now inside
 
 
-def test_detection_kind_gets_null_caption_and_drops_caption_embeds():
+def test_detection_kind_gets_null_caption_and_keeps_caption_embeds_for_the_module_to_null():
     out = transform_sample(_two_colour_sample(kind="detection"), TransformConfig(8), rng=None)
-    assert out["caption"] == "" and "caption_embeds" not in out
+    # embeddings stay so a mixed batch keeps its precomputed path; GLIGENModule nulls kind "detection" itself
+    assert out["caption"] == "" and out["kind"] == "detection" and "caption_embeds" in out
 
 
 def test_transform_sample_latents_pick_flip_variant():

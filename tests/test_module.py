@@ -136,6 +136,11 @@ def test_dropped_captions_and_grounding_become_null(tiny_pretrained):
     assert torch.equal(context[1], module.ldm.encode_captions([batch["captions"][1]])[0])
     precomputed = module.batch_captions({"caption_embeds": module.ldm.encode_captions(batch["captions"])}, drop)
     assert torch.allclose(precomputed, context)
+    # detection data always trains with the null caption, also on the precomputed path
+    kinds = {"caption_embeds": module.ldm.encode_captions(batch["captions"]), "kinds": ["grounding", "detection"]}
+    detection = module.batch_captions(kinds, torch.tensor([False, False]))
+    assert torch.allclose(detection[1], context[0])  # context[0] is the null caption
+    assert torch.allclose(detection[0], kinds["caption_embeds"][0])
     grounding = module.batch_grounding(batch, drop)
     assert grounding["masks"][0].sum() == 0 and torch.equal(grounding["masks"][1], batch["masks"][1])
 

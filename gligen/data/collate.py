@@ -22,6 +22,7 @@ def collate_batch(examples: list[dict]) -> dict:
         "kinds": [e["kind"] for e in examples],
         "captions": [e["caption"] for e in examples],
         "phrases": [e["phrases"] for e in examples],
+        "categories": [e["categories"] for e in examples],
         "boxes": torch.stack([e["boxes"] for e in examples]),
         "masks": torch.stack([e["masks"] for e in examples]),
     }

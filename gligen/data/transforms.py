@@ -187,13 +187,16 @@ def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random
     boxes = crop_boxes(np.array([o.box for o in ann.objects], dtype=np.float64).reshape(-1, 4), crop)
     boxes, kept = filter_boxes(flip_boxes(boxes) if flip else boxes, cfg.min_area, cfg.max_objects)
     out.update(pad_grounding(boxes, [ann.objects[i].phrase for i in kept], cfg.max_objects))
+    # class names travel along for evaluation (detectors report classes, not free phrases); "" where unknown
+    out["categories"] = [ann.objects[i].category or "" for i in kept] + [""] * (cfg.max_objects - len(kept))
     for name in ("phrase_embeds", "entity_embeds"):
         if f"{name}.npy" in sample.arrays:
             out[name] = pad_rows(sample.arrays[f"{name}.npy"][kept], cfg.max_objects)
 
-    # detection data trains with the null caption; stored caption embeddings cannot be trusted to be null
+    # detection data trains with the null caption: "" here, and GLIGENModule nulls the caption embeddings of
+    # kind "detection" itself, so stored embeddings are kept (a mixed batch keeps its precomputed path)
     out["caption"] = "" if ann.kind == "detection" else sample.caption
-    if "caption_embeds.npy" in sample.arrays and ann.kind != "detection":
+    if "caption_embeds.npy" in sample.arrays:
         out["caption_embeds"] = torch.as_tensor(sample.arrays["caption_embeds.npy"], dtype=torch.float32)
 
     if ann.persons is not None:

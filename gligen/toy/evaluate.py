@@ -36,7 +36,7 @@ from scipy.ndimage import binary_dilation, label
 from scipy.optimize import linear_sum_assignment
 
 from gligen.toy.world import (
-    CATEGORIES, COLOURS, KEYPOINT_COLOURS, LIMB_COLOUR, PALETTE, keypoint_blob_size, match_shape,
+    COLOURS, KEYPOINT_COLOURS, LIMB_COLOUR, PALETTE, keypoint_blob_size, match_shape,
     tight_box,
 )
 
@@ -126,13 +126,16 @@ def _layout_objects(layout: dict) -> list[tuple[str, tuple[float, float, float, 
     return [(o["category"], tuple(o["box"])) for o in layout["objects"]]
 
 
+def as_box_detections(detections: list[list[Detection]]) -> list[list[dict]]:
+    """Toy detections in the generic detector format of gligen.metrics.grounding (label = category)."""
+    return [[{"box": d.box, "label": d.category, "score": d.score} for d in dets] for dets in detections]
+
+
 def mean_best_iou(detections: list[list[Detection]], layouts: list[dict]) -> float:
     """Mean over all layout objects of the best IoU of a same-category detection (0 if none)."""
-    ious = []
-    for dets, layout in zip(detections, layouts):
-        for category, box in _layout_objects(layout):
-            ious.append(max([box_iou(box, d.box) for d in dets if d.category == category], default=0.0))
-    return float(np.mean(ious)) if ious else 0.0
+    from gligen.metrics.grounding import miou  # lazy: gligen.metrics.grounding builds on this module
+
+    return miou(as_box_detections(detections), layouts)
 
 
 def count_accuracy(detections: list[list[Detection]], layouts: list[dict]) -> float:
@@ -146,27 +149,10 @@ def caption_accuracy(detections: list[list[Detection]], layouts: list[dict]) -> 
 
 
 def box_average_precision(detections: list[list[Detection]], layouts: list[dict]) -> dict[str, float]:
-    """COCO AP / AP50 / AP75 of detections against the layouts (boxes in pixels, labels = category index)."""
-    import torch
-    from torchmetrics.detection import MeanAveragePrecision
+    """COCO AP / AP50 / AP75 of detections against the layouts (labels = category)."""
+    from gligen.metrics.grounding import grounding_ap
 
-    def pixels(box, layout):
-        w, h = layout["width"], layout["height"]
-        return [box[0] * w, box[1] * h, box[2] * w, box[3] * h]
-
-    preds, targets = [], []
-    for dets, layout in zip(detections, layouts):
-        preds.append({"boxes": torch.tensor([pixels(d.box, layout) for d in dets], dtype=torch.float32).reshape(-1, 4),
-                      "scores": torch.tensor([d.score for d in dets], dtype=torch.float32),
-                      "labels": torch.tensor([CATEGORIES.index(d.category) for d in dets], dtype=torch.long)})
-        objs = _layout_objects(layout)
-        targets.append({"boxes": torch.tensor([pixels(b, layout) for _, b in objs], dtype=torch.float32).reshape(-1, 4),
-                        "labels": torch.tensor([CATEGORIES.index(c) for c, _ in objs], dtype=torch.long)})
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
-    metric.update(preds, targets)
-    result = metric.compute()
-    # torchmetrics reports -1 when undefined (no ground truth): report 0 so averages stay meaningful.
-    return {name: max(0.0, float(result[key])) for name, key in (("ap", "map"), ("ap50", "map_50"), ("ap75", "map_75"))}
+    return grounding_ap(as_box_detections(detections), layouts)
 
 
 def evaluate_boxes(images: list[np.ndarray], layouts: list[dict]) -> dict[str, float]:

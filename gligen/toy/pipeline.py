@@ -22,18 +22,25 @@ def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTo
     Any other text still tokenizes (byte by byte), exactly like CLIP's own tokenizer falls back.
     """
     byte_chars = list(bytes_to_unicode().values())
-    vocab_tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    base = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in words}):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:  # merge left to right: every prefix becomes a token, then the whole word
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-            symbols = [pair[0] + pair[1]] + symbols[2:]
-    vocab_tokens += [a + b for a, b in merges] + list(SPECIAL_TOKENS)
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    pieces = {word: list(word[:-1]) + [word[-1] + "</w>"] for word in sorted({w.lower() for w in words})}
+    while True:
+        for symbols in pieces.values():
+            while len(symbols) > 1:  # merge the current pieces left to right until the word is one token
+                pair = (symbols[0], symbols[1])
+                if pair not in merges:
+                    merges.append(pair)
+                symbols[:2] = [pair[0] + pair[1]]
+        vocab_tokens = base + [a + b for a, b in merges] + list(SPECIAL_TOKENS)
+        vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_tokens))}
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
+        # an earlier-ranked merge of another word can split a word differently ("an" inside "cyan"): add merges
+        # for the pieces BPE actually produces until every word comes out whole
+        pieces = {word: tokenizer.tokenize(word) for word in pieces}
+        pieces = {word: p for word, p in pieces.items() if len(p) > 1}
+        if not pieces:
+            return tokenizer
 
 
 @dataclass

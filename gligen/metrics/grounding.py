@@ -1,0 +1,168 @@
+"""Grounding accuracy: run a detector on generated images and score its boxes against the input layout.
+
+This is the paper's "YOLO score" (COCO AP / AP50 / AP75 of YOLOv4 detections on images generated from COCO val
+layouts) with the detector made pluggable: anything satisfying `Detector` works. Provided:
+
+- `ToyDetector`: the toy world's exact rule-based read-back (``gligen.toy.evaluate.detect_objects``); label =
+  category ("red square").
+- `TransformersDetector`: any ``transformers`` object-detection model (DETR, Deformable DETR, YOLOS, RT-DETR, ...)
+  from a local directory or hub id the user supplies; labels come from ``model.config.id2label``, optionally
+  renamed by a `label_map` onto the layout's vocabulary. (YOLOv4 itself is not a transformers model; numbers from
+  another detector are comparable with each other, not with the paper's.)
+
+Detections are dicts {"box": normalised xyxy, "label": str, "score": float}. Layouts are annotation dicts of the
+project's schema ({"objects": [{"box", "phrase", "category"}, ...]}); an object's target label is its category when
+set, else its phrase (`target_label`; pass `label_of` to change it). Labels match by exact string equality.
+
+Metrics (plain floats): `grounding_ap` (torchmetrics MeanAveragePrecision, COCO protocol: 101-point interpolation,
+IoU 0.5:0.05:0.95, at most 100 detections per image, classes without ground truth ignored) and `miou` (mean over
+layout objects of the best IoU of a same-label detection, 0 when there is none).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Protocol, Sequence, TypedDict
+
+import numpy as np
+import torch
+
+from gligen.toy.evaluate import COLOUR_DISTANCE, MIN_OBJECT_FRACTION, as_rgb, box_iou, detect_objects
+
+Box = tuple[float, float, float, float]
+
+
+class BoxDetection(TypedDict):
+    box: Box  # normalised xyxy
+    label: str
+    score: float
+
+
+class Detector(Protocol):
+    def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
+        """Detections per image (uint8 HxWx3 RGB arrays in, one list of detections out per image)."""
+        ...
+
+
+def target_label(obj: Mapping) -> str:
+    """The label a detection must carry to match a layout object: its category if set, else its phrase."""
+    return obj.get("category") or obj["phrase"]
+
+
+LabelOf = Callable[[Mapping], str]
+
+
+# ---------------------------------------------------------------------------------------------------- detectors
+
+
+class ToyDetector:
+    """The toy world's exact rule-based detector (see gligen.toy.evaluate.detect_objects); label = category."""
+
+    def __init__(self, colour_distance: float = COLOUR_DISTANCE, min_fraction: float = MIN_OBJECT_FRACTION):
+        self.colour_distance = colour_distance
+        self.min_fraction = min_fraction
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
+        return [[BoxDetection(box=d.box, label=d.category, score=d.score)
+                 for d in detect_objects(image, self.colour_distance, self.min_fraction)] for image in images]
+
+
+class TransformersDetector:
+    """A transformers object detector (AutoImageProcessor + AutoModelForObjectDetection), e.g. a COCO DETR.
+
+    label_map: renames the model's class names (``config.id2label``) to the layouts' labels, e.g.
+    {"dining table": "table"}; names not in it are kept. threshold: detections scoring at or below it are dropped
+    (0 keeps everything the model's post-processing returns, which is what AP wants: low-confidence detections
+    only add recall). Weights must be local unless the hub is reachable.
+    """
+
+    def __init__(self, model_dir_or_id: str, label_map: Mapping[str, str] | None = None, threshold: float = 0.0,
+                 device: str | torch.device | None = None, batch_size: int = 16):
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+        self.processor = AutoImageProcessor.from_pretrained(model_dir_or_id)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForObjectDetection.from_pretrained(model_dir_or_id).to(self.device).eval()
+        self.label_map = dict(label_map or {})
+        self.threshold = threshold
+        self.batch_size = batch_size
+
+    def label_name(self, class_id: int) -> str:
+        name = self.model.config.id2label[int(class_id)]
+        return self.label_map.get(name, name)
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
+        rgb = [as_rgb(image) for image in images]
+        detections = []
+        for start in range(0, len(rgb), self.batch_size):
+            detections.extend(self._detect_batch(rgb[start:start + self.batch_size]))
+        return detections
+
+    @torch.inference_mode()
+    def _detect_batch(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs)
+        sizes = [image.shape[:2] for image in images]  # (height, width): boxes come back in these pixels
+        results = self.processor.post_process_object_detection(outputs, threshold=self.threshold,
+                                                               target_sizes=sizes)
+        return [self._to_detections(result, height, width) for result, (height, width) in zip(results, sizes)]
+
+    def _to_detections(self, result: dict, height: int, width: int) -> list[BoxDetection]:
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = (result["boxes"].float().cpu() / scale).clamp(0.0, 1.0)
+        detections = [BoxDetection(box=tuple(float(v) for v in box), label=self.label_name(label), score=float(score))
+                      for box, label, score in zip(boxes, result["labels"].tolist(), result["scores"].tolist())]
+        return sorted(detections, key=lambda d: -d["score"])
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def _check_pairs(detections: Sequence, layouts: Sequence) -> None:
+    if len(detections) != len(layouts):
+        raise ValueError(f"{len(detections)} detection lists for {len(layouts)} layouts: need one per layout")
+
+
+def label_ids(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+              label_of: LabelOf = target_label) -> dict[str, int]:
+    """One integer id per label over predictions and targets together (so equal strings get equal ids)."""
+    labels = {d["label"] for dets in detections for d in dets}
+    labels |= {label_of(obj) for layout in layouts for obj in layout["objects"]}
+    return {label: i for i, label in enumerate(sorted(labels))}
+
+
+def _boxes(boxes: list) -> torch.Tensor:
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
+def grounding_ap(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+                 label_of: LabelOf = target_label) -> dict[str, float]:
+    """COCO AP / AP50 / AP75 of per-image detections against the layouts the images were generated from.
+
+    Boxes stay normalised: AP over all object sizes does not depend on the image scale (only COCO's small /
+    medium / large breakdown would, and it is not reported).
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    _check_pairs(detections, layouts)
+    ids = label_ids(detections, layouts, label_of)
+    preds, targets = [], []
+    for dets, layout in zip(detections, layouts):
+        preds.append({"boxes": _boxes([list(d["box"]) for d in dets]),
+                      "scores": torch.tensor([float(d["score"]) for d in dets], dtype=torch.float32),
+                      "labels": torch.tensor([ids[d["label"]] for d in dets], dtype=torch.long)})
+        targets.append({"boxes": _boxes([list(obj["box"]) for obj in layout["objects"]]),
+                        "labels": torch.tensor([ids[label_of(obj)] for obj in layout["objects"]], dtype=torch.long)})
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    metric.update(preds, targets)
+    result = metric.compute()
+    # torchmetrics reports -1 when undefined (no ground truth at all): report 0 so averages stay meaningful.
+    return {name: max(0.0, float(result[key])) for name, key in (("ap", "map"), ("ap50", "map_50"), ("ap75", "map_75"))}
+
+
+def miou(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+         label_of: LabelOf = target_label) -> float:
+    """Mean over all layout objects of the best IoU of a same-label detection in its image (0 if none)."""
+    _check_pairs(detections, layouts)
+    ious = [max([box_iou(obj["box"], d["box"]) for d in dets if d["label"] == label_of(obj)], default=0.0)
+            for dets, layout in zip(detections, layouts) for obj in layout["objects"]]
+    return float(np.mean(ious)) if ious else 0.0

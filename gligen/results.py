@@ -1,0 +1,67 @@
+"""Result rows that can be traced: every row records its config hash, seed and git commit."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import statistics
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+
+def git_commit() -> str:
+    """The current commit, with '+dirty' when tracked files differ from it ('unknown' outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of a JSON-able config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with Path(path).open() as f:
+        return list(csv.DictReader(f))
+
+
+def mean_std_table(rows: list[dict], group: str, metrics: list[str], digits: int = 3) -> str:
+    """Markdown table: one line per value of `group`, `mean ± std` (over seeds) of each metric."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[str(row[group])].append(row)
+    lines = [f"| {group} | n | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for key in sorted(groups, key=lambda k: float(k) if _is_number(k) else k):
+        cells = []
+        for metric in metrics:
+            values = [float(r[metric]) for r in groups[key]]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}")
+        lines.append(f"| {key} | {len(groups[key])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,250 @@
+"""Pretrain the toy world's latent diffusion model on CPU, then save it as a diffusers SD directory.
+
+Three short stages, each a plain training loop (they run once per machine, in minutes; a Lightning loop per stage
+would add start-up cost and nothing a researcher needs to configure):
+1. CLIP: a tiny text tower and image tower trained contrastively on (scene, caption) pairs, so text and image
+   features share one space as with real CLIP. The text tower becomes the SD `text_encoder`; the whole CLIP model
+   is kept in `clip/` for image-entity grounding.
+2. VAE: an `AutoencoderKL` (32 px -> 8x8x4 latents), then the latent scaling factor = 1 / std of the latents,
+   computed as SD's 0.18215 was.
+3. UNet: a text-to-image `UNet2DConditionModel` on the latents (captions only, no boxes; 10% null captions for
+   classifier-free guidance), with an EMA of the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from tqdm import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+from . import world
+from .pipeline import build_clip_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    # CLIP towers
+    text_width: int = 64
+    text_layers: int = 2
+    vision_patch: int = 8
+    clip_steps: int = 400
+    clip_lr: float = 1e-3
+    # VAE: len(vae_channels) - 1 downsamplings
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_steps: int = 1500
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # UNet
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_down_blocks: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    unet_up_blocks: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    attention_heads: int = 4
+    unet_steps: int = 4000
+    unet_lr: float = 5e-4
+    unet_warmup: int = 200
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    extra_words: list[str] = field(default_factory=list)
+
+
+def toy_vocabulary() -> list[str]:
+    """Every word the toy world writes (colours, shapes, caption templates), one token each."""
+    words = set(world.COLOURS) | set(world.SHAPES) | {"a", "an", "and", "person", "people", "persons"}
+    for template in world.CAPTION_TEMPLATES:
+        words |= set(template.replace("{}", " ").replace(",", " ").split())
+    for options in world.PERSON_CAPTIONS.values():
+        for caption in options:
+            words |= set(caption.split())
+    return sorted(words)
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def _cosine_lr(optimizer, step: int, steps: int, base: float, warmup: int) -> None:
+    if step < warmup:
+        lr = base * (step + 1) / warmup
+    else:
+        lr = base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_clip(images: torch.Tensor, captions: list[str], tokenizer, config: PretrainConfig, log) -> CLIPModel:
+    """Contrastive text/image towers; images [N, 3, H, W] in [-1, 1]."""
+    width = config.text_width
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                         num_hidden_layers=config.text_layers, num_attention_heads=4,
+                         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=images.shape[-1], patch_size=config.vision_patch, hidden_size=width,
+                           intermediate_size=4 * width, num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=width,
+    ))
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=config.clip_lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed)
+    clip.train()
+    bar = tqdm(_batches(len(images), 128, config.clip_steps, generator), total=config.clip_steps, desc="toy CLIP")
+    for step, index in enumerate(bar):
+        _cosine_lr(optimizer, step, config.clip_steps, config.clip_lr, 50)
+        # identical captions in a batch would be false negatives: keep the first of each
+        _, first = np.unique(ids[index].numpy(), axis=0, return_index=True)
+        index = index[torch.as_tensor(np.sort(first))]
+        loss = clip(input_ids=ids[index], pixel_values=images[index], return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    log(f"clip: final contrastive loss {loss.item():.3f}")
+    return clip.eval()
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())  # transformers 5: CLIPModel.text_model is one
+    return text_encoder.eval()
+
+
+def train_vae(images: torch.Tensor, config: PretrainConfig, log) -> AutoencoderKL:
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=config.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        layers_per_block=1, norm_num_groups=16, sample_size=images.shape[-1],
+    )
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    bar = tqdm(_batches(len(images), config.batch_size, config.vae_steps, generator), total=config.vae_steps,
+               desc="toy VAE")
+    vae.train()
+    for step, index in enumerate(bar):
+        _cosine_lr(optimizer, step, config.vae_steps, config.vae_lr, 100)
+        x = images[index]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        recon = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x)
+        loss = recon + config.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(recon=f"{recon.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log(f"vae: final reconstruction loss {recon.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
+    return vae
+
+
+def make_unet(config: PretrainConfig, latent_size: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4,
+        block_out_channels=config.unet_channels, down_block_types=config.unet_down_blocks,
+        up_block_types=config.unet_up_blocks, layers_per_block=1, cross_attention_dim=config.text_width,
+        attention_head_dim=config.attention_heads, norm_num_groups=16,
+    )
+
+
+def make_scheduler() -> DDIMScheduler:
+    # the SD-1.x schedule: scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, text_encoder, config: PretrainConfig,
+               log) -> UNet2DConditionModel:
+    """Text-to-image UNet on scaled latents [N, 4, h, w]."""
+    unet = make_unet(config, latents.shape[-1])
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    noise_scheduler = DDPMScheduler.from_config(make_scheduler().config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    null_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    unet.train()
+    bar = tqdm(_batches(len(latents), config.batch_size, config.unet_steps, generator), total=config.unet_steps,
+               desc="toy UNet")
+    for step, index in enumerate(bar):
+        _cosine_lr(optimizer, step, config.unet_steps, config.unet_lr, config.unet_warmup)
+        x0 = latents[index]
+        batch_ids = ids[index].clone()
+        drop = torch.rand(len(index), generator=generator) < config.caption_dropout
+        batch_ids[drop] = null_ids
+        with torch.no_grad():
+            context = text_encoder(batch_ids).last_hidden_state
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema.step(unet.parameters())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(unet.parameters())
+    log(f"unet: final loss {loss.item():.4f} (EMA weights saved)")
+    return unet.eval()
+
+
+def load_split_arrays(shards: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Images [N, 3, H, W] in [-1, 1] and captions of the given shards, through the project's safe reader."""
+    from gligen.data.shards import SkipCounter, iter_samples
+
+    skips = SkipCounter(strict=True)  # the toy world writes these shards itself: any damage is a bug
+    images, captions = [], []
+    for sample in iter_samples(shards, skips):
+        images.append(np.asarray(sample.image.convert("RGB")))
+        captions.append(sample.caption)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, captions
+
+
+def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfig | None = None, log=print) -> Path:
+    """Run the three stages on the training shards and save the pipeline to `out_dir`."""
+    config = config or PretrainConfig()
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    start = time.time()
+    images, captions = load_split_arrays(train_shards)
+    log(f"pretraining data: {len(images)} images from {len(train_shards)} shards")
+    tokenizer = build_clip_tokenizer(toy_vocabulary() + list(config.extra_words))
+    clip = train_clip(images, captions, tokenizer, config, log)
+    text_encoder = text_encoder_from_clip(clip)
+    text_encoder.requires_grad_(False)
+    vae = train_vae(images, config, log)
+    with torch.no_grad():
+        latents = torch.cat([
+            vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)
+        ]) * vae.config.scaling_factor
+    unet = train_unet(latents, captions, tokenizer, text_encoder, config, log)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    clip.save_pretrained(out_dir / "clip")
+    (out_dir / "toy_pretrain.json").write_text(
+        __import__("json").dumps({"config": asdict(config), "seconds": round(time.time() - start, 1),
+                                  "train_images": len(images)}, indent=1))
+    log(f"saved toy LDM to {out_dir} in {time.time() - start:.0f} s")
+    return out_dir

@@ -1,0 +1,63 @@
+"""The toy build end to end at test size: shards + a pretrained-by-us LDM loadable through the `pretrained` path."""
+
+import json
+
+import pytest
+import torch
+
+from gligen.data.shards import resolve_shards
+from gligen.ldm import FrozenLDM
+from gligen.toy.build import ToyBuildConfig, build, ldm_dir, shard_dir
+from gligen.toy.pretrain import PretrainConfig, toy_vocabulary
+from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES
+
+TINY = PretrainConfig(batch_size=8, text_width=32, clip_steps=2, vae_channels=(16, 16, 16), vae_steps=2,
+                      unet_channels=(16, 32, 32), attention_heads=2, unet_steps=3, unet_warmup=1)
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                    "val": {"grounding": 8}}, shard_size=16, pretrain=TINY)
+    out = tmp_path_factory.mktemp("toy")
+    build(out, config, log=lambda *a: None)
+    return out
+
+
+def test_build_writes_every_split_and_a_loadable_pipeline(toy_cache):
+    assert len(resolve_shards(str(shard_dir(toy_cache, "train", "grounding")))) == 2  # 24 samples, 16 per shard
+    index = json.loads((shard_dir(toy_cache, "val", "grounding") / "index.json").read_text())
+    assert index["total"] == 8 and index["kinds"] == {"grounding": 8}
+    ldm = FrozenLDM(str(ldm_dir(toy_cache)))
+    assert ldm.unet.config.sample_size == 8 and ldm.vae.config.scaling_factor != 0.18215  # measured, not copied
+    assert (ldm_dir(toy_cache) / "clip" / "config.json").exists()
+    latents = ldm.encode_images(torch.zeros(1, 3, 32, 32))
+    assert latents.shape == (1, 4, 8, 8)
+
+
+def test_build_is_cached(toy_cache):
+    before = (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    messages = []
+    build(toy_cache, ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                            "val": {"grounding": 8}}, shard_size=16, pretrain=TINY),
+          log=messages.append)
+    assert messages == []  # nothing rewritten
+    assert (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_every_toy_caption_word_is_one_token(toy_cache):
+    ldm = FrozenLDM(str(ldm_dir(toy_cache)))
+    words = list(COLOURS) + list(SHAPES) + CAPTION_TEMPLATES[1].replace("{}", "").split()
+    for word in words:
+        assert len(ldm.tokenizer(word).input_ids) == 3, word  # BOS, the word, EOS
+    assert set(words) <= set(toy_vocabulary())
+
+
+def test_yaml_config_is_checked(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text("pretrain: {unet_stepz: 3}\n")
+    with pytest.raises(ValueError, match="unet_stepz"):
+        ToyBuildConfig.from_yaml(path)
+    path.write_text("resolution: 32\npretrain: {vae_channels: [8, 16], unet_steps: 7}\n")
+    config = ToyBuildConfig.from_yaml(path)
+    assert config.pretrain.vae_channels == (8, 16) and config.pretrain.unet_steps == 7
