@@ -32,7 +32,8 @@ def parse_args(argv=None) -> dict:
     config = yaml.safe_load(DEFAULTS.read_text())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML overriding experiments/configs/ablate_beta.yaml")
-    for key in ("pretrained", "ckpt", "val_shards", "sampler", "detector", "out", "train_config", "toy_cache"):
+    for key in ("pretrained", "ckpt", "val_shards", "sampler", "detector", "out", "train_config", "toy_cache",
+                "toy_config"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key)
     for key in ("num_images", "steps", "batch_size", "resolution"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=int)
@@ -51,9 +52,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     toy = config["pretrained"] is None and config["ckpt"] is None
     if toy:
-        from gligen.toy.build import build, ldm_dir, shard_dir
+        from gligen.toy.build import ToyBuildConfig, build, ldm_dir, shard_dir
 
-        build(config["toy_cache"])
+        build(config["toy_cache"], ToyBuildConfig.from_yaml(config["toy_config"]))
         config["pretrained"] = str(ldm_dir(config["toy_cache"]))
         config["val_shards"] = config["val_shards"] or str(shard_dir(config["toy_cache"], "val", "grounding"))
         config["ckpt"] = str(fit_from_config(config["train_config"]))

@@ -5,6 +5,8 @@ Checkpoints hold only the trainable weights (plus optimizer / schedule state); t
 `pretrained`, which the checkpoint's hyper-parameters name.
 """
 
+import inspect
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -197,7 +199,9 @@ class GLIGENModule(L.LightningModule):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         if "hyper_parameters" not in checkpoint:
             raise ValueError(f"{path}: not a GLIGENModule checkpoint (no 'hyper_parameters')")
-        hparams = dict(checkpoint["hyper_parameters"])
+        # LightningCLI adds bookkeeping entries (e.g. `_instantiator`): keep only constructor arguments
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
         if pretrained is not None:
             hparams["pretrained"] = pretrained
         module = cls(**hparams)

@@ -1,0 +1,338 @@
+"""Export to diffusers' GLIGEN pipeline and import of official GLIGEN checkpoints, on tiny models."""
+
+import re
+
+import pytest
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from gligen.convert import main as convert_main
+from gligen.interop import InteropError, StableDiffusionGLIGENPipeline, import_official, load_official
+from gligen.module import GLIGENModule
+from gligen.sampling import sample, tau_schedule
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def grounded_module(pretrained, seed=0, **kwargs) -> GLIGENModule:
+    """A module whose grounding visibly changes the output: gates 0.5, random position net incl. null features."""
+    torch.manual_seed(seed)
+    module = GLIGENModule(pretrained, gamma_init=0.5, **kwargs)
+    with torch.no_grad():
+        for p in module.ldm.unet.position_net.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return module.eval()
+
+
+def save_like_lightning(module: GLIGENModule, path) -> None:
+    """What `Trainer.save_checkpoint` writes for this module (state dict, hyper-parameters, the module's own hook)."""
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+
+LAYOUT = {
+    "prompt": "a red square and a blue circle",
+    "phrases": ["red square", "blue circle"],
+    "boxes": [[0.1, 0.1, 0.5, 0.6], [0.45, 0.3, 0.95, 0.9]],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. to-diffusers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_exported_pipeline_gives_our_images(tiny_pretrained, tmp_path):
+    module = grounded_module(tiny_pretrained)
+    ckpt = tmp_path / "m.ckpt"
+    save_like_lightning(module, ckpt)
+    convert_main(["to-diffusers", str(ckpt), str(tmp_path / "exported")])
+    pipe = StableDiffusionGLIGENPipeline.from_pretrained(tmp_path / "exported")
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers rebuilt its own fusers from attention_type="gated" and every weight arrived
+    assert pipe.unet.config.attention_type == "gated"
+    ours = module.ldm.unet.state_dict()
+    theirs = pipe.unet.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    # tau 0.5 of 4 steps: grounding on for 2 steps, then diffusers switches the fusers off, we set beta = 0
+    steps, guidance, seed, tau = 4, 5.0, 3, 0.5
+    n = len(LAYOUT["phrases"])
+    boxes = torch.zeros(1, 30, 4)
+    boxes[0, :n] = torch.tensor(LAYOUT["boxes"])
+    masks = torch.zeros(1, 30)
+    masks[0, :n] = 1
+    grounding = {
+        "boxes": boxes,
+        "masks": masks,
+        "positive_embeddings": module.ldm.encode_phrases([LAYOUT["phrases"] + [""] * (30 - n)]),
+    }
+    ours = sample(module.ldm, [LAYOUT["prompt"]], grounding, tau_schedule(steps, tau), "ddim", steps, guidance, [seed])
+    # the same initial noise sample() draws for this seed
+    latents = randn_tensor((1, 4, 8, 8), generator=[torch.Generator("cpu").manual_seed(seed)], dtype=torch.float32)
+    theirs = pipe(
+        prompt=LAYOUT["prompt"],
+        gligen_phrases=LAYOUT["phrases"],
+        gligen_boxes=LAYOUT["boxes"],
+        gligen_scheduled_sampling_beta=tau,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents,
+        output_type="pt",
+    ).images
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    # grounding matters here (so the comparison would catch dropped fuser / position-net weights)
+    ungrounded = sample(module.ldm, [LAYOUT["prompt"]], None, None, "ddim", steps, guidance, [seed])
+    assert (ours - ungrounded).abs().max() > 1e-2
+    assert theirs.shape == ours.shape
+    # measured: identical (max |diff| 0.0 on CPU fp32); 1e-4 leaves room for other kernels / devices
+    assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()
+
+
+def test_export_refuses_other_fuser_types(tiny_pretrained, tmp_path):
+    module = GLIGENModule(tiny_pretrained, fuser_type="gated_cross_attention")
+    save_like_lightning(module, tmp_path / "m.ckpt")
+    with pytest.raises(SystemExit):
+        convert_main(["to-diffusers", str(tmp_path / "m.ckpt"), str(tmp_path / "out")])
+    from gligen.interop import export_to_diffusers
+
+    with pytest.raises(InteropError, match=r"fuser_type is 'gated_cross_attention'.*gated_self_attention"):
+        export_to_diffusers(tmp_path / "m.ckpt", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. from-official
+# ---------------------------------------------------------------------------------------------------------------------
+# The official layout is produced here by inverting diffusers' LDM -> diffusers renaming (diffusers ships no
+# diffusers -> LDM converter). The import runs diffusers' forward converters, so a round trip that reproduces every
+# tensor under its diffusers name shows the inverse, and hence the official names used here, are the LDM ones.
+
+RESNET_TO_LDM = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+
+
+def unet_to_official(state_dict: dict, config) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    per_block = config.layers_per_block + 1  # LDM input/output block slots per diffusers block
+    up_has_attention = ["CrossAttn" in t for t in config.up_block_types]
+    out = {}
+    for key, value in state_dict.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        if key.startswith("position_net."):
+            out[key] = value
+            continue
+        m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
+        mid = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
+        if m:
+            kind, b, part, i, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+            if kind == "down_blocks":
+                slot = 1 + b * per_block + (i if part != "downsamplers" else config.layers_per_block)
+                prefix = {"resnets": f"input_blocks.{slot}.0", "attentions": f"input_blocks.{slot}.1",
+                          "downsamplers": f"input_blocks.{slot}.0"}[part]
+                rest = rest.replace("conv.", "op.") if part == "downsamplers" else rest
+            else:
+                slot = b * per_block + (i if part != "upsamplers" else config.layers_per_block)
+                prefix = {"resnets": f"output_blocks.{slot}.0", "attentions": f"output_blocks.{slot}.1",
+                          "upsamplers": f"output_blocks.{slot}.{2 if up_has_attention[b] else 1}"}[part]
+        elif mid:
+            part, i, rest = mid[1], int(mid[2]), mid[3]
+            prefix = f"middle_block.{1 if part == 'attentions' else 2 * i}"
+        else:
+            raise AssertionError(f"no LDM name for {key}")
+        if part == "resnets":
+            for new, old in RESNET_TO_LDM:
+                rest = rest.replace(new, old)
+        out[f"{prefix}.{rest}"] = value
+    assert len(out) == len(state_dict)
+    return out
+
+
+def vae_to_official(state_dict: dict, num_blocks: int) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in state_dict.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        side, rest = key.split(".", 1)
+        if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
+            name = f"down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.(.*)", rest):
+            name = f"down.{m[1]}.downsample.{m[2]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
+            name = f"up.{num_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", rest):
+            name = f"up.{num_blocks - 1 - int(m[1])}.upsample.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", rest):
+            name = f"mid.block_{int(m[1]) + 1}.{m[2].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.*)", rest):
+            name = f"mid.attn_1.{attention[m[1]]}.{m[2]}"
+            if value.ndim == 2:  # LDM's VAE attention uses 1x1 convolutions
+                value = value[:, :, None, None]
+        else:
+            raise AssertionError(f"no LDM name for {key}")
+        out[f"{side}.{name}"] = value
+    assert len(out) == len(state_dict)
+    return out
+
+
+def official_schedule() -> dict:
+    from gligen.interop import ldm_schedule_buffers
+
+    # LDM's make_beta_schedule("linear"): linspace of square roots in float64, squared; buffers stored as float32
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return {k: v.float() for k, v in ldm_schedule_buffers(betas).items()}
+
+
+def sd(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def official_checkpoint(module: GLIGENModule) -> dict:
+    ldm = module.ldm
+    text = {"transformer." + k: v for k, v in ldm.text_encoder.state_dict().items()}
+    # older transformers saved CLIP's position id buffer; official files have it
+    text["transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return {
+        "model": unet_to_official(sd(ldm.unet), ldm.unet.config),
+        "autoencoder": vae_to_official(sd(ldm.vae), len(ldm.vae.config.block_out_channels)),
+        "text_encoder": {k: v.detach().clone() for k, v in text.items()},
+        "diffusion": official_schedule(),
+        "config_dict": {"model": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                                  "params": {"fuser_type": "gatedSA"}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """An official-layout checkpoint of a tiny GLIGEN whose base weights differ from the conftest pipeline
+    (seed 1), so an import that took any weight from --base instead of the file would be caught."""
+    from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
+
+    tmp = tmp_path_factory.mktemp("official")
+    module = grounded_module(str(build_tiny_pipeline(tmp / "seed1", TinyPipelineConfig(), seed=1)), seed=1)
+    checkpoint = official_checkpoint(module)
+    torch.save(checkpoint, tmp / "official.pth")
+    return module, checkpoint, tmp / "official.pth"
+
+
+def test_official_import_round_trips_every_weight(official, tiny_pretrained, tmp_path):
+    original, _, path = official
+    convert_main(["from-official", str(path), str(tmp_path / "imported"), "--base", tiny_pretrained])
+    imported = GLIGENModule.from_checkpoint(str(tmp_path / "imported" / "gligen.ckpt")).eval()
+    assert imported.hparams.pretrained == str((tmp_path / "imported" / "pretrained").resolve())
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(original.ldm, part).state_dict(), getattr(imported.ldm, part).state_dict()
+        assert set(a) == set(b), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    grounding = {
+        "boxes": torch.rand(2, 30, 4, generator=g).sort(-1).values,
+        "masks": (torch.rand(2, 30, generator=g) > 0.5).float(),
+        "positive_embeddings": torch.randn(2, 30, 32, generator=g),
+    }
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        a = original.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
+        b = imported.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
+        plain = original.ldm.unet(x, t, encoder_hidden_states=context).sample
+    assert (a - plain).abs().max() > 1e-3  # the grounding layers are exercised
+    assert torch.equal(a, b)  # same weights, same code: exactly equal
+
+
+def test_unknown_layout_is_refused(tmp_path):
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}}, tmp_path / "sd.ckpt")
+    with pytest.raises(InteropError, match=r"expected an official GLIGEN checkpoint with keys \['model'.*missing"):
+        load_official(tmp_path / "sd.ckpt")
+    parts = {k: {} for k in ("model", "autoencoder", "text_encoder", "diffusion")}
+    torch.save({**parts, "ema": {}}, tmp_path / "e.pth")
+    with pytest.raises(InteropError, match=r"unexpected top-level keys \['ema'\]"):
+        load_official(tmp_path / "e.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(InteropError, match=r"expected an official GLIGEN checkpoint.*found a list"):
+        load_official(tmp_path / "list.pth")
+
+
+class NotATensor:  # stands for OmegaConf's config objects in official files
+    pass
+
+
+def test_pickled_objects_are_refused_without_unpickling(tmp_path):
+    torch.save({"model": {}, "config_dict": NotATensor()}, tmp_path / "pickled.pth")
+    with pytest.raises(InteropError, match=r"(?s)weights_only=True.*OmegaConf.*Unsupported global.*NotATensor"):
+        load_official(tmp_path / "pickled.pth")
+
+
+def damaged(checkpoint, part, drop=(), add=None, replace=None):
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in checkpoint.items()}
+    for key in drop:
+        del out[part][key]
+    out[part].update(add or {})
+    out[part].update(replace or {})
+    return out
+
+
+def test_damaged_checkpoints_are_refused_listing_keys(official, tiny_pretrained, tmp_path):
+    _, checkpoint, _ = official
+    fuser_key = next(k for k in checkpoint["model"] if ".fuser.alpha_attn" in k)
+    cases = [
+        (damaged(checkpoint, "model", drop=[fuser_key, "out.2.bias"]),
+         r"missing from the file: .*(conv_out\.bias|fuser\.alpha_attn).*(conv_out\.bias|fuser\.alpha_attn)"),
+        (damaged(checkpoint, "model", add={"bogus.weight": torch.zeros(3)}),
+         r"'model': 1 keys were not converted: bogus"),
+        (damaged(checkpoint, "autoencoder", drop=["encoder.conv_in.weight"]),
+         r"VAE.*missing.*encoder\.conv_in\.weight"),
+        (damaged(checkpoint, "text_encoder", add={"transformer.extra": torch.zeros(1)}),
+         r"CLIP.*not in the model.*extra"),
+        (damaged(checkpoint, "diffusion", replace={"betas": torch.linspace(1e-4, 0.02, 1000)}),
+         r"'diffusion' buffer 'betas' does not match.*scaled_linear"),
+        (damaged(checkpoint, "model", drop=[k for k in checkpoint["model"] if k.startswith("position_net.")]),
+         r"expected GLIGEN layers.*0 position_net keys"),
+        (damaged(checkpoint, "model", drop=[k for k in checkpoint["model"] if ".fuser.linear." in k]),
+         r"no `linear`.*gatedCA.*only gated self-attention"),
+        (damaged(checkpoint, "model", replace={"input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}),
+         r"takes 9 input channels.*inpainting"),
+    ]
+    for i, (bad, message) in enumerate(cases):
+        torch.save(bad, tmp_path / f"bad{i}.pth")
+        with pytest.raises(InteropError, match=message):
+            import_official(tmp_path / f"bad{i}.pth", tmp_path / f"out{i}", base=tiny_pretrained)
+
+
+def test_official_names_at_sd_size_match_the_official_unet_layout():
+    """At SD-1.x size (on the meta device: names only), the official names used above are those of the official
+    UNetModel: input blocks [C | RT RT D | RT RT D | RT RT D | R R], middle [R T R], output blocks
+    [R R RU | RT RT RTU | RT RT RTU | RT RT RT], a fuser in every T (16), and diffusers' converter maps them back."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+    from gligen.nn.grounded_unet import add_grounding
+
+    with torch.device("meta"):
+        unet = add_grounding(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64))
+    diffusers_sd = unet.state_dict()
+    official = unet_to_official(diffusers_sd, unet.config)
+    fusers = {k.split(".transformer_blocks")[0] for k in official if ".fuser." in k}
+    assert fusers == {f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)} | {"middle_block.1"} | {
+        f"output_blocks.{i}.1" for i in range(3, 12)
+    }
+    assert "input_blocks.1.1.transformer_blocks.0.fuser.linear.weight" in official
+    assert {k for k in official if k.endswith(("op.weight", "conv.weight"))} == {
+        "input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight", "input_blocks.9.0.op.weight",
+        "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
+    }
+    prefixed = {LDM_UNET_KEY + k: v for k, v in official.items() if not k.startswith("position_net.")}
+    back = convert_ldm_unet_checkpoint(prefixed, dict(unet.config))
+    assert set(back) == {k for k in diffusers_sd if not k.startswith("position_net.")}
