@@ -25,7 +25,7 @@ from pathlib import Path
 import diffusers
 import lightning
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     LDM_UNET_KEY,
     convert_ldm_clip_checkpoint,
@@ -34,6 +34,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .ldm import save_ldm
 from .module import CHECKPOINT_FORMAT, GLIGENModule
 from .nn.grounded_unet import add_grounding, fusers
 from .nn.tokenizers import TextBoxTokenizer
@@ -397,16 +398,7 @@ def import_official(
         {k: v for k, v in unet.state_dict().items() if ".fuser." not in k and not k.startswith("position_net.")},
         assign=True,
     )
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=plain_unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(pretrained)
+    save_ldm(pretrained, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=plain_unet, scheduler=scheduler)
     ckpt_path = out_dir / "gligen.ckpt"
     torch.save(grounding_checkpoint(unet, str(pretrained)), ckpt_path)
     return pretrained, ckpt_path

@@ -5,8 +5,10 @@ Diffusion directory (`model_index.json`, `vae/`, `text_encoder/`, `tokenizer/`, 
 world writes such a directory, so toy and SD share this code path.
 """
 
+from pathlib import Path
+
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -75,3 +77,19 @@ class FrozenLDM(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in [-1, 1]."""
         return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample.clamp(-1, 1)
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """The SD-1.x noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction) with the
+    sampler settings SD pipelines ship (steps_offset 1, no clipping)."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def save_ldm(out_dir: str | Path, *, vae, text_encoder, tokenizer, unet, scheduler) -> Path:
+    """Write the components as a standard diffusers Stable Diffusion directory (what `pretrained` names)."""
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(out_dir)
+    return Path(out_dir)

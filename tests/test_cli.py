@@ -2,6 +2,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gligen.cli import main
 
@@ -41,3 +42,7 @@ def test_fit_writes_a_fixed_run_directory_and_resumes_from_it(tiny_pretrained, t
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 3 and first["global_step"] == 2
     assert not list((run_dir).glob("version_*"))  # no auto-incremented versions
+    # the second fit trained only step 3: each step's loss was logged once, in the same TensorBoard run
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2]

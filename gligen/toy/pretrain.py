@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+from gligen.ldm import save_ldm, sd_scheduler
 
 from . import world
 from .pipeline import build_clip_tokenizer
@@ -161,18 +163,12 @@ def make_unet(config: PretrainConfig, latent_size: int) -> UNet2DConditionModel:
     )
 
 
-def make_scheduler() -> DDIMScheduler:
-    # the SD-1.x schedule: scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
 def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, text_encoder, config: PretrainConfig,
                log) -> UNet2DConditionModel:
     """Text-to-image UNet on scaled latents [N, 4, h, w]."""
     unet = make_unet(config, latents.shape[-1])
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
-    noise_scheduler = DDPMScheduler.from_config(make_scheduler().config)
+    noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
@@ -237,11 +233,7 @@ def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfi
             vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)
         ]) * vae.config.scaling_factor
     unet = train_unet(latents, captions, tokenizer, text_encoder, config, log)
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=make_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(out_dir)
+    save_ldm(out_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler())
     clip.save_pretrained(out_dir / "clip")
     (out_dir / "toy_pretrain.json").write_text(
         __import__("json").dumps({"config": asdict(config), "seconds": round(time.time() - start, 1),

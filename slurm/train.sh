@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Train GLIGEN under Slurm: one task per device, on 1 or N nodes, with requeue on preemption / time limit.
+#
+#   sbatch slurm/train.sh                                   # the toy box model: toy_box.yaml -> runs/toy_box
+#                                                           # (builds cache/toy first when it is missing)
+#   CONFIG=experiments/configs/my.yaml RUN_DIR=runs/my sbatch slurm/train.sh [--more.cli overrides ...]
+#   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 slurm/train.sh --trainer.accelerator gpu
+#
+# Submit from the repository root (paths below are relative to it). Environment overrides (exported to the job by
+# sbatch's default --export=ALL): CONFIG (default experiments/configs/toy_box.yaml), RUN_DIR (default
+# runs/toy_box), PYTHON (default: `python` of the active venv, else of ./.venv). Arguments after the script go to
+# `python -m gligen fit` (LightningCLI), after the ones set here, so they win.
+# Devices: --trainer.num_nodes / --trainer.devices come from SLURM_NNODES / SLURM_NTASKS_PER_NODE, so the header
+# (or sbatch's command line) is the one place to say how many: ntasks-per-node = devices (GPUs) per node; ranks
+# come from Lightning's SLURMEnvironment (SLURM_PROCID, ...). On GPUs uncomment --gres with the same count.
+# Logs: slurm/logs/<job name>-<job id>.out/.err (appended across requeues). Run: RUN_DIR/ holds TensorBoard events,
+# config.yaml, checkpoints/last.ckpt (every --checkpoint_every steps, default 500, and at the end) and
+# hpc_ckpt_<n>.ckpt (written on requeue).
+# Requeue: Slurm sends SIGUSR1 90 s before the time limit (or `scancel --signal=USR1 <jobid>`); at the next step
+# every rank saves RUN_DIR/hpc_ckpt_<n>.ckpt, rank 0 runs `scontrol requeue`, and the requeued job (same job id,
+# SLURM_RESTART_COUNT+1) resumes from the newest of hpc_ckpt_<n>.ckpt and last.ckpt at the exact global step.
+#SBATCH --job-name=gligen
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+##SBATCH --gres=gpu:1
+#SBATCH --time=04:00:00
+#SBATCH --signal=USR1@90
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+#SBATCH --error=slurm/logs/%x-%j.err
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
+        # shellcheck disable=SC1091
+        . .venv/bin/activate
+    fi
+    PYTHON=python
+fi
+CONFIG=${CONFIG:-experiments/configs/toy_box.yaml}
+RUN_DIR=${RUN_DIR:-runs/toy_box}
+NNODES=${SLURM_NNODES:-1}
+TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-$(( ${SLURM_NTASKS:-1} / NNODES ))}
+
+# the toy default needs the toy world + toy LDM (cache/toy); build it once, on the batch host, before the ranks start
+if [ "$CONFIG" = experiments/configs/toy_box.yaml ] && [ ! -d cache/toy/ldm ]; then
+    echo "[train.sh] building the toy world in cache/toy (python -m gligen.toy build)"
+    "$PYTHON" -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml
+fi
+echo "[train.sh] $(date -u +%FT%TZ) job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0}" \
+     "nodes ${NNODES} (${SLURM_JOB_NODELIST:-localhost}) tasks/node ${TASKS_PER_NODE}: ${CONFIG} -> ${RUN_DIR}"
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$PYTHON" -m gligen fit --config "$CONFIG" --run_dir "$RUN_DIR" \
+    --trainer.num_nodes "$NNODES" --trainer.devices "$TASKS_PER_NODE" "$@"

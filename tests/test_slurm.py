@@ -1,0 +1,181 @@
+"""slurm/train.sh under a real single-node Slurm (slurm/local_cluster.sh): 2 CPU ranks (gloo DDP) on the tiny
+pipeline; a clean run, and a SIGUSR1 requeue that must resume at the exact step.
+
+Skipped when there is no working Slurm (`sinfo`), unless GLIGEN_REQUIRE_SLURM=1 (CI), which makes that a failure.
+"""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "slurm" / "train.sh"
+pytestmark = pytest.mark.slow
+
+
+def slurm_problem() -> str | None:
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return "Slurm is not installed (no sinfo/sbatch); start one with: sudo slurm/local_cluster.sh"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20, check=False)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out (slurmctld down?); start it with: sudo slurm/local_cluster.sh"
+    if out.returncode != 0:
+        return f"sinfo failed ({out.stderr.strip()}); start Slurm with: sudo slurm/local_cluster.sh"
+    if not re.search(r"^(idle|mixed|allocated|completing)", out.stdout, re.MULTILINE):
+        return f"no usable Slurm node (sinfo states: {out.stdout.split()}); see slurm/local_cluster.sh"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    problem = slurm_problem()
+    if problem:
+        if os.environ.get("GLIGEN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"GLIGEN_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def wait_for(predicate, timeout: float, what: str, job_id: str, log: Path):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job_id)
+        if predicate(info):
+            return info
+        if info["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], check=False)
+    tail = log.read_text()[-4000:] if log.exists() else "(no log)"
+    pytest.fail(f"job {job_id}: {what} not reached, state {info['JobState']}; log tail:\n{tail}")
+
+
+def submit(tmp_path: Path, pretrained: str, max_steps: int, *extra: str) -> tuple[str, Path, Path, Path]:
+    run_dir, trace, log = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "slurm.out"
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "strategy": "ddp",  # gloo on CPU
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [{"class_path": "gligen.checkpointing.StepTrace", "init_args": {"path": str(trace)}}],
+        },
+        "model": {"pretrained": pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
+        "data": {"class_path": "tests.fixtures.RandomBoxDataModule", "init_args": {"length": 8, "batch_size": 2}},
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "CONFIG": str(config_path), "RUN_DIR": str(run_dir), "PYTHON": sys.executable}
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15", f"--chdir={REPO}",
+         *(["--overcommit"] if (os.cpu_count() or 1) < 2 else []),  # 2 ranks on a 1-CPU node
+         f"--output={log}", f"--error={log}", "--job-name=gligen-test", str(TRAIN), *extra],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    return out.stdout.strip().split(";")[0], run_dir, trace, log
+
+
+def read_trace(trace: Path) -> dict[tuple[int, int], list[int]]:
+    """(attempt, rank) -> global steps, in order."""
+    steps: dict[tuple[int, int], list[int]] = {}
+    for line in trace.read_text().splitlines():
+        attempt, rank, step = map(int, line.split())
+        steps.setdefault((attempt, rank), []).append(step)
+    return steps
+
+
+def test_sbatch_trains_on_two_ranks_and_writes_where_the_docs_say(slurm, tiny_pretrained, tmp_path):
+    job, run_dir, trace, log = submit(tmp_path, tiny_pretrained, 6)
+    wait_for(lambda i: i["JobState"] == "COMPLETED", 600, "COMPLETED", job, log)
+
+    assert read_trace(trace) == {(0, 0): [1, 2, 3, 4, 5, 6], (0, 1): [1, 2, 3, 4, 5, 6]}  # both ranks, every step
+    text = log.read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text
+    assert "distributed_backend=gloo" in text
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "config.yaml").exists()
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt")) and not list(run_dir.glob("version_*"))
+
+
+def test_usr1_saves_requeues_and_resumes_at_the_exact_step(slurm, tiny_pretrained, tmp_path):
+    max_steps = 40
+    job, run_dir, trace, log = submit(tmp_path, tiny_pretrained, max_steps, "--checkpoint_every", "5")
+    deadline = time.time() + 300
+    while not (trace.exists() and len(trace.read_text().splitlines()) >= 8):  # both ranks past step 3
+        assert time.time() < deadline, f"no training steps in 300 s; log:\n{log.read_text()[-4000:]}"
+        assert job_info(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+
+    info = wait_for(lambda i: i["Restarts"] == "1", 300, "requeue", job, log)
+    if info["JobState"] == "PENDING":  # Slurm holds a requeued job ~2 min (BeginTime); release it now
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for(lambda i: i["JobState"] == "COMPLETED" and i["Restarts"] == "1", 600, "COMPLETED after requeue", job,
+             log)
+
+    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)
+    saved = hpc["global_step"]
+    assert 3 <= saved < max_steps
+    steps = read_trace(trace)
+    assert set(steps) == {(0, 0), (0, 1), (1, 0), (1, 1)}, steps  # both ranks, in both attempts
+    for rank in (0, 1):
+        assert steps[(0, rank)] == list(range(1, saved + 1))  # stopped right after the step it saved
+        assert steps[(1, rank)] == list(range(saved + 1, max_steps + 1))  # none twice, none skipped
+    text = log.read_text()
+    assert "requeued Slurm job" in text
+    assert f"Restored all states from the checkpoint at {run_dir / 'hpc_ckpt_1.ckpt'}" in text
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == max_steps
+
+
+def test_grid_submit_runs_an_array_and_collect_summarises_it(slurm, tiny_pretrained, tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "log_every_n_steps": 1,
+                    "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"pretrained": tiny_pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
+        "data": {"class_path": "tests.fixtures.RandomBoxDataModule", "init_args": {"length": 4, "batch_size": 2}},
+    }))
+    out = tmp_path / "grid"
+    grid = [sys.executable, str(REPO / "experiments" / "grid.py")]
+    axes = ["--base-config", str(base), "--out", str(out), "--gamma-init", "0", "1", "--seeds", "0"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    submitted = subprocess.run([*grid, "submit", *axes, "--", f"--chdir={REPO}", "--ntasks-per-node=1",
+                                "--cpus-per-task=1", "--time=15", f"--output={tmp_path}/%A_%a.out",
+                                f"--error={tmp_path}/%A_%a.out"],
+                               capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().splitlines()[-1].split()[3].rstrip(":")
+    deadline = time.time() + 600
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, check=False).stdout.strip():
+        assert time.time() < deadline, "grid array did not finish in 600 s"
+        time.sleep(2)
+
+    subprocess.run([*grid, "collect", *axes], check=True, cwd=REPO, capture_output=True)
+    rows = {r["cell"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    logs = [p.read_text()[-2000:] for p in tmp_path.glob("*.out")]
+    assert set(rows) == {"gamma0_box_seed0", "gamma1_box_seed0"}, logs
+    for row in rows.values():
+        assert row["status"] == "done" and row["global_step"] == "3"
+        assert (out / row["cell"] / "checkpoints" / "last.ckpt").exists()
+    # the gates start at tanh(gamma_init): 0 vs ~0.76, and move little in 3 steps
+    assert abs(float(rows["gamma0_box_seed0"]["gate_attn_mean_final"])) < 0.2
+    assert abs(float(rows["gamma1_box_seed0"]["gate_attn_mean_final"]) - 0.76) < 0.2
