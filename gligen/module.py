@@ -16,9 +16,21 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from .ldm import FrozenLDM
 from .nn.fuser import FUSER_TYPES
 from .nn.grounded_unet import add_grounding, fusers
-from .nn.tokenizers import MAX_OBJECTS, check_box_grounding
+from .nn.tokenizers import (
+    MAX_OBJECTS,
+    MAX_PERSONS,
+    GroundingInputError,
+    KeypointTokenizer,
+    TextImageBoxTokenizer,
+    check_box_grounding,
+    check_keypoint_grounding,
+    text_or_image_drop,
+)
 
 CHECKPOINT_FORMAT = 1
+# box: box + phrase; keypoint: 8 persons x 17 joints; text_image: box + phrase + image entity; image: box + image
+# entity (text_image with every text feature masked)
+MODALITIES = ("box", "keypoint", "image", "text_image")
 
 
 class GLIGENModule(L.LightningModule):
@@ -26,7 +38,8 @@ class GLIGENModule(L.LightningModule):
 
     Args:
         pretrained: hub id or local diffusers Stable Diffusion directory of the frozen LDM.
-        modality: grounding modality; "box" (box + phrase) for now.
+        modality: grounding modality, one of `MODALITIES` (see docs/batch_contract.md for the batch keys each
+            needs).
         fuser_type: "gated_self_attention" (paper), "gated_cross_attention" or "ungated".
         gamma_init: start value of every fuser's alpha_attn / alpha_dense (gate = tanh(gamma)).
         learning_rate: AdamW lr of fusers and position_net (official 5e-5).
@@ -39,6 +52,7 @@ class GLIGENModule(L.LightningModule):
         grounding_dropout_mode: "per_sample" (default) or "per_batch" (official: one coin for the whole batch).
         gradient_checkpointing: recompute UNet blocks in backward to save memory.
         max_objects: grounding slots (official 30).
+        max_persons: person slots of the keypoint modality (official 8; 17 tokens each).
         check_inputs: validate grounding inputs of every batch (names the bad sample).
     """
 
@@ -58,21 +72,34 @@ class GLIGENModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         max_objects: int = MAX_OBJECTS,
         check_inputs: bool = True,
+        max_persons: int = MAX_PERSONS,
     ):
         super().__init__()
-        if modality != "box":
-            raise ValueError(f"modality {modality!r} is not supported yet; use 'box'")
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if fuser_type not in FUSER_TYPES:
             raise ValueError(f"fuser_type must be one of {FUSER_TYPES}, got {fuser_type!r}")
         if grounding_dropout_mode not in ("per_sample", "per_batch"):
             raise ValueError(f"grounding_dropout_mode must be per_sample or per_batch, got {grounding_dropout_mode!r}")
         self.save_hyperparameters()
         self.ldm = FrozenLDM(pretrained)
-        add_grounding(self.ldm.unet, fuser_type=fuser_type, gamma_init=gamma_init)
+        add_grounding(self.ldm.unet, self.make_position_net(), fuser_type=fuser_type, gamma_init=gamma_init)
         if gradient_checkpointing:
             self.ldm.unet.enable_gradient_checkpointing()
         # Lightning checkpoints hold only trainable weights; `on_load_checkpoint` checks they are all there
         self.strict_loading = False
+
+    def make_position_net(self) -> torch.nn.Module | None:
+        """The grounding tokenizer of `modality`; None for "box" = add_grounding's default TextBoxTokenizer (built
+        after the fusers, so box models initialise exactly as before modalities existed)."""
+        token_dim = self.ldm.unet.config.cross_attention_dim
+        text_dim = self.ldm.text_encoder.config.hidden_size  # CLIP pooled text feature width
+        modality = self.hparams.modality
+        if modality == "keypoint":
+            return KeypointTokenizer(in_dim=token_dim, out_dim=token_dim, max_persons=self.hparams.max_persons)
+        if modality in ("image", "text_image"):
+            return TextImageBoxTokenizer(in_dim=text_dim, out_dim=token_dim)
+        return None
 
     # ----- what is trained, what is frozen -------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -108,18 +135,63 @@ class GLIGENModule(L.LightningModule):
         captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
         return self.ldm.encode_captions(captions)
 
-    def batch_grounding(self, batch: dict, drop: torch.Tensor | None = None) -> dict:
-        """`cross_attention_kwargs["gligen"]` for the UNet; samples where `drop` is True get null grounding."""
+    def batch_grounding(self, batch: dict, drop: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> dict:
+        """`cross_attention_kwargs["gligen"]` for the UNet (the position_net's keyword arguments); samples where
+        `drop` is True get null grounding (every mask of theirs zeroed)."""
+        builders = {"box": self.box_grounding, "keypoint": self.keypoint_grounding,
+                    "image": self.entity_grounding, "text_image": self.entity_grounding}
+        grounding = builders[self.hparams.modality](batch, generator)
+        if drop is not None:
+            keep = ~drop
+            grounding = {k: v * keep.view(-1, *[1] * (v.ndim - 1)).to(v.dtype) if k.endswith("masks") else v
+                         for k, v in grounding.items()}
+        return grounding
+
+    def checked_boxes(self, batch: dict, with_phrases: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         boxes, masks = batch["boxes"].float(), batch["masks"].float()
         if self.hparams.check_inputs:
-            check_box_grounding(boxes, masks, batch.get("phrases"), batch.get("keys"), self.hparams.max_objects)
+            phrases = batch.get("phrases") if with_phrases else None
+            check_box_grounding(boxes, masks, phrases, batch.get("keys"), self.hparams.max_objects)
+        return boxes, masks
+
+    def phrase_features(self, batch: dict) -> torch.Tensor:
         if "phrase_embeds" in batch:
-            positive = batch["phrase_embeds"].float()
+            return batch["phrase_embeds"].float()
+        return self.ldm.encode_phrases(batch["phrases"])
+
+    def box_grounding(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        boxes, masks = self.checked_boxes(batch)
+        return {"boxes": boxes, "masks": masks, "positive_embeddings": self.phrase_features(batch)}
+
+    def keypoint_grounding(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        points, masks = batch["keypoints"].float(), batch["keypoint_masks"].float()
+        if self.hparams.check_inputs:
+            check_keypoint_grounding(points, masks, batch.get("keys"), self.hparams.max_persons)
+        return {"points": points, "masks": masks}
+
+    def entity_grounding(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """Text + image entities per box. A box has an image feature where `entity_masks` says so (default: where
+        its `entity_embeds` row is non-zero). In training, boxes with both features randomly lose one of them
+        (`text_or_image_drop`); modality "image" masks every text feature."""
+        text_too = self.hparams.modality == "text_image"
+        boxes, masks = self.checked_boxes(batch, with_phrases=text_too)
+        images = batch["entity_embeds"].float()
+        if tuple(images.shape) != (*masks.shape, self.ldm.unet.position_net.in_dim):
+            raise GroundingInputError(f"entity_embeds shape {tuple(images.shape)}, expected "
+                                      f"{(*masks.shape, self.ldm.unet.position_net.in_dim)} (boxes x text width)")
+        has_image = batch.get("entity_masks", images.abs().sum(-1) > 0)
+        image_masks = masks * has_image.to(masks.dtype)
+        if text_too:
+            texts, phrases_masks = self.phrase_features(batch), masks
+            if self.training:  # only boxes with both features can lose one; text-only boxes keep their text
+                both = image_masks
+                kept_text, image_masks = text_or_image_drop(both, generator)
+                phrases_masks = torch.where(both.bool(), kept_text, masks)
         else:
-            positive = self.ldm.encode_phrases(batch["phrases"])
-        if drop is not None:
-            masks = masks * (~drop)[:, None].to(masks.dtype)
-        return {"boxes": boxes, "masks": masks, "positive_embeddings": positive}
+            texts, phrases_masks = torch.zeros_like(images), torch.zeros_like(masks)
+        return {"boxes": boxes, "masks": masks, "phrases_masks": phrases_masks, "image_masks": image_masks,
+                "phrases_embeddings": texts, "image_embeddings": images}
 
     def dropout_masks(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance dropout: which samples lose their caption, which lose their grounding."""
@@ -136,7 +208,7 @@ class GLIGENModule(L.LightningModule):
                        generator: torch.Generator | None = None) -> torch.Tensor:
         latents = self.batch_latents(batch)
         context = self.batch_captions(batch, drop_caption)
-        grounding = self.batch_grounding(batch, drop_grounding)
+        grounding = self.batch_grounding(batch, drop_grounding, generator)
         scheduler = self.ldm.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         timesteps = torch.randint(

@@ -61,3 +61,15 @@ def test_yaml_config_is_checked(tmp_path):
     path.write_text("resolution: 32\npretrain: {vae_channels: [8, 16], unet_steps: 7}\n")
     config = ToyBuildConfig.from_yaml(path)
     assert config.pretrain.vae_channels == (8, 16) and config.pretrain.unet_steps == 7
+
+
+def test_toy_report_measures_evaluators_vae_and_base(toy_cache, tmp_path):
+    from gligen.toy.report import evaluate_toy, write_report
+
+    results = evaluate_toy(toy_cache, num_images=8, steps=2, num_persons=4)
+    # the evaluators are exact on real toy images; an untrained (test-size) LDM draws nothing readable
+    assert results["evaluator_real_boxes"]["ap50"] == 1.0 and results["evaluator_real_keypoints"]["pck"] == 1.0
+    assert results["base_ldm_captions_only"]["ap50"] < 0.5
+    write_report(results, tmp_path)
+    assert "evaluator_real_boxes" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "metrics.json").exists()

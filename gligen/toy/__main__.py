@@ -1,8 +1,7 @@
-"""python -m gligen.toy build [--out cache/toy] [--config experiments/configs/toy_world.yaml]"""
+"""python -m gligen.toy build [--out cache/toy] [--config experiments/configs/toy_world.yaml]
+python -m gligen.toy evaluate [--cache cache/toy] [--ckpt runs/toy_box/checkpoints/last.ckpt] [--out results/toy]"""
 
 import argparse
-
-import torch
 
 from .build import ToyBuildConfig, build
 
@@ -13,10 +12,19 @@ def main(argv=None) -> None:
     build_parser = sub.add_parser("build", help="write toy shards and pretrain the toy LDM (cached)")
     build_parser.add_argument("--out", default="cache/toy")
     build_parser.add_argument("--config", default=None, help="YAML with ToyBuildConfig fields")
+    evaluate_parser = sub.add_parser("evaluate", help="measure evaluators, VAE, base LDM (+ a checkpoint)")
+    evaluate_parser.add_argument("--cache", default="cache/toy")
+    evaluate_parser.add_argument("--ckpt", default=None, help="a box-grounded GLIGEN checkpoint to score too")
+    evaluate_parser.add_argument("--num-images", type=int, default=200)
+    evaluate_parser.add_argument("--out", default="results/toy")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = ToyBuildConfig.from_yaml(args.config) if args.config else ToyBuildConfig()
-    build(args.out, config)
+    if args.command == "build":
+        config = ToyBuildConfig.from_yaml(args.config) if args.config else ToyBuildConfig()
+        build(args.out, config)
+    else:
+        from .report import evaluate_toy, write_report
+
+        write_report(evaluate_toy(args.cache, args.ckpt, args.num_images), args.out)
 
 
 if __name__ == "__main__":
