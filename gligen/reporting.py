@@ -41,7 +41,19 @@ def grid_image(images: list[np.ndarray], layouts: list[dict], nrow: int = 4) -> 
 
 
 def command_line() -> str:
-    return "python " + " ".join(sys.argv) if sys.argv and sys.argv[0] else "(library call)"
+    """The command that is running, as a user would type it (`python -m pkg ...` for module runs)."""
+    if not sys.argv or not sys.argv[0]:
+        return "(library call)"
+    program = Path(sys.argv[0])
+    if program.name == "__main__.py":  # python -m gligen.toy ...: argv[0] is the package's __main__.py
+        parts = program.resolve().parent.parts
+        program_text = "-m " + ".".join(parts[parts.index("gligen"):]) if "gligen" in parts else str(program)
+    else:
+        try:
+            program_text = str(program.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            program_text = str(program)
+    return " ".join(["python", program_text, *sys.argv[1:]])
 
 
 def plot_against(rows: list[dict], x: str, left: str, right: str, path: Path, title: str) -> None:

@@ -21,6 +21,8 @@ layout objects of the best IoU of a same-label detection, 0 when there is none).
 
 from __future__ import annotations
 
+import zlib
+
 from typing import Callable, Mapping, Protocol, Sequence, TypedDict
 
 import numpy as np
@@ -134,6 +136,32 @@ def _boxes(boxes: list) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
+def stable_label_id(label: str) -> int:
+    """The same integer for the same label in every process (ranks build their label sets independently)."""
+    return zlib.crc32(label.encode("utf-8")) & 0x7FFFFFFF
+
+
+def map_inputs(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+               label_id: Callable[[str], int], label_of: LabelOf = target_label) -> tuple[list[dict], list[dict]]:
+    """torchmetrics MeanAveragePrecision `update` arguments: per image, detections vs the layout's objects."""
+    _check_pairs(detections, layouts)
+    preds, targets = [], []
+    for dets, layout in zip(detections, layouts):
+        preds.append({"boxes": _boxes([list(d["box"]) for d in dets]),
+                      "scores": torch.tensor([float(d["score"]) for d in dets], dtype=torch.float32),
+                      "labels": torch.tensor([label_id(d["label"]) for d in dets], dtype=torch.long)})
+        targets.append({"boxes": _boxes([list(obj["box"]) for obj in layout["objects"]]),
+                        "labels": torch.tensor([label_id(label_of(obj)) for obj in layout["objects"]],
+                                               dtype=torch.long)})
+    return preds, targets
+
+
+def ap_summary(result: Mapping) -> dict[str, float]:
+    """AP / AP50 / AP75 from MeanAveragePrecision.compute(); torchmetrics' -1 (no ground truth at all) becomes 0
+    so averages stay meaningful."""
+    return {name: max(0.0, float(result[key])) for name, key in (("ap", "map"), ("ap50", "map_50"), ("ap75", "map_75"))}
+
+
 def grounding_ap(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
                  label_of: LabelOf = target_label) -> dict[str, float]:
     """COCO AP / AP50 / AP75 of per-image detections against the layouts the images were generated from.
@@ -143,20 +171,11 @@ def grounding_ap(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence
     """
     from torchmetrics.detection import MeanAveragePrecision
 
-    _check_pairs(detections, layouts)
     ids = label_ids(detections, layouts, label_of)
-    preds, targets = [], []
-    for dets, layout in zip(detections, layouts):
-        preds.append({"boxes": _boxes([list(d["box"]) for d in dets]),
-                      "scores": torch.tensor([float(d["score"]) for d in dets], dtype=torch.float32),
-                      "labels": torch.tensor([ids[d["label"]] for d in dets], dtype=torch.long)})
-        targets.append({"boxes": _boxes([list(obj["box"]) for obj in layout["objects"]]),
-                        "labels": torch.tensor([ids[label_of(obj)] for obj in layout["objects"]], dtype=torch.long)})
+    preds, targets = map_inputs(detections, layouts, ids.__getitem__, label_of)
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
     metric.update(preds, targets)
-    result = metric.compute()
-    # torchmetrics reports -1 when undefined (no ground truth at all): report 0 so averages stay meaningful.
-    return {name: max(0.0, float(result[key])) for name, key in (("ap", "map"), ("ap50", "map_50"), ("ap75", "map_75"))}
+    return ap_summary(metric.compute())
 
 
 def miou(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
