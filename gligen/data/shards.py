@@ -1,7 +1,7 @@
 """Writing and safely reading WebDataset shards of schema-v1 samples.
 
-Safety rule: webdataset's default ``.decode()`` unpickles members with the pyd or pickle extension, i.e. runs code from the
-shard. Nothing here uses it. Members are decoded one by one by explicit handlers for the extensions the schema
+Safety rule: webdataset's default ``.decode()`` unpickles members with the pyd or pickle extension, i.e. runs
+code from the shard. Nothing here uses it. Members are decoded one by one by explicit handlers for the extensions the schema
 allows (PIL after a full ``load()``, json, utf-8, ``numpy.load(allow_pickle=False)``); anything else is damage.
 """
 
