@@ -88,7 +88,9 @@ class GroundingEvaluation(L.Callback):
     Each rank samples the layouts of its own validation batches (Lightning's distributed sampler splits them),
     runs the detector and feeds a torchmetrics MeanAveragePrecision, whose `compute()` gathers every rank's
     detections, so `val/ap*` is the AP over the whole validation set on every rank. Labels become integers by a
-    stable hash, so ranks agree on them without exchanging vocabularies.
+    stable hash, so ranks agree on them without exchanging vocabularies. Lightning's distributed sampler pads the
+    validation set to a multiple of the number of ranks (repeating up to world_size - 1 samples): keep its size a
+    multiple of the rank count for an exact figure.
 
     Args:
         detector: "toy" (the exact toy detector) or a transformers object-detection model directory / hub id.
