@@ -12,12 +12,14 @@ from pathlib import Path
 
 
 def git_commit() -> str:
-    """The current commit, with '+dirty' when tracked files differ from it ('unknown' outside git)."""
+    """The current commit, with '+dirty' when the code differs from it ('unknown' outside git)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+        # tracked changes, or untracked code (a new script changes results too; new result files do not)
+        dirty = [line for line in status if not line.startswith("??") or line.endswith((".py", ".yaml", ".sh"))]
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

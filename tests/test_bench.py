@@ -1,0 +1,68 @@
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gligen.bench import make_batch, make_module, make_optimizer, set_variant, tiny_size, variant_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "experiments" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_differ_only_in_frozen_grads_and_inputs(tiny_pretrained):
+    module = make_module(tiny_pretrained)
+    batch = make_batch(module, tiny_size())
+    grounding = module.grounding_names
+    set_variant(module, "official")
+    assert all(p.requires_grad for n, p in module.ldm.unet.named_parameters())
+    assert not any(p.requires_grad for p in module.ldm.vae.parameters())
+    set_variant(module, "ours")
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == grounding
+    optimized = {id(p) for group in make_optimizer(module).param_groups for p in group["params"]}
+    assert optimized == {id(p) for n, p in module.named_parameters() if n in grounding}
+    assert "pixel_values" not in variant_batch(batch, "ours") and "latent_mean" in variant_batch(batch, "ours")
+    assert "pixel_values" in variant_batch(batch, "official")
+    assert "caption_embeds" not in variant_batch(batch, "official")
+
+
+def check_row(row, lines):
+    assert row["time_ours_s"] > 0 and row["time_official_s"] > 0
+    assert row["time_ratio_ours_over_official"] > 0
+    assert row["flops_official"] > row["flops_ours"] > 0  # official adds encoders + UNet weight gradients
+    assert 0 < row["mfu_ours"] < 1.5 and 0 < row["mfu_official"] < 1.5
+    assert math.isfinite(row["matmul_peak_flops"]) and row["matmul_peak_flops"] > 0
+    assert row["torch"] == torch.__version__ and row["git_commit"]
+    assert "a/b time ratio" in "\n".join(lines) and "MFU ours" in "\n".join(lines)
+
+
+def test_bench_train_tiny(tmp_path):
+    """The script's core on the tiny config, 1 repeat, no memory subprocesses (a few seconds)."""
+    script = load_script()
+    out = tmp_path / "train.csv"
+    lines = []
+    rows = script.run(["tiny"], repeats=1, device="cpu", memory=False, out=str(out), command="test",
+                      log=lines.append)
+    check_row(rows[0], lines)
+    assert "mem_ours_mb" not in rows[0]
+    script.append_rows(rows, out)  # appending keeps the earlier row
+    assert len(out.read_text().strip().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_bench_train_tiny_memory(tmp_path):
+    """With the per-variant memory subprocesses (each imports torch + diffusers: ~40 s on 2 cores)."""
+    script = load_script()
+    lines = []
+    (row,) = script.run(["tiny"], repeats=1, device="cpu", out=None, log=lines.append)
+    check_row(row, lines)
+    assert row["mem_ours_mb"] > 0 and row["mem_official_mb"] > 0
+    assert 0 < row["mem_ratio_ours_over_official"] < 10
+    assert "a/b memory ratio" in "\n".join(lines)
