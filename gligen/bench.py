@@ -231,7 +231,7 @@ def memory_worker(pretrained: str, batch_path: str, variant: str, steps: int = 2
     """Run in a fresh process: load model + batch, `steps` training steps of `variant`; peak RSS in MB."""
     torch.manual_seed(0)
     module = make_module(pretrained)
-    batch = variant_batch(torch.load(batch_path, weights_only=False), variant)
+    batch = variant_batch(torch.load(batch_path, weights_only=True), variant)
     set_variant(module, variant)
     optimizer = make_optimizer(module)
     gc.collect()
