@@ -13,9 +13,9 @@ import time
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .evaluation import grounding_inputs
 from .interop import StableDiffusionGLIGENPipeline, export_to_diffusers
 from .module import GLIGENModule
-from .nn.tokenizers import MAX_OBJECTS
 from .sampling import sample, tau_schedule
 
 
@@ -25,14 +25,11 @@ def bench_sampler(ckpt: str, layout: dict, *, pretrained: str | None = None, ste
     pipeline takes one layout per prompt). Returns median seconds of each and the largest pixel difference."""
     module = GLIGENModule.from_checkpoint(ckpt, pretrained)
     ldm = module.ldm
-    n = len(layout["phrases"])
-    boxes, masks = torch.zeros(1, MAX_OBJECTS, 4), torch.zeros(1, MAX_OBJECTS)
-    boxes[0, :n], masks[0, :n] = torch.tensor(layout["boxes"]), 1
+    objects = [{"box": box, "phrase": phrase} for box, phrase in zip(layout["boxes"], layout["phrases"])]
     betas = tau_schedule(steps, tau)
 
-    def ours() -> torch.Tensor:
-        grounding = {"boxes": boxes, "masks": masks,
-                     "positive_embeddings": ldm.encode_phrases([layout["phrases"] + [""] * (MAX_OBJECTS - n)])}
+    def ours() -> torch.Tensor:  # phrase encoding included, as the pipeline encodes them per call too
+        grounding = grounding_inputs(ldm, [{"objects": objects}], module.hparams.max_objects)
         return sample(ldm, [layout["prompt"]], grounding, betas, "ddim", steps, guidance, [seed])
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ import logging
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from .evaluation import grounding_inputs, layouts_from_batch
+from .evaluation import grounding_inputs, layout_tensors, layouts_from_batch
 from .sampling import sample, tau_schedule
 from .visualize import layout_grid
 
@@ -74,9 +74,8 @@ class SampleGrid(L.Callback):
                         seeds=[self.seed + i for i in range(len(layouts))])
         pl_module.train(was_training)
         upscale = max(1, 128 // images.shape[-1])
-        grid = layout_grid(images.cpu(), grounding["boxes"].cpu(), grounding["masks"].cpu(),
-                           [[o["phrase"] for o in lay["objects"]] + [""] * 30 for lay in layouts],
-                           nrow=4, upscale=upscale)
+        boxes, masks, phrases = layout_tensors(layouts, pl_module.hparams.max_objects)
+        grid = layout_grid(images.cpu(), boxes, masks, phrases, nrow=4, upscale=upscale)
         experiment = trainer.logger.experiment
         if hasattr(experiment, "add_image"):
             experiment.add_image("samples/tau_%g" % self.tau, grid, trainer.global_step)

@@ -52,16 +52,22 @@ def load_layouts(spec: str, resolution: int, limit: int | None = None, max_objec
     return layouts_from_batch(batch), list(images.numpy())
 
 
-def grounding_inputs(ldm: FrozenLDM, layouts: list[dict], max_objects: int = MAX_OBJECTS) -> dict:
-    """Box grounding inputs (position net kwargs) for a list of layouts."""
+def layout_tensors(layouts: list[dict], max_objects: int = MAX_OBJECTS):
+    """Layouts (schema objects: box + phrase) -> boxes [B, N, 4], masks [B, N], phrases (B lists of N, "" padded)."""
     boxes = torch.zeros(len(layouts), max_objects, 4)
     masks = torch.zeros(len(layouts), max_objects)
     phrases = [[""] * max_objects for _ in layouts]
     for i, layout in enumerate(layouts):
         for j, obj in enumerate(layout["objects"][:max_objects]):
-            boxes[i, j] = torch.tensor(obj["box"])
+            boxes[i, j] = torch.tensor([float(v) for v in obj["box"]])
             masks[i, j] = 1
-            phrases[i][j] = obj["phrase"]
+            phrases[i][j] = str(obj["phrase"])
+    return boxes, masks, phrases
+
+
+def grounding_inputs(ldm: FrozenLDM, layouts: list[dict], max_objects: int = MAX_OBJECTS) -> dict:
+    """Box grounding inputs (position net kwargs) for a list of layouts."""
+    boxes, masks, phrases = layout_tensors(layouts, max_objects)
     device = ldm.unet.device
     return {"boxes": boxes.to(device), "masks": masks.to(device),
             "positive_embeddings": ldm.encode_phrases(phrases)}

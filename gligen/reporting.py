@@ -16,20 +16,11 @@ import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
+from .evaluation import layout_tensors  # noqa: E402
 from .results import mean_std_table, write_csv  # noqa: E402
 from .visualize import layout_grid  # noqa: E402
 
 BETA_METRICS = ["ap", "ap50", "ap75", "miou", "fid", "kid"]
-
-
-def layout_tensors(layouts: list[dict], max_objects: int = 30):
-    boxes = torch.zeros(len(layouts), max_objects, 4)
-    masks = torch.zeros(len(layouts), max_objects)
-    phrases = [[""] * max_objects for _ in layouts]
-    for i, layout in enumerate(layouts):
-        for j, obj in enumerate(layout["objects"][:max_objects]):
-            boxes[i, j], masks[i, j], phrases[i][j] = torch.tensor(obj["box"]), 1, obj["phrase"]
-    return boxes, masks, phrases
 
 
 def grid_image(images: list[np.ndarray], layouts: list[dict], nrow: int = 4) -> torch.Tensor:

@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from torchvision.utils import save_image
 
+from .evaluation import layout_tensors
 from .module import GLIGENModule
 from .nn.tokenizers import MAX_OBJECTS, check_box_grounding
 from .sampling import SAMPLERS, beta_schedule, sample, tau_schedule
@@ -24,17 +24,10 @@ def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS) -> dict:
     """Layout JSON -> {"prompt", "boxes" [1, N, 4], "masks" [1, N], "phrases" [[...]]}, validated."""
     try:
         layout = json.loads(Path(path).read_text())
-        objects = layout.get("objects", [])
-        boxes = torch.zeros(1, max_objects, 4)
-        masks = torch.zeros(1, max_objects)
-        phrases = [[""] * max_objects]
-        if len(objects) > max_objects:
-            raise ValueError(f"{len(objects)} objects, at most {max_objects}")
-        for j, obj in enumerate(objects):
-            boxes[0, j] = torch.tensor([float(v) for v in obj["box"]])
-            masks[0, j] = 1
-            phrases[0][j] = str(obj["phrase"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        if len(layout.get("objects", [])) > max_objects:
+            raise ValueError(f"{len(layout['objects'])} objects, at most {max_objects}")
+        boxes, masks, phrases = layout_tensors([{"objects": layout.get("objects", [])}], max_objects)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: bad layout file ({type(error).__name__}: {error})") from None
     check_box_grounding(boxes, masks, phrases, keys=[str(path)], max_objects=max_objects)
     return {"prompt": layout.get("prompt", ""), "boxes": boxes, "masks": masks, "phrases": phrases}
