@@ -91,11 +91,15 @@ def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int 
 
 
 def grounding_metrics(images: list[np.ndarray], layouts: list[dict], detector) -> dict[str, float]:
-    """AP / AP50 / AP75 and mIoU of the detector's findings on `images` against their input layouts."""
-    from .metrics.grounding import grounding_ap, miou
+    """AP / AP50 / AP75 and mIoU of the detector's findings on `images` against their input layouts; with a
+    detector that has `coarse_label` (the toy's: colour), also coarse_ap50 / coarse_miou on coarse labels."""
+    from .metrics.grounding import coarse_grounding_metrics, grounding_ap, miou
 
     detections = detector(images)
-    return {**grounding_ap(detections, layouts), "miou": miou(detections, layouts)}
+    metrics = {**grounding_ap(detections, layouts), "miou": miou(detections, layouts)}
+    if hasattr(detector, "coarse_label"):
+        metrics.update(coarse_grounding_metrics(detections, layouts, detector.coarse_label))
+    return metrics
 
 
 def beta_sweep(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray], taus: list[float],

@@ -20,7 +20,7 @@ from .evaluation import layout_tensors  # noqa: E402
 from .results import mean_std_table, write_csv  # noqa: E402
 from .visualize import layout_grid  # noqa: E402
 
-BETA_METRICS = ["ap", "ap50", "ap75", "miou", "fid", "kid"]
+BETA_METRICS = ["ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou", "fid", "kid"]  # coarse_*: if measured
 
 
 def grid_image(images: list[np.ndarray], layouts: list[dict], nrow: int = 4) -> torch.Tensor:
@@ -71,8 +71,9 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "metrics.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    plot_against(rows, "tau", "ap50", "fid", out / "ap_fid_vs_tau.png",
-                 "grounding (AP50) and quality (FID) vs tau")
+    grounding = "coarse_ap50" if "coarse_ap50" in rows[0] else "ap50"
+    plot_against(rows, "tau", grounding, "fid", out / "ap_fid_vs_tau.png",
+                 f"grounding ({grounding}) and quality (FID) vs tau")
     for tau, images in grids.items():
         save_image(grid_image(images, layouts).float() / 255, out / f"samples_tau{tau:g}.png")
     provenance = rows[0]

@@ -91,7 +91,8 @@ def sample(
     if use_cfg:  # order [unconditional, conditional], as diffusers' pipelines
         context = torch.cat([ldm.encode_captions([""] * batch), context])
         if grounding is not None:
-            null = {**grounding, "masks": torch.zeros_like(grounding["masks"])}
+            # every mask zeroed (text_image also has phrases_masks / image_masks), as the official code and diffusers
+            null = {k: torch.zeros_like(v) if k.endswith("masks") else v for k, v in grounding.items()}
             grounding = {k: torch.cat([null[k], grounding[k]]) for k in grounding}
 
     try:

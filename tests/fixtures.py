@@ -37,3 +37,23 @@ class RandomBoxDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(RandomBoxDataset(4, self.image_size), self.batch_size, collate_fn=collate)
+
+
+def add_clip(root, projection_dim: int, image_size: int = 24, seed: int = 1) -> str:
+    """`<root>/clip`: a tiny CLIPModel whose text tower is the SD text encoder of `root` (as the toy LDM writes it)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+    text = text_encoder.config
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(
+        text_config={k: getattr(text, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")},
+        vision_config={"image_size": image_size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=projection_dim,
+    ))
+    clip.text_model.load_state_dict(text_encoder.state_dict())  # transformers 5: CLIPModel.text_model is one
+    clip.save_pretrained(root / "clip")
+    return str(root)

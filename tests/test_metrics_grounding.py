@@ -5,8 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
+from gligen.evaluation import grounding_metrics
 from gligen.metrics.grounding import (
-    ToyDetector, TransformersDetector, grounding_ap, label_ids, miou, target_label,
+    ToyDetector,
+    TransformersDetector,
+    coarse_grounding_metrics,
+    grounding_ap,
+    label_ids,
+    miou,
+    target_label,
 )
 from gligen.toy import evaluate, world
 
@@ -79,6 +86,24 @@ def test_right_box_with_wrong_label_scores_zero():
     assert grounding_ap([[det(BOX, "blue square")]], layouts) == {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
     assert miou([[det(BOX, "blue square")]], layouts) == 0.0
     assert miou([[det(BOX, "red square")]], layouts) == pytest.approx(1.0)
+
+
+def test_coarse_metrics_score_placement_by_colour_only():
+    layouts = [layout((BOX, "a red square", "red square"), ((0.6, 0.6, 0.9, 0.9), "a blue cross", "blue cross"))]
+    # right colours in the right boxes, wrong shapes: placement is right, the class is not
+    wrong_shapes = [[det(BOX, "red circle"), det((0.6, 0.6, 0.9, 0.9), "blue circle")]]
+    assert grounding_ap(wrong_shapes, layouts)["ap50"] == 0.0
+    coarse = coarse_grounding_metrics(wrong_shapes, layouts, ToyDetector.coarse_label)
+    assert coarse == {"coarse_ap50": pytest.approx(1.0), "coarse_miou": pytest.approx(1.0)}
+    # colours swapped between the boxes: misplaced, also coarsely
+    swapped = [[det(BOX, "blue square"), det((0.6, 0.6, 0.9, 0.9), "red cross")]]
+    assert coarse_grounding_metrics(swapped, layouts, ToyDetector.coarse_label)["coarse_ap50"] == 0.0
+
+
+def test_grounding_metrics_adds_coarse_metrics_for_the_toy_detector(toy_set):
+    images, layouts = toy_set
+    metrics = grounding_metrics(images, layouts, ToyDetector())
+    assert metrics["coarse_ap50"] >= metrics["ap50"] >= 0.95
 
 
 def test_label_ids_are_shared_by_predictions_and_targets():

@@ -31,6 +31,9 @@ def test_build_writes_every_split_and_a_loadable_pipeline(toy_cache):
     ldm = FrozenLDM(str(ldm_dir(toy_cache)))
     assert ldm.unet.config.sample_size == 8 and ldm.vae.config.scaling_factor != 0.18215  # measured, not copied
     assert (ldm_dir(toy_cache) / "clip" / "config.json").exists()
+    # the toy CLIP saw pixels in [-1, 1]: image entities must be normalised the same way
+    assert ldm.encode_entity_images(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
+    assert ldm._clip_preprocessing["mean"] == ldm._clip_preprocessing["std"] == (0.5, 0.5, 0.5)
     latents = ldm.encode_images(torch.zeros(1, 3, 32, 32))
     assert latents.shape == (1, 4, 8, 8)
 

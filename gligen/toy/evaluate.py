@@ -157,9 +157,12 @@ def box_average_precision(detections: list[list[Detection]], layouts: list[dict]
 
 def evaluate_boxes(images: list[np.ndarray], layouts: list[dict]) -> dict[str, float]:
     """Grounding accuracy of generated `images` against the layouts (annotation dicts) they were asked for."""
+    from gligen.metrics.grounding import ToyDetector, coarse_grounding_metrics
+
     detections = [detect_objects(im) for im in images]
     return {**box_average_precision(detections, layouts),
             "miou": mean_best_iou(detections, layouts),
+            **coarse_grounding_metrics(as_box_detections(detections), layouts, ToyDetector.coarse_label),
             "count_accuracy": count_accuracy(detections, layouts),
             "caption_accuracy": caption_accuracy(detections, layouts)}
 

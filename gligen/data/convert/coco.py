@@ -3,15 +3,23 @@
 Phrases are the category names; the caption is "" (``detection``) or one COCO caption per image
 (``detection_caption``: one chosen per image with ``choose_caption``, or one sample per caption with
 ``per_caption``). Boxes: COCO ``[x, y, w, h]`` pixels -> normalised xyxy.
+
+``entity_size`` (CLI ``--entity-crops [--entity-size N]``, also used by the MDETR converter) stores each object's box
+crop of the image as its entity image ``entity<i>.png`` (padded to a square, resized to N x N), for image-entity
+grounding on real data.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from PIL import Image
 
 from gligen.data.convert import (
     ConvertError,
@@ -27,6 +35,10 @@ from gligen.data.convert import (
     write_converted,
 )
 from gligen.data.schema import SCHEMA_VERSION
+
+ENTITY_SIZE = 224  # CLIP ViT-L/14's input size
+# padding colour of the square entity crops: CLIP's mean colour, i.e. zero after CLIP's normalisation
+ENTITY_PAD = (123, 117, 104)
 
 
 @dataclass
@@ -110,9 +122,47 @@ def captions_for(index: CocoIndex, image_id: Any, kind: str, per_caption: bool, 
     return [choose_caption(captions, image_id, seed)]
 
 
+def box_pixels(box: list[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Normalised xyxy -> the smallest pixel rectangle (left, top, right, bottom) covering it, at least 1 x 1."""
+    eps = 1e-6  # x / W * W is not always exactly x
+    left = min(max(math.floor(box[0] * width + eps), 0), width - 1)
+    top = min(max(math.floor(box[1] * height + eps), 0), height - 1)
+    right = max(min(math.ceil(box[2] * width - eps), width), left + 1)
+    bottom = max(min(math.ceil(box[3] * height - eps), height), top + 1)
+    return left, top, right, bottom
+
+
+def entity_crop(image: Image.Image, box: list[float], size: int) -> Image.Image:
+    """The box region of ``image`` (``box_pixels``), centred on a square of ``ENTITY_PAD`` colour (padding the
+    shorter side; nothing is cut off or stretched), resized to ``size`` x ``size`` (bicubic; not when it already
+    has that size)."""
+    left, top, right, bottom = box_pixels(box, *image.size)
+    region = image.convert("RGB").crop((left, top, right, bottom))
+    side = max(region.size)
+    square = Image.new("RGB", (side, side), ENTITY_PAD)
+    square.paste(region, ((side - region.width) // 2, (side - region.height) // 2))
+    return square if side == size else square.resize((size, size), Image.BICUBIC)
+
+
+def add_entity_crops(sample_members: dict, objects: list[dict], data: bytes, size: int) -> list[dict]:
+    """Crop every object's box out of the encoded image ``data``: adds ``entity<i>.png`` to ``sample_members`` and
+    returns the objects with ``entity_image`` set."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        out = []
+        for i, obj in enumerate(objects):
+            buf = io.BytesIO()
+            entity_crop(image, obj["box"], size).save(buf, format="PNG")
+            sample_members[f"entity{i}.png"] = buf.getvalue()
+            out.append(dict(obj, entity_image=f"entity{i}.png"))
+    return out
+
+
 def image_samples(index: CocoIndex, image_id: Any, images_dir: str, key_prefix: str, kind: str, objects: list[dict],
-                  captions: list[str], report: ConvertReport, extra: dict | None = None) -> Iterator[dict]:
-    """The samples of one image (one per caption) once its objects are known; reads and checks the image file."""
+                  captions: list[str], report: ConvertReport, extra: dict | None = None,
+                  entity_size: int | None = None) -> Iterator[dict]:
+    """The samples of one image (one per caption) once its objects are known; reads and checks the image file.
+    ``entity_size``: also store each object's box crop as its entity image (``entity_crop``)."""
     img = index.images[image_id]
     where = f"{img['file_name']} (image id {image_id!r})"
     if not captions:
@@ -123,18 +173,22 @@ def image_samples(index: CocoIndex, image_id: Any, images_dir: str, key_prefix: 
     except ConvertError as exn:
         report.skip_sample(exn.reason, where, str(exn))
         return
+    entities: dict = {}
+    if entity_size is not None:
+        objects = add_entity_crops(entities, objects, data, entity_size)
     annotation = {"schema_version": SCHEMA_VERSION, "kind": kind, "source_id": f"{key_prefix}/{image_id}",
                   "width": img["width"], "height": img["height"], "objects": objects, **(extra or {})}
     for k, caption in enumerate(captions):
         suffix = (f"c{k}",) if len(captions) > 1 else ()
-        yield {"__key__": sample_key(key_prefix, image_id, *suffix), ext: data, "txt": caption, "json": annotation}
+        yield {"__key__": sample_key(key_prefix, image_id, *suffix), ext: data, "txt": caption, "json": annotation,
+               **entities}
 
 
 def coco_samples(index: CocoIndex, images_dir: str, report: ConvertReport, source: str, key_prefix: str = "coco",
                  per_caption: bool = False, keep_crowd: bool = False, keep_empty: bool = False, seed: int = 0,
-                 limit: int | None = None) -> Iterator[dict]:
+                 limit: int | None = None, entity_size: int | None = None) -> Iterator[dict]:
     """Samples of a COCO instances index, images in id order. Kind: ``detection_caption`` when the index has
-    captions, else ``detection``."""
+    captions, else ``detection``. ``entity_size``: store box crops as entity images."""
     kind = "detection_caption" if index.captions else "detection"
     for n, image_id in enumerate(sorted(index.images, key=id_order)):
         if limit is not None and n >= limit:
@@ -152,18 +206,21 @@ def coco_samples(index: CocoIndex, images_dir: str, report: ConvertReport, sourc
                                "no usable object annotation")
             continue
         yield from image_samples(index, image_id, images_dir, key_prefix, kind, objects,
-                                 captions_for(index, image_id, kind, per_caption, seed), report)
+                                 captions_for(index, image_id, kind, per_caption, seed), report,
+                                 entity_size=entity_size)
 
 
 def convert_coco(instances: str, images_dir: str, out_dir: str, captions: str | None = None,
                  per_caption: bool = False, keep_crowd: bool = False, keep_empty: bool = False, seed: int = 0,
-                 key_prefix: str = "coco", limit: int | None = None, **write_kw) -> tuple[dict, ConvertReport]:
-    """Convert a COCO instances JSON (+ optional captions JSON) and its image folder; returns (index, report)."""
+                 key_prefix: str = "coco", limit: int | None = None, entity_size: int | None = None,
+                 **write_kw) -> tuple[dict, ConvertReport]:
+    """Convert a COCO instances JSON (+ optional captions JSON) and its image folder; returns (index, report).
+    ``entity_size``: store each object's box crop (square, entity_size px) as its entity image."""
     report = ConvertReport(source=instances)
     caption_data = load_json_file(captions) if captions else None
     index = index_coco(load_json_file(instances), instances, report, caption_data)
     samples = coco_samples(index, images_dir, report, instances, key_prefix, per_caption, keep_crowd, keep_empty,
-                           seed, limit)
+                           seed, limit, entity_size)
     return write_converted(samples, report, out_dir, **write_kw), report
 
 
@@ -177,11 +234,28 @@ def add_common_coco_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-prefix", default="coco", help="sample key / source_id prefix")
 
 
+def add_entity_crop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--entity-crops", action="store_true",
+                        help="store each object's box crop as its entity image entity<i>.png (image entities)")
+    parser.add_argument("--entity-size", type=int, default=ENTITY_SIZE,
+                        help=f"side of the square entity crops in pixels (default {ENTITY_SIZE})")
+
+
+def entity_size_arg(args: argparse.Namespace) -> int | None:
+    """The ``entity_size`` converter argument: None unless ``--entity-crops``."""
+    if not args.entity_crops:
+        return None
+    if args.entity_size < 1:
+        raise SystemExit(f"--entity-size must be positive, got {args.entity_size}")
+    return args.entity_size
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("coco", help="COCO instances JSON (+ captions) -> detection[_caption] shards")
     parser.add_argument("--instances", required=True, help="instances_{train,val}{2014,2017}.json")
     add_common_coco_arguments(parser)
     parser.add_argument("--keep-empty", action="store_true", help="keep images without usable objects")
+    add_entity_crop_arguments(parser)
     add_output_arguments(parser, default_prefix="coco")
     parser.set_defaults(func=_run)
 
@@ -189,5 +263,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     index, report = convert_coco(args.instances, args.images, captions=args.captions, per_caption=args.per_caption,
                                  keep_crowd=args.keep_crowd, keep_empty=args.keep_empty, seed=args.seed,
-                                 key_prefix=args.key_prefix, limit=args.limit, **output_kwargs(args))
+                                 key_prefix=args.key_prefix, limit=args.limit, entity_size=entity_size_arg(args),
+                                 **output_kwargs(args))
     return finish(report, index)

@@ -22,7 +22,9 @@ from gligen.data.convert import (
 )
 from gligen.data.convert.coco import (
     CocoIndex,
+    add_entity_crop_arguments,
     annotation_where,
+    entity_size_arg,
     id_order,
     image_samples,
     index_coco,
@@ -32,7 +34,7 @@ from gligen.data.convert.coco import (
 
 def mdetr_samples(index: CocoIndex, images_dir: str, report: ConvertReport, source: str,
                   key_prefix: str = "mdetr", keep_crowd: bool = False, keep_empty: bool = False,
-                  limit: int | None = None) -> Iterator[dict]:
+                  limit: int | None = None, entity_size: int | None = None) -> Iterator[dict]:
     for n, image_id in enumerate(sorted(index.images, key=id_order)):
         if limit is not None and n >= limit:
             return
@@ -53,15 +55,17 @@ def mdetr_samples(index: CocoIndex, images_dir: str, report: ConvertReport, sour
         if not objects and not keep_empty:
             report.skip_sample("no_objects", where, "no usable grounded phrase")
             continue
-        yield from image_samples(index, image_id, images_dir, key_prefix, "grounding", objects, [caption], report)
+        yield from image_samples(index, image_id, images_dir, key_prefix, "grounding", objects, [caption], report,
+                                 entity_size=entity_size)
 
 
 def convert_mdetr(annotations: str, images_dir: str, out_dir: str, key_prefix: str = "mdetr",
                   keep_crowd: bool = False, keep_empty: bool = False, limit: int | None = None,
-                  **write_kw) -> tuple[dict, ConvertReport]:
+                  entity_size: int | None = None, **write_kw) -> tuple[dict, ConvertReport]:
     report = ConvertReport(source=annotations)
     index = index_coco(load_json_file(annotations), annotations, report)
-    samples = mdetr_samples(index, images_dir, report, annotations, key_prefix, keep_crowd, keep_empty, limit)
+    samples = mdetr_samples(index, images_dir, report, annotations, key_prefix, keep_crowd, keep_empty, limit,
+                           entity_size)
     return write_converted(samples, report, out_dir, **write_kw), report
 
 
@@ -72,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep-crowd", action="store_true", help="keep iscrowd=1 annotations")
     parser.add_argument("--keep-empty", action="store_true", help="keep captions without usable phrases")
     parser.add_argument("--key-prefix", default="mdetr", help="sample key / source_id prefix")
+    add_entity_crop_arguments(parser)
     add_output_arguments(parser, default_prefix="mdetr")
     parser.set_defaults(func=_run)
 
@@ -79,5 +84,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     index, report = convert_mdetr(args.annotations, args.images, key_prefix=args.key_prefix,
                                   keep_crowd=args.keep_crowd, keep_empty=args.keep_empty, limit=args.limit,
-                                  **output_kwargs(args))
+                                  entity_size=entity_size_arg(args), **output_kwargs(args))
     return finish(report, index)

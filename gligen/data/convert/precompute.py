@@ -4,7 +4,10 @@ For every valid sample (read with the safe reader) this writes, next to the orig
 ``latent_mean.npy``/``latent_std.npy`` (VAE posterior of the image centre-cropped to ``resolution`` exactly as
 validation crops it; ``_flip`` variants of the mirrored crop with ``flip``), ``caption_embeds.npy`` [77, D]
 (``FrozenLDM.encode_captions``; the null caption for ``detection``) and ``phrase_embeds.npy`` [n_objects, D]
-(``FrozenLDM.encode_phrases``).
+(``FrozenLDM.encode_phrases``), and for samples with entity images (``objects[*].entity_image``)
+``entity_embeds.npy`` [n_objects, D] (``FrozenLDM.encode_entity_images`` of each object's entity image, zeros for
+objects without one; needs a CLIP directory, ``clip``, default ``<pretrained>/clip``). An entity embedding describes
+the reference image, not the scene, so it has no ``_flip`` variant.
 
 Latents fix the geometry (docs/data.md: boxes refer to the image the latents encode), so the annotation is rewritten
 into the crop with the training transforms: boxes mapped, clipped and filtered (``min_area``, ``max_objects``),
@@ -18,8 +21,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,6 +47,8 @@ from gligen.data.transforms import (
 )
 
 REPORT_FILE = "precompute_report.json"
+ENTITY_CHUNK = 64  # entity images per CLIP forward
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,16 @@ class Prepared:
     @property
     def phrases(self) -> list[str]:
         return [self.annotation["objects"][i]["phrase"] for i in range(len(self.kept))]
+
+    @property
+    def has_entity_images(self) -> bool:
+        """Whether the sample names entity images (then it gets ``entity_embeds.npy``, rows for the kept objects)."""
+        return any(o.entity_image is not None for o in self.sample.annotation.objects)
+
+    @property
+    def entity_members(self) -> list[str | None]:
+        """Entity image member of every kept object (None: no image)."""
+        return [self.sample.annotation.objects[i].entity_image for i in self.kept]
 
     @property
     def caption(self) -> str:
@@ -113,8 +130,36 @@ def vae_posterior(ldm, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return dist.mean, dist.std
 
 
-def encode_batch(ldm, batch: list[Prepared], cfg: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
-    """Member name -> array for every prepared sample of the batch."""
+def entity_embeds(ldm, batch: list[Prepared]) -> list[np.ndarray | None]:
+    """``entity_embeds.npy`` rows [n_kept, D] (float32) of every sample that names entity images, else None. Each
+    entity image (sample, member) is encoded once; objects without an image get zeros."""
+    index: dict[tuple[int, str], int] = {}
+    images = []
+    for i, p in enumerate(batch):
+        for member in p.entity_members if p.has_entity_images else []:
+            if member is not None and (i, member) not in index:
+                index[(i, member)] = len(images)
+                images.append(p.sample.entity_images[member])
+    chunks = [ldm.encode_entity_images(images[k:k + ENTITY_CHUNK]).float().cpu().numpy()
+              for k in range(0, len(images), ENTITY_CHUNK)]
+    width = ldm.text_encoder.config.hidden_size
+    features = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+    out: list[np.ndarray | None] = []
+    for i, p in enumerate(batch):
+        if not p.has_entity_images:
+            out.append(None)
+            continue
+        rows = np.zeros((len(p.kept), width), np.float32)
+        for j, member in enumerate(p.entity_members):
+            if member is not None:
+                rows[j] = features[index[(i, member)]]
+        out.append(rows)
+    return out
+
+
+def encode_batch(ldm, batch: list[Prepared], cfg: PrecomputeConfig,
+                 stats: Counter | None = None) -> list[dict[str, np.ndarray]]:
+    """Member name -> array for every prepared sample of the batch. ``stats`` counts entity-embedding outcomes."""
     dtype = np.dtype(cfg.dtype)
     out: list[dict[str, np.ndarray]] = [{} for _ in batch]
     with_image = [i for i, p in enumerate(batch) if p.crop is not None]
@@ -131,6 +176,17 @@ def encode_batch(ldm, batch: list[Prepared], cfg: PrecomputeConfig) -> list[dict
     for i, p in enumerate(batch):
         out[i]["caption_embeds.npy"] = captions[i].astype(dtype)
         out[i]["phrase_embeds.npy"] = phrases[i, :len(p.kept)].astype(dtype)
+    with_entities = sum(p.has_entity_images for p in batch)
+    if with_entities and not ldm.has_clip:
+        # no image tower: entity images stay in the shard, stored entity_embeds rows (if any) follow the objects
+        if stats is not None:
+            stats["entity_images_without_clip"] += with_entities
+    elif with_entities:
+        for i, rows in enumerate(entity_embeds(ldm, batch)):
+            if rows is not None:
+                out[i]["entity_embeds.npy"] = rows.astype(dtype)
+        if stats is not None:
+            stats["entity_embeds"] += with_entities
     return out
 
 
@@ -169,7 +225,8 @@ def _batches(items: Iterable[Prepared], size: int) -> Iterator[list[Prepared]]:
         yield batch
 
 
-def precomputed_samples(ldm, urls: list[str], cfg: PrecomputeConfig, skips: SkipCounter) -> Iterator[dict]:
+def precomputed_samples(ldm, urls: list[str], cfg: PrecomputeConfig, skips: SkipCounter,
+                        stats: Counter | None = None) -> Iterator[dict]:
     def prepared() -> Iterator[Prepared]:
         for url in urls:
             for raw in iter_raw_samples(url, skips):
@@ -178,25 +235,33 @@ def precomputed_samples(ldm, urls: list[str], cfg: PrecomputeConfig, skips: Skip
                     yield prepare(raw, sample, cfg)
 
     for batch in _batches(prepared(), cfg.batch_size):
-        for p, arrays in zip(batch, encode_batch(ldm, batch, cfg)):
+        for p, arrays in zip(batch, encode_batch(ldm, batch, cfg, stats)):
             yield output_sample(p, arrays, cfg)
 
 
 def precompute_shards(pretrained: str, shards: str, out_dir: str, cfg: PrecomputeConfig, device: str | None = None,
-                      prefix: str = "shard", max_samples: int = 1000, progress: bool = True, ldm=None) -> dict:
+                      prefix: str = "shard", max_samples: int = 1000, progress: bool = True, ldm=None,
+                      clip: str | None = None) -> dict:
     """Read ``shards``, write the precomputed set to ``out_dir``; returns the index. ``ldm`` reuses a loaded
-    FrozenLDM (tests); otherwise ``pretrained`` is loaded onto ``device`` (default: cuda when available)."""
+    FrozenLDM (tests); otherwise ``pretrained`` is loaded onto ``device`` (default: cuda when available).
+    ``clip``: CLIP directory for entity images (default: ``<pretrained>/clip`` when it exists)."""
     if cfg.image not in ("crop", "drop"):
         raise ValueError(f"image must be 'crop' or 'drop', got {cfg.image!r}")
     if ldm is None:
         from gligen.ldm import FrozenLDM  # heavy import, only when the command runs
 
-        ldm = FrozenLDM(pretrained).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ldm = FrozenLDM(pretrained, clip=clip).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    elif clip is not None:
+        ldm.set_clip(clip)
     skips = SkipCounter(strict=False)
-    index = write_shards(precomputed_samples(ldm, resolve_shards(shards), cfg, skips), out_dir, prefix=prefix,
-                         max_samples=max_samples, progress=progress)
-    report = {"pretrained": pretrained, "shards": shards, "config": asdict(cfg), "written": index["total"],
-              "skipped": skips.summary()}
+    stats: Counter = Counter()
+    index = write_shards(precomputed_samples(ldm, resolve_shards(shards), cfg, skips, stats), out_dir,
+                         prefix=prefix, max_samples=max_samples, progress=progress)
+    if stats["entity_images_without_clip"]:
+        log.warning("%d samples have entity images but no CLIP directory was found (--clip, default "
+                    "<pretrained>/clip): no entity_embeds computed for them", stats["entity_images_without_clip"])
+    report = {"pretrained": pretrained, "clip": ldm.clip_path, "shards": shards, "config": asdict(cfg),
+              "written": index["total"], "skipped": skips.summary(), "entity": dict(stats)}
     with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=1)
     return index
@@ -205,6 +270,9 @@ def precompute_shards(pretrained: str, shards: str, out_dir: str, cfg: Precomput
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("precompute", help="add VAE latents and CLIP embeddings to shards")
     parser.add_argument("--pretrained", required=True, help="SD directory or hub id (FrozenLDM)")
+    parser.add_argument("--clip", default=None,
+                        help="CLIP directory (transformers CLIPModel whose text tower is the SD text encoder, e.g. a "
+                             "local openai/clip-vit-large-patch14) for entity_embeds; default <pretrained>/clip")
     parser.add_argument("--shards", required=True, help="input shard spec (directory, index.json, pattern)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resolution", type=int, default=512, help="training resolution: the crop that is encoded")
@@ -226,7 +294,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = PrecomputeConfig(args.resolution, args.flip, args.min_area, args.max_objects, args.image, args.batch_size,
                            args.dtype)
     index = precompute_shards(args.pretrained, args.shards, args.out, cfg, args.device, args.prefix,
-                              args.max_samples, not args.no_progress)
+                              args.max_samples, not args.no_progress, clip=args.clip)
     with open(os.path.join(args.out, REPORT_FILE)) as f:
         print(json.dumps(json.load(f)["skipped"]), file=sys.stderr)
     print(json.dumps({"total": index["total"], "kinds": index["kinds"], "shards": len(index["shards"])}))
