@@ -18,12 +18,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing too
 
-from gligen import reporting  # noqa: E402
-from gligen.cli import fit_from_config  # noqa: E402
-from gligen.evaluation import beta_sweep, load_layouts  # noqa: E402
-from gligen.metrics.grounding import ToyDetector, TransformersDetector  # noqa: E402
-from gligen.module import GLIGENModule  # noqa: E402
-from gligen.results import config_hash, git_commit  # noqa: E402
+from gligen.cli import fit_from_config
+from gligen.sweep import sweep_checkpoint
 
 DEFAULTS = Path(__file__).parent / "configs" / "ablate_beta.yaml"
 
@@ -58,22 +54,7 @@ def main(argv=None) -> None:
         config["pretrained"] = str(ldm_dir(config["toy_cache"]))
         config["val_shards"] = config["val_shards"] or str(shard_dir(config["toy_cache"], "val", "grounding"))
         config["ckpt"] = str(fit_from_config(config["train_config"]))
-    if not config["ckpt"] or not config["val_shards"]:
-        raise SystemExit("--ckpt and --val-shards are required outside the toy world")
-
-    module = GLIGENModule.from_checkpoint(config["ckpt"], config["pretrained"])
-    layouts, references = load_layouts(config["val_shards"], config["resolution"], config["num_images"])
-    detector = ToyDetector() if config["detector"] == "toy" else TransformersDetector(config["detector"])
-    clip_dir = Path(config["pretrained"]) / "clip"
-    rows, grids = beta_sweep(
-        module.ldm, layouts, references, config["taus"], config["seeds"], detector,
-        sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
-        batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None,
-    )
-    provenance = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
-                  "ckpt": config["ckpt"]}
-    rows = [{**row, **provenance} for row in rows]
-    reporting.write_beta_sweep(config["out"], rows, grids, layouts, config)
+    sweep_checkpoint(config)  # gligen/sweep.py: the same sweep every grid cell runs
     print(f"wrote {config['out']}")
 
 

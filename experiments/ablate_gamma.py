@@ -5,8 +5,9 @@ summarise how the gates tanh(gamma) and the loss evolve.
     python experiments/ablate_gamma.py --gamma-init 0 0.1 1 --seeds 0 1 --set trainer.max_steps=1000
 
 The gamma axis of experiments/grid.py (same cells, same run directories <out>/<cell>, so a cell trained here and
-one trained by `grid.py submit` with the same --out are the same run). Writes <out>/summary.csv (as grid.py
-collect) and <out>/gates_vs_step.png (mean tanh(alpha_attn) over fusers, and train loss, per cell).
+one trained by `grid.py submit` with the same --out are the same run); training only, unless --sweep adds each
+cell's tau sweep as grid.py does. Writes <out>/summary.csv (as grid.py collect) and <out>/gates_vs_step.png (mean
+tanh(alpha_attn) over fusers, and train loss, per cell).
 """
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import grid as grid_lib  # noqa: E402
+import grid as grid_lib
 
 
 def plot(grid: dict, path: Path) -> None:
@@ -52,12 +53,13 @@ def main(argv=None) -> None:
     parser.add_argument("--gamma-init", dest="gamma_init", type=float, nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", dest="overrides", nargs="+", metavar="KEY=VALUE", default=[])
+    parser.add_argument("--sweep", action="store_true", help="also run each cell's tau sweep (as grid.py does)")
     args = parser.parse_args(argv)
     grid = grid_lib.load_grid(args.config, base_config=args.base_config, out=args.out, gamma_init=args.gamma_init,
                               seeds=args.seeds, modality=["box"])
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     grid["overrides"] = {**(grid.get("overrides") or {}), **overrides}
-    grid_lib.run_local(grid)
+    grid_lib.run_local(grid, sweep=args.sweep)
     grid_lib.collect(grid)
     plot(grid, Path(grid["out"]) / "gates_vs_step.png")
     print(f"wrote {grid['out']}/summary.csv and gates_vs_step.png")

@@ -83,6 +83,7 @@ class GLIGENModule(L.LightningModule):
             raise ValueError(f"grounding_dropout_mode must be per_sample or per_batch, got {grounding_dropout_mode!r}")
         self.save_hyperparameters()
         self.ldm = FrozenLDM(pretrained)
+        self.ldm.grounding_modality = modality  # samplers and sample grids read it (image and text_image share a net)
         add_grounding(self.ldm.unet, self.make_position_net(), fuser_type=fuser_type, gamma_init=gamma_init)
         if gradient_checkpointing:
             self.ldm.unet.enable_gradient_checkpointing()
@@ -176,7 +177,7 @@ class GLIGENModule(L.LightningModule):
         (`text_or_image_drop`); modality "image" masks every text feature."""
         text_too = self.hparams.modality == "text_image"
         boxes, masks = self.checked_boxes(batch, with_phrases=text_too)
-        images = batch["entity_embeds"].float()
+        images = self.entity_features(batch, masks)
         if tuple(images.shape) != (*masks.shape, self.ldm.unet.position_net.in_dim):
             raise GroundingInputError(f"entity_embeds shape {tuple(images.shape)}, expected "
                                       f"{(*masks.shape, self.ldm.unet.position_net.in_dim)} (boxes x text width)")
@@ -192,6 +193,23 @@ class GLIGENModule(L.LightningModule):
             texts, phrases_masks = torch.zeros_like(images), torch.zeros_like(masks)
         return {"boxes": boxes, "masks": masks, "phrases_masks": phrases_masks, "image_masks": image_masks,
                 "phrases_embeddings": texts, "image_embeddings": images}
+
+    def entity_features(self, batch: dict, masks: torch.Tensor) -> torch.Tensor:
+        """Image-entity features [B, N, D]: the precomputed `entity_embeds` when the batch has them, else
+        `FrozenLDM.encode_entity_images` (frozen CLIP, no grad) of `entity_pixel_values` [B, N, 3, S, S], only for
+        the rows where `entity_masks` (and the box mask) is set; zero rows elsewhere."""
+        if "entity_embeds" in batch:
+            return batch["entity_embeds"].float()
+        if "entity_pixel_values" not in batch:
+            raise GroundingInputError(
+                f"modality {self.hparams.modality!r} needs `entity_embeds` or `entity_pixel_values` in the batch "
+                "(GroundingDataModule(entity_images=True), or precomputed entity_embeds)")
+        pixels = batch["entity_pixel_values"]
+        rows = (batch["entity_masks"].to(masks.device) > 0) & (masks > 0)
+        out = torch.zeros(*masks.shape, self.ldm.text_encoder.config.hidden_size, device=masks.device)
+        if rows.any():
+            out[rows] = self.ldm.encode_entity_images(pixels[rows]).to(out.device, out.dtype)
+        return out
 
     def dropout_masks(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance dropout: which samples lose their caption, which lose their grounding."""

@@ -10,25 +10,36 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
 
-from .evaluation import layout_tensors  # noqa: E402
-from .results import mean_std_table, write_csv  # noqa: E402
-from .visualize import layout_grid  # noqa: E402
+from .results import mean_std_table, write_csv
+from .visualize import layouts_grid
 
-BETA_METRICS = ["ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou", "fid", "kid"]  # coarse_*: if measured
+# every modality's grounding metrics (gligen.evaluation.modality_metrics: box, then keypoint, then image /
+# text_image), then quality; a sweep reports those it measured (coarse_*: the toy detector's, if measured)
+BETA_METRICS = ["ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou",
+                "pck", "oks_ap", "oks_ap50", "oks_ap75",
+                "entity_ap", "entity_ap50", "entity_ap75", "entity_miou", "fid", "kid"]
+# the grounding metric a sweep is plotted / summarised by, the first one its rows have: box coarse_ap50 (toy) or
+# ap50, keypoint pck, image / text_image entity_ap50
+PRIMARY_METRICS = ("coarse_ap50", "ap50", "pck", "entity_ap50")
+
+
+def primary_metric(row: dict) -> str:
+    """The grounding metric a sweep row is ranked by (see PRIMARY_METRICS)."""
+    for metric in PRIMARY_METRICS:
+        if row.get(metric) not in (None, ""):
+            return metric
+    raise ValueError(f"no grounding metric among {PRIMARY_METRICS} in {sorted(row)}")
 
 
 def grid_image(images: list[np.ndarray], layouts: list[dict], nrow: int = 4) -> torch.Tensor:
-    """uint8 [3, H, W] grid of images with their layouts drawn (enlarged for tiny toy images)."""
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    boxes, masks, phrases = layout_tensors(layouts[: len(images)])
-    upscale = max(1, 128 // pixels.shape[-1])
-    return layout_grid(pixels, boxes, masks, phrases, nrow=nrow, upscale=upscale)
+    """uint8 [3, H, W] grid of images with their layouts drawn, any modality (enlarged for tiny toy images)."""
+    return layouts_grid(images, layouts, nrow=nrow)
 
 
 def command_line() -> str:
@@ -71,20 +82,23 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "metrics.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    grounding = "coarse_ap50" if "coarse_ap50" in rows[0] else "ap50"
+    grounding = primary_metric(rows[0])
     plot_against(rows, "tau", grounding, "fid", out / "ap_fid_vs_tau.png",
                  f"grounding ({grounding}) and quality (FID) vs tau")
     for tau, images in grids.items():
         save_image(grid_image(images, layouts).float() / 255, out / f"samples_tau{tau:g}.png")
     provenance = rows[0]
+    modality = f" ({provenance['modality']})" if provenance.get("modality") else ""
     summary = [
         "# Scheduled sampling sweep (beta = 1 for the first tau of the steps, then 0)",
         "",
         f"Command: `{command_line()}`",
         "",
-        f"git commit `{provenance['git_commit']}`, config hash `{provenance['config_hash']}`, "
-        f"{provenance['num_images']} layouts per cell, seeds {sorted({r['seed'] for r in rows})}, "
-        f"sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}.",
+        (f"git commit `{provenance['git_commit']}`, config hash `{provenance['config_hash']}`, "
+         f"{provenance['num_images']} layouts per cell, seeds {sorted({r['seed'] for r in rows})}, "
+         f"sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}."),
+        "",
+        f"Grounding metric{modality}: {grounding} (plotted against FID in ap_fid_vs_tau.png).",
         "",
         "Mean ± std over seeds:",
         "",
@@ -109,3 +123,47 @@ def write_tensorboard(log_dir: Path, rows: list[dict], grids: dict, layouts: lis
             hparams = {axis: float(row[axis]), "seed": int(row["seed"])}
             metrics = {f"hp/{m}": float(row[m]) for m in BETA_METRICS if m in row}
             writer.add_hparams(hparams, metrics, run_name=f"{axis}{row[axis]:g}_seed{row['seed']}")
+
+
+GRID_AXES = ("gamma_init", "modality", "seed", "tau", "sample_seed")  # the HParams of a grid summary row
+
+
+def write_grid_report(out: str | Path, rows: list[dict]) -> None:
+    """Plots and TensorBoard HParams of a training grid's summary rows (experiments/grid.py collect): metric vs
+    tau, one line per (gamma_init, modality), mean +- std over training and sampling seeds, in
+    <out>/grounding_vs_tau.png; one HParams run per cell x tau x seed in <out>/tensorboard. Rows without a tau
+    (cells not swept yet) are left out of both."""
+    out = Path(out)
+    swept = [r for r in rows if r.get("tau") is not None]
+    if not swept:
+        return
+    metrics = [m for m in ("ap50", "coarse_ap50", "miou", "pck", "oks_ap", "entity_ap50", "fid")
+               if any(r.get(m) is not None for r in swept)]  # each modality's own (its cells only), FID for all
+    groups = sorted({(float(r["gamma_init"]), str(r["modality"])) for r in swept})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for gamma, modality in groups:
+            mine = [r for r in swept if float(r["gamma_init"]) == gamma and str(r["modality"]) == modality
+                    and r.get(metric) is not None]
+            if not mine:
+                continue
+            taus = sorted({float(r["tau"]) for r in mine})
+            values = [[float(r[metric]) for r in mine if float(r["tau"]) == t] for t in taus]
+            mean = [np.mean(v) for v in values]
+            std = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(taus, mean, yerr=std, marker="o", capsize=3, label=f"gamma_init {gamma:g}, {modality}")
+        ax.set(xlabel="tau", ylabel=metric, title=f"{metric} vs tau")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "grounding_vs_tau.png", dpi=120)
+    plt.close(fig)
+
+    log_dir = out / "tensorboard"
+    if log_dir.exists():
+        shutil.rmtree(log_dir)  # collect rewrites the summary, and its HParams view with it
+    with SummaryWriter(str(log_dir)) as writer:
+        for row in swept:
+            hparams = {k: (str(row[k]) if k == "modality" else float(row[k])) for k in GRID_AXES}
+            values = {f"hp/{m}": float(row[m]) for m in BETA_METRICS if row.get(m) is not None}
+            writer.add_hparams(hparams, values, run_name=f"{row['cell']}/tau{float(row['tau']):g}_seed"
+                                                         f"{row['sample_seed']}")

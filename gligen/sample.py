@@ -3,8 +3,13 @@
     python -m gligen.sample --ckpt runs/toy_box/checkpoints/last.ckpt --layout layout.json \\
         --prompt "a red circle and a blue square" --tau 0.3 --seed 0 --steps 50 --guidance 7.5 --out out.png
 
-layout.json: {"prompt": "...", "objects": [{"box": [x0, y0, x1, y1], "phrase": "a red circle"}, ...]} with boxes
-normalised xyxy in [0, 1] (the objects part of the data schema). Writes out.png and out_boxes.png (boxes drawn).
+layout.json (normalised coordinates in [0, 1]; the checkpoint's modality says which parts are used):
+  box:        {"prompt": "...", "objects": [{"box": [x0, y0, x1, y1], "phrase": "a red circle"}, ...]}
+  image:      objects with "entity_image": a reference image path (relative to the layout file) instead of a phrase
+              (or "entity_embed": a precomputed feature)
+  text_image: objects with a phrase, an entity_image, or both
+  keypoint:   {"prompt": "...", "persons": [{"keypoints": [[x, y, v], ... 17 in COCO order]}, ...]} (v = 2: present)
+Writes out.png and out_boxes.png (the layout drawn: boxes, keypoints and skeletons).
 """
 
 import argparse
@@ -13,24 +18,60 @@ from pathlib import Path
 
 from torchvision.utils import save_image
 
-from .evaluation import layout_tensors
+from .evaluation import MODALITIES, grounding_inputs, has_entity, keypoint_tensors, layout_tensors
 from .module import GLIGENModule
-from .nn.tokenizers import MAX_OBJECTS, check_box_grounding
+from .nn.tokenizers import (
+    MAX_OBJECTS,
+    MAX_PERSONS,
+    GroundingInputError,
+    check_box_grounding,
+    check_keypoint_grounding,
+)
 from .sampling import SAMPLERS, beta_schedule, sample, tau_schedule
-from .visualize import draw_boxes
+from .visualize import draw_layout, layout_label
 
 
-def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS) -> dict:
-    """Layout JSON -> {"prompt", "boxes" [1, N, 4], "masks" [1, N], "phrases" [[...]]}, validated."""
+def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str = "box",
+                max_persons: int = MAX_PERSONS) -> dict:
+    """Layout JSON -> {"prompt", "layout" (the objects / persons, entity_image paths resolved against the file's
+    folder), "boxes" [1, N, 4], "masks" [1, N], "phrases" [[...]], and for keypoint layouts "points"
+    [1, P, 17, 2] and "keypoint_masks" [1, P, 17]}, validated for `modality`."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    path = Path(path)
     try:
-        layout = json.loads(Path(path).read_text())
-        if len(layout.get("objects", [])) > max_objects:
-            raise ValueError(f"{len(layout['objects'])} objects, at most {max_objects}")
-        boxes, masks, phrases = layout_tensors([{"objects": layout.get("objects", [])}], max_objects)
+        layout = json.loads(path.read_text())
+        objects = [dict(o) for o in layout.get("objects", [])]
+        if len(objects) > max_objects:
+            raise ValueError(f"{len(objects)} objects, at most {max_objects}")
+        for obj in objects:
+            image = obj.get("entity_image")
+            if isinstance(image, str) and not Path(image).is_absolute():
+                obj["entity_image"] = str(path.parent / image)
+            if isinstance(obj.get("entity_image"), str) and not Path(obj["entity_image"]).is_file():
+                raise ValueError(f"entity_image {obj['entity_image']} does not exist")
+        persons = layout.get("persons") or []
+        if len(persons) > max_persons:
+            raise ValueError(f"{len(persons)} persons, at most {max_persons}")
+        entry = {"objects": objects, "persons": persons}
+        boxes, masks, phrases = layout_tensors([entry], max_objects)
+        points, keypoint_masks = keypoint_tensors([entry], max_persons)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: bad layout file ({type(error).__name__}: {error})") from None
-    check_box_grounding(boxes, masks, phrases, keys=[str(path)], max_objects=max_objects)
-    return {"prompt": layout.get("prompt", ""), "boxes": boxes, "masks": masks, "phrases": phrases}
+    keys = [str(path)]
+    if modality == "keypoint":
+        if not persons:
+            raise ValueError(f"{path}: a keypoint layout needs \"persons\"")
+        check_keypoint_grounding(points, keypoint_masks, keys, max_persons)
+    else:
+        check_box_grounding(boxes, masks, phrases if modality == "box" else None, keys=keys, max_objects=max_objects)
+        for j, obj in enumerate(objects):
+            if modality == "image" and not has_entity(obj):
+                raise GroundingInputError(f"{path}: object {j} has no entity_image (modality image)")
+            if modality == "text_image" and not (obj.get("phrase") or has_entity(obj)):
+                raise GroundingInputError(f"{path}: object {j} has neither a phrase nor an entity_image")
+    return {"prompt": layout.get("prompt", ""), "layout": entry, "boxes": boxes, "masks": masks, "phrases": phrases,
+            "points": points, "keypoint_masks": keypoint_masks}
 
 
 def main(argv=None) -> None:
@@ -50,25 +91,24 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     module = GLIGENModule.from_checkpoint(args.ckpt, args.pretrained)
-    layout = read_layout(args.layout, module.hparams.max_objects)
+    hp = module.hparams
+    modality = getattr(hp, "modality", "box")
+    max_persons = getattr(hp, "max_persons", MAX_PERSONS)
+    layout = read_layout(args.layout, hp.max_objects, modality, max_persons)
     if args.alpha_type:
         betas = beta_schedule(args.steps, tuple(args.alpha_type))
     else:
         betas = tau_schedule(args.steps, 0.3 if args.tau is None else args.tau)  # official box default
-    grounding = {
-        "boxes": layout["boxes"],
-        "masks": layout["masks"],
-        "positive_embeddings": module.ldm.encode_phrases(layout["phrases"]),
-    }
+    grounding = grounding_inputs(module.ldm, [layout["layout"]], hp.max_objects, modality, max_persons)
     prompt = args.prompt if args.prompt is not None else layout["prompt"]
     image = sample(module.ldm, [prompt], grounding, betas, args.sampler, args.steps, args.guidance, [args.seed])[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, out)
     keep = layout["masks"][0].bool()
-    labels = [p for p, k in zip(layout["phrases"][0], keep.tolist()) if k]
+    labels = [layout_label(o) for o in layout["layout"]["objects"]][: int(keep.sum())]
     upscale = max(1, 256 // image.shape[-1])
-    drawn = draw_boxes(image, layout["boxes"][0][keep], labels, upscale=upscale)
+    drawn = draw_layout(image.cpu(), layout["boxes"][0][keep], labels, layout["layout"]["persons"], upscale=upscale)
     save_image(drawn.float() / 255, out.with_name(out.stem + "_boxes" + out.suffix))
     print(f"wrote {out} and {out.with_name(out.stem + '_boxes' + out.suffix)}")
 

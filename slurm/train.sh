@@ -33,13 +33,8 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-if [ -z "${PYTHON:-}" ]; then
-    if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
-        # shellcheck disable=SC1091
-        . .venv/bin/activate
-    fi
-    PYTHON=python
-fi
+# shellcheck source=slurm/env.sh
+. slurm/env.sh  # PYTHON
 CONFIG=${CONFIG:-experiments/configs/toy_box.yaml}
 RUN_DIR=${RUN_DIR:-runs/toy_box}
 NNODES=${SLURM_NNODES:-1}

@@ -1,7 +1,9 @@
 """Every experiment script runs end to end at test size (the lightning-hydra-template habit)."""
 
 import csv
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_toy_config(tmp_path: Path) -> Path:
     config = {"resolution": 32, "shard_size": 16,
               "splits": {"train": {"grounding": 24, "detection": 8, "detection_caption": 8}, "val": {"grounding": 8}},
-              "pretrain": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.__dict__.items()}}
+              "pretrain": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.__dict__.items()},
+              "person_splits": {"train": 8, "val": 4}}
     path = tmp_path / "toy_world.yaml"
     path.write_text(yaml.safe_dump(config))
     ToyBuildConfig.from_yaml(path)  # the experiment reads it the same way
@@ -62,3 +65,141 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert json.loads((out / "config.json").read_text())["num_images"] == 8
+
+
+# ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
+GRID = ROOT / "experiments" / "grid.py"
+_spec = importlib.util.spec_from_file_location("experiments_grid", GRID)
+grid_lib = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(grid_lib)
+
+
+def build_tiny_toy_world(root: Path) -> Path:
+    """A tiny toy world (LDM with its toy CLIP, train and val shards) in root/cache."""
+    from gligen.toy.build import build
+
+    cache = root / "cache"
+    build(cache, ToyBuildConfig.from_yaml(tiny_toy_config(root)), log=lambda *a: None)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_toy_world(tmp_path_factory) -> Path:
+    return build_tiny_toy_world(tmp_path_factory.mktemp("tiny_toy"))
+
+
+def tiny_grid_config(tmp_path: Path, cache: Path, out: Path) -> Path:
+    """A 2-cell grid (gamma_init 0 and 1, box, seed 0) over the tiny toy world, 2 training steps and a 2-tau sweep
+    of 4 images per cell."""
+    grid = {"base_config": str(tiny_train_config(tmp_path, cache)), "out": str(out), "gamma_init": [0.0, 1.0],
+            "modality": ["box"], "seeds": [0], "toy_cache": None,
+            "sweep": {"taus": [0.0, 1.0], "seeds": [0], "num_images": 4, "steps": 2, "batch_size": 4}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_grid_defaults_map_each_modality_to_its_base_config():
+    grid = grid_lib.load_grid()
+    assert grid["gamma_init"] == [0.0, 0.25, 1.0] and grid["modality"] == ["box", "keypoint", "image"]
+    assert {cell["modality"] for cell in grid_lib.cells(grid)} == {"box", "keypoint", "image"}  # every file exists
+    assert grid["base_configs"] == {"box": "experiments/configs/toy_box.yaml",
+                                    "keypoint": "experiments/configs/toy_keypoint.yaml",
+                                    "image": "experiments/configs/toy_image.yaml"}
+    assert grid_lib.base_config(grid, "box") == Path("experiments/configs/toy_box.yaml")
+
+
+def test_grid_refuses_a_modality_without_a_base_config_file(tmp_path):
+    grid = grid_lib.load_grid(out=str(tmp_path), modality=["box", "keypoint"])
+    grid["base_configs"] = {"box": str(ROOT / "experiments/configs/toy_box.yaml"),
+                            "keypoint": str(tmp_path / "toy_keypoint.yaml")}
+    with pytest.raises(SystemExit, match=r"modality 'keypoint': its base config .*toy_keypoint.yaml does not exist"):
+        grid_lib.cells(grid)
+    grid["modality"] = ["box", "text_image"]
+    with pytest.raises(SystemExit, match="modality 'text_image' has no base config"):
+        grid_lib.cells(grid)
+
+
+def test_grid_cell_sweep_config_follows_the_cell(tmp_path):
+    grid = grid_lib.load_grid(out=str(tmp_path / "grid"), modality=["box"], gamma_init=[0.25], seeds=[1])
+    grid["base_configs"] = {"box": str(ROOT / "experiments/configs/toy_box.yaml")}
+    (path,) = grid_lib.expand(grid)
+    sweep = yaml.safe_load(grid_lib.sweep_path(path).read_text())
+    assert path.name == "gamma0.25_box_seed1.yaml"
+    assert sweep["ckpt"] == str(tmp_path / "grid/gamma0.25_box_seed1/checkpoints/last.ckpt")
+    assert sweep["out"] == str(tmp_path / "grid/gamma0.25_box_seed1/sweep")
+    assert sweep["val_shards"] == "cache/toy/shards/val-grounding" and sweep["pretrained"] == "cache/toy/ldm"
+    assert sweep["taus"] == yaml.safe_load((ROOT / "experiments/configs/ablate_beta.yaml").read_text())["taus"]
+    # not trained yet: the sweep step does nothing (a Slurm task whose fit was requeued reaches it too)
+    assert not grid_lib.is_trained(path) and grid_lib.sweep_cell(path) is None
+    assert grid_lib.max_steps_of(path) == 3000 and grid_lib.max_steps_of(path, ["--trainer.max_steps", "7"]) == 7
+    assert grid_lib.max_steps_of(path, ["--trainer.max_steps=9"]) == 9
+
+
+@pytest.mark.slow
+def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tiny_toy_world, tmp_path):
+    out = tmp_path / "grid"
+    config = tiny_grid_config(tmp_path, tiny_toy_world, out)
+    subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True, cwd=tmp_path)
+    cells = ["gamma0_box_seed0", "gamma1_box_seed0"]
+    for cell in cells:
+        sweep = out / cell / "sweep"
+        rows = list(csv.DictReader((sweep / "metrics.csv").open()))
+        assert [(float(r["tau"]), int(r["seed"])) for r in rows] == [(0.0, 0), (1.0, 0)]
+        assert {r["cell"] for r in rows} == {cell} and {r["train_seed"] for r in rows} == {"0"}
+        assert (sweep / "summary.md").exists() and (sweep / "sweep_done.json").exists()
+        assert (sweep / "ap_fid_vs_tau.png").exists() and list((sweep / "tensorboard").rglob("events.out.*"))
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted((r["cell"], float(r["tau"]), int(r["sample_seed"])) for r in summary) == \
+        [(c, t, 0) for c in cells for t in (0.0, 1.0)]
+    for row in summary:
+        assert row["status"] == "done" and row["sweep_status"] == "done" and row["global_step"] == "2"
+        assert row["modality"] == "box" and row["seed"] == "0" and float(row["gamma_init"]) in (0.0, 1.0)
+        assert row["git_commit"] and row["config_hash"] and row["sweep_config_hash"]
+        assert 0 <= float(row["ap50"]) <= 1 and float(row["fid"]) >= 0
+    assert (out / "grounding_vs_tau.png").stat().st_size > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # requeue-safety: a second run neither retrains nor re-sweeps a finished cell
+    stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
+                                                                  out / c / "sweep/metrics.csv")}
+    again = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert again.stdout.count("training finished; not retrained") == 2, again.stdout
+    assert again.stdout.count("sweep already done") == 2, again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # the step a Slurm array task runs after training, directly
+    single = subprocess.run([sys.executable, str(GRID), "sweep-cell", str(out / "configs" / f"{cells[0]}.yaml")],
+                            check=True, cwd=tmp_path, capture_output=True, text=True)
+    assert "sweep already done" in single.stdout and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert subprocess.run([sys.executable, str(GRID), "trained", str(out / "configs" / f"{cells[0]}.yaml")],
+                          check=False, cwd=tmp_path).returncode == 0
+
+
+# ----- slurm/train.sh with no arguments: the toy default -------------------------------------------------------
+def test_train_sh_without_arguments_trains_the_toy_box_config(tmp_path):
+    """`sbatch slurm/train.sh` (no CONFIG, no arguments) -> fit of experiments/configs/toy_box.yaml into
+    runs/toy_box, after building cache/toy when missing; trailing arguments (tiny overrides) reach fit last.
+    srun and python are stubs that record their command lines: no 20-minute training here (test_slurm.py runs the
+    script for real under Slurm)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "python-stub").write_text(f'#!/bin/bash\necho "python $*" >> {calls}\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("CONFIG", "RUN_DIR")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python-stub"))
+    for args in ([], ["--trainer.max_steps", "2", "--data.init_args.batch_size", "4"]):
+        calls.unlink(missing_ok=True)
+        subprocess.run(["bash", str(ROOT / "slurm/train.sh"), *args], check=True, env=env, cwd=tmp_path,
+                       capture_output=True)
+        lines = calls.read_text().splitlines()
+        fit = lines[-1]
+        assert fit == " ".join(["python -m gligen fit --config experiments/configs/toy_box.yaml --run_dir runs/toy_box",
+                                "--trainer.num_nodes 1 --trainer.devices 1", *args])
+        builds = lines[:-1]  # only when this checkout has no cache/toy/ldm yet
+        assert builds == ([] if (ROOT / "cache/toy/ldm").is_dir() else
+                          ["python -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml"])
+    toy_box = yaml.safe_load((ROOT / "experiments/configs/toy_box.yaml").read_text())
+    assert toy_box["run_dir"] == "runs/toy_box" and toy_box["model"]["pretrained"].startswith("cache/toy")

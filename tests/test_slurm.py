@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from tests.test_experiments import build_tiny_toy_world, tiny_grid_config
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "slurm" / "train.sh"
 pytestmark = pytest.mark.slow
@@ -145,37 +147,60 @@ def test_usr1_saves_requeues_and_resumes_at_the_exact_step(slurm, tiny_pretraine
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == max_steps
 
 
-def test_grid_submit_runs_an_array_and_collect_summarises_it(slurm, tiny_pretrained, tmp_path):
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "log_every_n_steps": 1,
-                    "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"pretrained": tiny_pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
-        "data": {"class_path": "tests.fixtures.RandomBoxDataModule", "init_args": {"length": 4, "batch_size": 2}},
-    }))
-    out = tmp_path / "grid"
-    grid = [sys.executable, str(REPO / "experiments" / "grid.py")]
-    axes = ["--base-config", str(base), "--out", str(out), "--gamma-init", "0", "1", "--seeds", "0"]
-    env = {**os.environ, "PYTHON": sys.executable}
-    submitted = subprocess.run([*grid, "submit", *axes, "--", f"--chdir={REPO}", "--ntasks-per-node=1",
-                                "--cpus-per-task=1", "--time=15", f"--output={tmp_path}/%A_%a.out",
-                                f"--error={tmp_path}/%A_%a.out"],
-                               capture_output=True, text=True, env=env, cwd=REPO, check=False)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().splitlines()[-1].split()[3].rstrip(":")
-    deadline = time.time() + 600
+@pytest.fixture(scope="module")
+def tiny_toy_world(tmp_path_factory) -> Path:
+    return build_tiny_toy_world(tmp_path_factory.mktemp("tiny_toy"))
+
+
+def wait_for_array(job: str, timeout: float) -> None:
+    deadline = time.time() + timeout
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, check=False).stdout.strip():
-        assert time.time() < deadline, "grid array did not finish in 600 s"
+        assert time.time() < deadline, f"grid array {job} did not finish in {timeout:.0f} s"
         time.sleep(2)
 
-    subprocess.run([*grid, "collect", *axes], check=True, cwd=REPO, capture_output=True)
-    rows = {r["cell"]: r for r in csv.DictReader((out / "summary.csv").open())}
-    logs = [p.read_text()[-2000:] for p in tmp_path.glob("*.out")]
-    assert set(rows) == {"gamma0_box_seed0", "gamma1_box_seed0"}, logs
-    for row in rows.values():
-        assert row["status"] == "done" and row["global_step"] == "3"
-        assert (out / row["cell"] / "checkpoints" / "last.ckpt").exists()
-    # the gates start at tanh(gamma_init): 0 vs ~0.76, and move little in 3 steps
-    assert abs(float(rows["gamma0_box_seed0"]["gate_attn_mean_final"])) < 0.2
-    assert abs(float(rows["gamma1_box_seed0"]["gate_attn_mean_final"]) - 0.76) < 0.2
+
+def test_grid_submit_trains_and_sweeps_every_cell_and_collect_summarises_it(slurm, tiny_toy_world, tmp_path):
+    """slurm/grid.sh on a 2-cell tiny grid: each array task trains its cell, then sweeps tau in a one-task srun
+    step; collect gives one summary row per cell x tau x seed. Submitted again, the tasks neither retrain nor
+    re-sweep (what a requeued task sees)."""
+    out = tmp_path / "grid"
+    config = tiny_grid_config(tmp_path, tiny_toy_world, out)
+    grid = [sys.executable, str(REPO / "experiments" / "grid.py")]
+    env = {**os.environ, "PYTHON": sys.executable}
+    logs = tmp_path / "logs"
+    logs.mkdir()  # sbatch --output needs an existing directory
+
+    def submit_grid() -> str:
+        submitted = subprocess.run([*grid, "submit", "--config", str(config), "--", f"--chdir={REPO}",
+                                    "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20",
+                                    f"--output={logs}/%A_%a.out", f"--error={logs}/%A_%a.out"],
+                                   capture_output=True, text=True, env=env, cwd=REPO, check=False)
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip().splitlines()[-1].split()[3].rstrip(":")
+        wait_for_array(job, 900)
+        return job
+
+    first = submit_grid()
+    subprocess.run([*grid, "collect", "--config", str(config)], check=True, cwd=REPO, capture_output=True)
+    cells = ["gamma0_box_seed0", "gamma1_box_seed0"]
+    text = "\n".join(p.read_text()[-3000:] for p in logs.glob(f"{first}_*.out"))
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted((r["cell"], float(r["tau"]), int(r["sample_seed"])) for r in summary) == \
+        [(c, t, 0) for c in cells for t in (0.0, 1.0)], text
+    for row in summary:
+        assert row["status"] == "done" and row["global_step"] == "2" and row["sweep_status"] == "done"
+        assert row["git_commit"] and row["config_hash"] and 0 <= float(row["ap50"]) <= 1
+    for cell in cells:
+        assert (out / cell / "checkpoints" / "last.ckpt").exists() and (out / cell / "sweep/sweep_done.json").exists()
+    # the gates start at tanh(gamma_init): 0 vs ~0.76, and move little in 2 steps
+    gates = {r["cell"]: float(r["gate_attn_mean_final"]) for r in summary}
+    assert abs(gates["gamma0_box_seed0"]) < 0.2 and abs(gates["gamma1_box_seed0"] - 0.76) < 0.2
+    assert (out / "grounding_vs_tau.png").exists() and list((out / "tensorboard").rglob("events.out.*"))
+
+    stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
+                                                                  out / c / "sweep/metrics.csv")}
+    second = submit_grid()
+    text = "\n".join(p.read_text() for p in logs.glob(f"{second}_*.out"))
+    assert text.count("training already finished; not retrained") == 2, text[-4000:]
+    assert text.count("sweep already done") == 2, text[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -15,10 +15,13 @@ TINY = PretrainConfig(batch_size=8, text_width=32, clip_steps=2, vae_channels=(1
                       unet_channels=(16, 32, 32), attention_heads=2, unet_steps=3, unet_warmup=1)
 
 
+PERSONS = {"train": 8, "val": 4}
+
+
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory):
     config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
-                                    "val": {"grounding": 8}}, shard_size=16, pretrain=TINY)
+                                    "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16, pretrain=TINY)
     out = tmp_path_factory.mktemp("toy")
     build(out, config, log=lambda *a: None)
     return out
@@ -42,7 +45,8 @@ def test_build_is_cached(toy_cache):
     before = (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     messages = []
     build(toy_cache, ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
-                                            "val": {"grounding": 8}}, shard_size=16, pretrain=TINY),
+                                            "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
+                                    pretrain=TINY),
           log=messages.append)
     assert messages == []  # nothing rewritten
     assert (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before

@@ -14,7 +14,9 @@ def collate_batch(examples: list[dict]) -> dict:
     Image side: ``latent_mean``/``latent_std`` when every example has latents, else ``pixel_values``; a batch
     mixing the two is an error (give every data kind the same image form). ``captions`` and ``phrases`` are always
     there; embeddings only when every example carries them. ``keypoints``/``keypoint_masks`` when any example
-    has a person annotation (zeros for the others)."""
+    has a person annotation (zeros for the others); likewise ``entity_pixel_values``/``entity_masks`` when any
+    example carries entity images (zeros and mask 0 for the others). A batch mixing precomputed
+    ``entity_embeds`` with entity images to encode is an error, like mixing latents and pixels."""
     if not examples:
         raise ValueError("empty batch")
     batch: dict = {
@@ -36,11 +38,17 @@ def collate_batch(examples: list[dict]) -> dict:
     for name in ALL_OR_NOTHING:
         if all(name in e for e in examples):
             batch[name] = torch.stack([e[name] for e in examples])
-    with_persons = [e for e in examples if "keypoints" in e]
-    if with_persons:
-        template = with_persons[0]
-        batch["keypoints"] = torch.stack([e.get("keypoints", torch.zeros_like(template["keypoints"]))
-                                          for e in examples])
-        batch["keypoint_masks"] = torch.stack([e.get("keypoint_masks", torch.zeros_like(template["keypoint_masks"]))
-                                               for e in examples])
+    stack_where_any(batch, examples, "keypoints", "keypoint_masks")
+    if any("entity_pixel_values" in e for e in examples) and any("entity_embeds" in e for e in examples):
+        raise ValueError(f"batch mixes precomputed entity_embeds and entity images: {batch['keys']}")
+    stack_where_any(batch, examples, "entity_pixel_values", "entity_masks")
     return batch
+
+
+def stack_where_any(batch: dict, examples: list[dict], *names: str) -> None:
+    """Stack ``names`` when any example has the first of them; examples without get zeros."""
+    having = [e for e in examples if names[0] in e]
+    if having:
+        for name in names:
+            zeros = torch.zeros_like(having[0][name])
+            batch[name] = torch.stack([e.get(name, zeros) for e in examples])

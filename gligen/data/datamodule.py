@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -143,7 +143,9 @@ class GroundingDataModule(L.LightningDataModule):
     """Grounding data for GLIGEN training (batch layout: docs/batch_contract.md; options: docs/data.md).
 
     ``train_shards`` maps a data kind (or any source name) to a shard pattern or a directory with index.json;
-    ``ratios`` gives each source's share of the training samples."""
+    ``ratios`` gives each source's share of the training samples. ``entity_images``: batches carry the entity
+    images of samples without precomputed ``entity_embeds`` as ``entity_pixel_values`` [B, max_objects, 3, S, S]
+    (S = ``entity_resolution`` or ``resolution``) + ``entity_masks``, which GLIGENModule encodes with CLIP."""
 
     def __init__(
         self,
@@ -164,6 +166,8 @@ class GroundingDataModule(L.LightningDataModule):
         strict: bool = False,
         shuffle_buffer: int = 256,
         val_batch_size: int | None = None,
+        entity_images: bool = False,
+        entity_resolution: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -173,8 +177,10 @@ class GroundingDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.resampled, self.seed, self.strict, self.shuffle_buffer = resampled, seed, strict, shuffle_buffer
-        self.train_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, random_crop, random_flip)
-        self.val_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, False, False)
+        self.train_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, random_crop, random_flip,
+                                         entity_images, entity_resolution)
+        self.val_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, False, False, entity_images,
+                                       entity_resolution)
         self.train_skips = SkipCounter(strict=strict)  # merged from the batches' SKIPS_KEY
         self.val_skips = SkipCounter(strict=strict)
         self.val_dataset: InMemoryShardDataset | None = None

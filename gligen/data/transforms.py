@@ -149,6 +149,37 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
+def entity_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """Entity (reference) image -> float32 [3, size, size] in [-1, 1]: short side resized to ``size`` (bicubic),
+    centre crop, like CLIP's own preprocessing (so with ``size`` = CLIP's image_size nothing is resampled twice)."""
+    image = resize_short_side(image.convert("RGB"), size)
+    crop = choose_crop(*image.size, size)
+    return image_to_tensor(image.crop((crop.left, crop.top, crop.left + size, crop.top + size)))
+
+
+def pad_entity_images(sample: DecodedSample, kept: np.ndarray, size: int, max_objects: int = MAX_OBJECTS
+                      ) -> dict | None:
+    """Entity images of the kept objects, in their (kept, reordered) order: ``entity_pixel_values`` float32
+    [max_objects, 3, size, size] in [-1, 1] (zeros where an object has no entity image or is padding) and
+    ``entity_masks`` float32 [max_objects] (1 = the row holds an image). None when no kept object has one.
+
+    Entity images describe the reference object, not the scene: they are never cropped with the scene nor flipped
+    with it (the precomputed ``entity_embeds`` have no ``_flip`` variant either)."""
+    members = [sample.annotation.objects[i].entity_image for i in kept]
+    if not any(m is not None for m in members):
+        return None
+    pixels = torch.zeros(max_objects, 3, size, size)
+    masks = torch.zeros(max_objects)
+    converted: dict[str, torch.Tensor] = {}  # objects may share an entity image
+    for row, member in enumerate(members):
+        if member is None:
+            continue
+        if member not in converted:
+            converted[member] = entity_to_tensor(sample.entity_images[member], size)
+        pixels[row], masks[row] = converted[member], 1.0
+    return {"entity_pixel_values": pixels, "entity_masks": masks}
+
+
 @dataclass(frozen=True)
 class TransformConfig:
     resolution: int
@@ -157,6 +188,8 @@ class TransformConfig:
     min_area: float = 0.01
     random_crop: bool = False
     random_flip: bool = True
+    entity_images: bool = False  # carry entity images as entity_pixel_values (image / text_image modalities)
+    entity_resolution: int | None = None  # side of entity_pixel_values; None = resolution
 
 
 def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random.Generator | None = None) -> dict:
@@ -192,6 +225,10 @@ def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random
     for name in ("phrase_embeds", "entity_embeds"):
         if f"{name}.npy" in sample.arrays:
             out[name] = pad_rows(sample.arrays[f"{name}.npy"][kept], cfg.max_objects)
+    if cfg.entity_images and "entity_embeds.npy" not in sample.arrays:  # precomputed entity features win
+        entities = pad_entity_images(sample, kept, cfg.entity_resolution or cfg.resolution, cfg.max_objects)
+        if entities is not None:
+            out.update(entities)
 
     # detection data trains with the null caption: "" here, and GLIGENModule nulls the caption embeddings of
     # kind "detection" itself, so stored embeddings are kept (a mixed batch keeps its precomputed path)

@@ -14,6 +14,15 @@ Detections are dicts {"box": normalised xyxy, "label": str, "score": float}. Lay
 project's schema ({"objects": [{"box", "phrase", "category"}, ...]}); an object's target label is its category when
 set, else its phrase (`target_label`; pass `label_of` to change it). Labels match by exact string equality.
 
+Other modalities:
+- keypoints: a `PoseDetector` maps images to per-image keypoints [P, 17, 3] (normalised x, y, v; v > 0 = found),
+  the output of ``gligen.toy.evaluate.detect_keypoints``, optionally as a (keypoints, scores [P]) pair;
+  `ToyPoseDetector` is the toy's exact read-back. `keypoint_metrics`: PCK@0.1 and OKS keypoint AP against the
+  layout's persons (``gligen.toy.evaluate.pck`` / ``keypoint_average_precision``).
+- image entities: `entity_grounding_metrics` scores box detections against the boxes with the label of each object's
+  REFERENCE image (`entity_label`: entity_category, else category, else phrase), so a model that draws the
+  reference's class in the box scores, whatever its phrase said.
+
 Metrics (plain floats): `grounding_ap` (torchmetrics MeanAveragePrecision, COCO protocol: 101-point interpolation,
 IoU 0.5:0.05:0.95, at most 100 detections per image, classes without ground truth ignored) and `miou` (mean over
 layout objects of the best IoU of a same-label detection, 0 when there is none).
@@ -22,8 +31,8 @@ layout objects of the best IoU of a same-label detection, 0 when there is none).
 from __future__ import annotations
 
 import zlib
-
-from typing import Callable, Mapping, Protocol, Sequence, TypedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypedDict
 
 import numpy as np
 import torch
@@ -53,6 +62,18 @@ def target_label(obj: Mapping) -> str:
 LabelOf = Callable[[Mapping], str]
 
 
+def entity_label(obj: Mapping) -> str:
+    """The class an image-entity object must show: its reference image's class (`entity_category`; on the toy the
+    entity image is the object's own category), else its category, else its phrase."""
+    return obj.get("entity_category") or obj.get("category") or obj["phrase"]
+
+
+class PoseDetector(Protocol):
+    def __call__(self, images: list[np.ndarray]) -> list:
+        """Per image: keypoints [P, 17, 3] (normalised x, y; v > 0 = found), or a (keypoints, scores [P]) pair."""
+        ...
+
+
 # ---------------------------------------------------------------------------------------------------- detectors
 
 
@@ -75,6 +96,15 @@ class ToyDetector:
     def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
         return [[BoxDetection(box=d.box, label=d.category, score=d.score)
                  for d in detect_objects(image, self.colour_distance, self.min_fraction)] for image in images]
+
+
+class ToyPoseDetector:
+    """The toy world's exact stick-figure read-back (gligen.toy.evaluate.detect_persons): (keypoints, scores)."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        from gligen.toy.evaluate import detect_persons
+
+        return [detect_persons(image) for image in images]
 
 
 class TransformersDetector:
@@ -191,7 +221,7 @@ def coarse_grounding_metrics(detections: Sequence[Sequence[BoxDetection]], layou
                              coarse: Callable[[str], str]) -> dict[str, float]:
     """AP50 and mIoU with every label (detections and layout targets) mapped through `coarse`."""
     coarse_detections = [[{**d, "label": coarse(d["label"])} for d in dets] for dets in detections]
-    label_of = lambda obj: coarse(target_label(obj))  # noqa: E731
+    label_of = lambda obj: coarse(target_label(obj))
     ap = grounding_ap(coarse_detections, layouts, label_of)
     return {"coarse_ap50": ap["ap50"], "coarse_miou": miou(coarse_detections, layouts, label_of)}
 
@@ -203,3 +233,47 @@ def miou(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping
     ious = [max([box_iou(obj["box"], d["box"]) for d in dets if d["label"] == label_of(obj)], default=0.0)
             for dets, layout in zip(detections, layouts) for obj in layout["objects"]]
     return float(np.mean(ious)) if ious else 0.0
+
+
+def split_pose_output(outputs: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """PoseDetector output -> (keypoints [P, 17, 3] per image, scores [P] per image; default: fraction found)."""
+    keypoints, scores = [], []
+    for out in outputs:
+        if isinstance(out, tuple):
+            kps, score = out
+        else:
+            kps, score = out, None
+        kps = np.asarray(kps, dtype=np.float64).reshape(-1, 17, 3)
+        keypoints.append(kps)
+        scores.append((kps[..., 2] > 0).mean(-1) if score is None else np.asarray(score, dtype=np.float64))
+    return keypoints, scores
+
+
+def _with_size(layouts: Sequence[Mapping], images: Sequence[np.ndarray]) -> list[dict]:
+    """Layouts with the image's width / height when they lack them (OKS needs pixel scales)."""
+    return [{**layout, "width": layout.get("width") or image.shape[1], "height": layout.get("height") or image.shape[0]}
+            for layout, image in zip(layouts, images)]
+
+
+def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: PoseDetector,
+                     threshold: float = 0.1) -> dict[str, float]:
+    """PCK@threshold (`pck`) and OKS keypoint AP (`oks_ap`, `oks_ap50`, `oks_ap75`) of the detector's persons on
+    `images` against the layouts' persons."""
+    from gligen.toy.evaluate import keypoint_average_precision, pck
+
+    _check_pairs(images, layouts)
+    keypoints, scores = split_pose_output(detector(images))
+    _check_pairs(keypoints, layouts)
+    sized = _with_size(layouts, images)
+    aps = keypoint_average_precision(keypoints, scores, sized)
+    return {"pck": pck(keypoints, sized, threshold), **{f"oks_{k}": v for k, v in aps.items()}}
+
+
+def entity_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector
+                             ) -> dict[str, float]:
+    """Image-entity grounding: AP / AP50 / AP75 / mIoU of the detector's boxes against the layout boxes labelled
+    with the reference image's class (`entity_label`), reported as entity_ap, entity_ap50, entity_ap75,
+    entity_miou. Objects without an entity image still count (label: category, else phrase)."""
+    detections = detector(images)
+    ap = grounding_ap(detections, layouts, entity_label)
+    return {**{f"entity_{k}": v for k, v in ap.items()}, "entity_miou": miou(detections, layouts, entity_label)}

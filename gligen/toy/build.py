@@ -2,8 +2,12 @@
 
 Layout of the cache (default `cache/toy`):
     shards/<split>-<kind>/   schema-v1 WebDataset shards + index.json (objects family)
+    shards/<split>-persons/  person scenes (stick figures with 17 COCO keypoints, kind "grounding", captions like
+                             "a person") for the keypoint modality, at the same resolution
     ldm/                     the pretrained toy LDM, a diffusers Stable Diffusion directory (+ clip/)
-Each stage is skipped when its output exists, so a second build is instant and an interrupted one resumes.
+Each stage is skipped when its output exists, so a second build is instant and an interrupted one resumes. The
+base LDM is pretrained on the objects family's train shards only, so adding person shards to an existing cache
+(a later build with `person_splits`) writes just those and leaves the LDM as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import yaml
 from . import world
 from .pretrain import PretrainConfig, pretrain
 
+PERSONS = "persons"  # shard directory suffix of the persons family (no data kind is called that)
+
 
 @dataclass
 class ToyBuildConfig:
@@ -29,11 +35,13 @@ class ToyBuildConfig:
         "test": {"grounding": 500},
         "ood": {"grounding": 200},
     })
+    # samples per split of the persons family (keypoint modality), written to shards/<split>-persons; {} = none
+    person_splits: dict[str, int] = field(default_factory=lambda: {"train": 4000, "val": 200})
     shard_size: int = 1000
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ToyBuildConfig":
+    def from_yaml(cls, path: str | Path) -> ToyBuildConfig:
         raw = yaml.safe_load(Path(path).read_text()) or {}
         pretrain_raw = raw.pop("pretrain", {}) or {}
         known = {f.name for f in fields(PretrainConfig)}
@@ -53,6 +61,10 @@ def shard_dir(out: str | Path, split: str, kind: str) -> Path:
     return Path(out) / "shards" / f"{split}-{kind}"
 
 
+def person_shard_dir(out: str | Path, split: str) -> Path:
+    return Path(out) / "shards" / f"{split}-{PERSONS}"
+
+
 def ldm_dir(out: str | Path) -> Path:
     return Path(out) / "ldm"
 
@@ -68,6 +80,13 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
             log(f"toy world: writing {n} {split}/{kind} samples to {target}")
             world.write_split(split, kind, n, str(target), resolution=config.resolution, seed=config.seed,
                               max_samples=config.shard_size, progress=True)
+    for split, n in config.person_splits.items():
+        target = person_shard_dir(out, split)
+        if (target / "index.json").exists():
+            continue
+        log(f"toy world: writing {n} {split} person scenes to {target}")
+        world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
+                          family=PERSONS, max_samples=config.shard_size, progress=True)
     if not (ldm_dir(out) / "model_index.json").exists():
         from gligen.data.shards import resolve_shards
 

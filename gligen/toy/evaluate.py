@@ -36,7 +36,12 @@ from scipy.ndimage import binary_dilation, label
 from scipy.optimize import linear_sum_assignment
 
 from gligen.toy.world import (
-    COLOURS, KEYPOINT_COLOURS, LIMB_COLOUR, PALETTE, keypoint_blob_size, match_shape,
+    COLOURS,
+    KEYPOINT_COLOURS,
+    LIMB_COLOUR,
+    PALETTE,
+    keypoint_blob_size,
+    match_shape,
     tight_box,
 )
 
@@ -97,7 +102,7 @@ def detect_objects(image, colour_distance: float = COLOUR_DISTANCE,
     # Black is a class too, so dark noisy pixels go to the background instead of the nearest colour.
     colours = np.array([(0, 0, 0)] + [PALETTE[c] for c in COLOURS])
     index, dist = nearest_colour_map(image, colours, colour_distance)
-    min_pixels = max(2, int(round(min_fraction * h * w)))
+    min_pixels = max(2, round(min_fraction * h * w))
     detections = []
     for ci, colour in enumerate(COLOURS, start=1):
         for comp in _components(index == ci):
@@ -294,3 +299,43 @@ def evaluate_keypoints(images: list[np.ndarray], layouts: list[dict]) -> dict[st
     predicted = [kps for kps, _ in detected]
     aps = keypoint_average_precision(predicted, [s for _, s in detected], layouts)
     return {"pck": pck(predicted, layouts), **{f"oks_{k}": v for k, v in aps.items()}}
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+
+def toy_layouts(modality: str, num: int, resolution: int | None = None, split: str = "val", seed: int = 0
+                ) -> tuple[list[dict], list[np.ndarray]]:
+    """`num` evaluation layouts of the toy world for a grounding modality, and their real images (uint8 HxWx3).
+
+    Straight from the world's generator (the same samples as the split's shards): box / image / text_image use
+    object scenes (every object carries its reference `entity_image`, a PIL image of the same category drawn
+    alone), keypoint uses person scenes (`persons`, normalised, v = 2). Layout fields: key, caption, width, height,
+    objects, persons.
+    """
+    import io as _io
+
+    from PIL import Image
+
+    from gligen.toy.world import make_sample
+
+    family = "persons" if modality == "keypoint" else "objects"
+    layouts, references = [], []
+    for index in range(num):
+        sample = make_sample(split, index, kind="grounding", family=family, resolution=resolution, seed=seed)
+        ann = sample["json"]
+        objects = []
+        for obj in ann["objects"]:
+            entry = {"box": obj["box"], "phrase": obj["phrase"], "category": obj["category"]}
+            if obj.get("entity_image") and obj["entity_image"] in sample:
+                with Image.open(_io.BytesIO(sample[obj["entity_image"]])) as image:
+                    entry["entity_image"] = image.convert("RGB")
+            objects.append(entry)
+        layout = {"key": sample["__key__"], "caption": sample["txt"], "width": ann["width"],
+                  "height": ann["height"], "objects": objects}
+        if ann.get("persons"):
+            layout["persons"] = ann["persons"]
+        layouts.append(layout)
+        with Image.open(_io.BytesIO(sample["png"])) as image:
+            references.append(np.asarray(image.convert("RGB")))
+    return layouts, references

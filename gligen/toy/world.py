@@ -5,7 +5,9 @@ Two scene families:
   Default resolution 32. Each object keeps its full extent visible (occluders may only bite into its interior,
   at most 15% of its pixels), so its tight box and its shape are recoverable from the image alone.
 - "persons": 1-2 stick figures carrying the 17 COCO keypoints, each joint a small square blob in its own colour
-  on grey limbs. Default (recommended) resolution 64: at 32 the face joints shrink to single pixels.
+  on grey limbs. `make_sample`'s default resolution for them is 64; at 32 the face joints shrink to single pixels
+  but the read-back is still exact (gligen.toy.evaluate.evaluate_keypoints: PCK 1.0 and OKS AP 1.0 on 200 real
+  32 px scenes), so the toy build writes its person shards at the toy resolution (32) for one LDM.
 
 Shapes are rasterised with numpy from integer pixel boxes (not PIL drawing), because the evaluator matches
 components against exactly the same templates (``shape_mask``), which keeps read-back exact on clean images.

@@ -1,0 +1,104 @@
+"""Sweep one checkpoint over tau (scheduled sampling): the one implementation behind experiments/ablate_beta.py and
+every cell of experiments/grid.py.
+
+`sweep_checkpoint` loads a trained GLIGEN checkpoint on its frozen LDM, samples the validation layouts at every
+tau x seed (`gligen.evaluation.beta_sweep`), and writes the results with `gligen.reporting.write_beta_sweep`
+(metrics.csv, summary.md, plots, sample grids, TensorBoard). With `resume=True` it is idempotent: it writes
+`<out>/sweep_done.json` last and returns at once when that marker exists for the same sweep config, so a requeued
+Slurm task or a second `run-local` does not redo a finished sweep (an interrupted one, without the marker, is redone
+from the start).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DONE = "sweep_done.json"
+
+
+def sweep_done(out: str | Path, config: dict | None = None) -> bool:
+    """True when `out` holds a finished sweep (of `config`, when given: same config hash)."""
+    from .results import config_hash
+
+    marker = Path(out) / DONE
+    if not marker.exists():
+        return False
+    if config is None:
+        return True
+    return json.loads(marker.read_text()).get("config_hash") == config_hash(config)
+
+
+def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | None = None) -> Path:
+    """Runs the tau sweep that `config` describes and writes it to `config["out"]`; returns that directory.
+
+    `config` keys (those of experiments/configs/ablate_beta.yaml): ckpt, pretrained, val_shards, resolution,
+    num_images, taus, seeds, sampler, steps, guidance, batch_size, detector ("toy" or a transformers detector
+    directory / hub id), out; optional: pose_detector ("toy" (default) or "module:callable", a PoseDetector: the
+    keypoint modality's detector), entity_resolution (side of the entity images of image / text_image layouts).
+    Every row gets git_commit, config_hash (of `config`), num_images and ckpt, plus `provenance` (extra columns,
+    e.g. a grid cell's axes).
+
+    Every modality sweeps: the checkpoint's modality (GLIGENModule's) decides how the val layouts are read (keypoint:
+    persons; image / text_image: with their entity images), sampled, and scored (`modality_metrics`: box
+    ap / ap50 / ap75 / miou, keypoint pck / oks_ap*, image / text_image entity_ap* / entity_miou), FID / KID for all.
+    """
+    import torch
+
+    from . import reporting
+    from .evaluation import beta_sweep, has_entity, load_layouts
+    from .metrics.grounding import ToyDetector, TransformersDetector
+    from .module import GLIGENModule
+    from .results import config_hash, git_commit
+
+    out = Path(config["out"])
+    if resume and sweep_done(out, config):
+        print(f"sweep already done: {out} ({DONE}); not redone")
+        return out
+    if not config.get("ckpt") or not config.get("val_shards"):
+        raise SystemExit("--ckpt and --val-shards are required outside the toy world")
+    (out / DONE).unlink(missing_ok=True)  # a changed config is swept again
+
+    module = GLIGENModule.from_checkpoint(config["ckpt"], config["pretrained"])
+    modality = module.hparams.modality
+    entity = modality in ("image", "text_image")
+    layouts, references = load_layouts(config["val_shards"], config["resolution"], config["num_images"],
+                                       entity_images=entity, entity_resolution=config.get("entity_resolution"))
+    if modality == "keypoint":
+        if not any(layout.get("persons") for layout in layouts):
+            raise SystemExit(f"{config['val_shards']}: no persons in these validation shards; a keypoint "
+                             f"checkpoint sweeps person shards (e.g. the toy world's val-persons)")
+        detector = pose_detector(config.get("pose_detector"))
+    else:
+        if entity and not any(has_entity(o) for layout in layouts for o in layout["objects"]):
+            raise SystemExit(f"{config['val_shards']}: no entity images in these validation shards; the {modality} "
+                             f"checkpoint needs objects with entity images")
+        detector = ToyDetector() if config["detector"] == "toy" else TransformersDetector(config["detector"])
+    clip_dir = Path(config["pretrained"]) / "clip"
+    rows, grids = beta_sweep(
+        module.ldm, layouts, references, config["taus"], config["seeds"], detector,
+        sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
+        batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None, modality=modality,
+    )
+    common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
+              "ckpt": config["ckpt"], **({} if modality == "box" else {"modality": modality}), **(provenance or {})}
+    rows = [{**row, **common} for row in rows]
+    reporting.write_beta_sweep(out, rows, grids, layouts, config)
+    if resume:
+        step = torch.load(config["ckpt"], map_location="cpu", weights_only=True).get("global_step")
+        (out / DONE).write_text(json.dumps({"config_hash": config_hash(config), "ckpt": str(config["ckpt"]),
+                                            "global_step": step, "git_commit": rows[0]["git_commit"]}, indent=1))
+    return out
+
+
+def pose_detector(spec: str | None):
+    """The keypoint sweep's detector: None (the toy world's exact read-back, ToyPoseDetector) for "toy" / unset,
+    else "module:name", a PoseDetector (as experiments/ablate_modality.py's --pose-detector)."""
+    import importlib
+
+    if spec in (None, "toy"):
+        return None
+    module, _, name = str(spec).partition(":")
+    if not name:
+        raise SystemExit(f"pose_detector {spec!r}: 'toy' or 'module:callable'")
+    return getattr(importlib.import_module(module), name)

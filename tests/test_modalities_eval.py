@@ -1,0 +1,226 @@
+"""Evaluation for every grounding modality: layouts -> position-net inputs, keypoint / image-entity metrics, the sample
+CLI with keypoint and entity-image layout files, and experiments/ablate_modality.py end to end at toy size."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from gligen.evaluation import grounding_inputs, infer_modality, keypoint_tensors, modality_metrics
+from gligen.ldm import FrozenLDM
+from gligen.metrics.grounding import entity_grounding_metrics, entity_label, keypoint_metrics
+from gligen.module import GLIGENModule
+from gligen.toy.evaluate import toy_layouts
+from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
+from gligen.visualize import layouts_grid
+from tests.fixtures import add_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def person(shift=0.0, missing=()):
+    kps = [[0.2 + 0.03 * k + shift, 0.1 + 0.04 * k, 2] for k in range(17)]
+    for k in missing:
+        kps[k] = [0.0, 0.0, 0]
+    return {"keypoints": kps}
+
+
+@pytest.fixture(scope="module")
+def clip_pretrained(tmp_path_factory) -> str:
+    root = build_tiny_pipeline(tmp_path_factory.mktemp("tiny_ldm_clip_eval"), TinyPipelineConfig(), seed=0)
+    return add_clip(root, 16, 24)
+
+
+def test_keypoint_layouts_become_points_and_masks(tiny_pretrained):
+    layouts = [{"caption": "two people", "objects": [], "persons": [person(missing=(3, 4)), person(0.3)]},
+               {"caption": "nobody", "objects": []}]
+    points, masks = keypoint_tensors(layouts, max_persons=8)
+    assert points.shape == (2, 8, 17, 2) and masks.shape == (2, 8, 17)
+    # persons with most present joints first (as the data pipeline pads them): the full one, then the one missing 2
+    assert masks[0, 0].sum() == 17 and masks[0, 1].sum() == 15 and masks[0, 1, 3] == 0 and masks[0, 2:].sum() == 0
+    assert torch.allclose(points[0, 0, 0], torch.tensor([0.5, 0.1])) and points[0, 1, 3].abs().sum() == 0
+    assert masks[1].sum() == 0 and points[1].abs().sum() == 0  # null rows
+    module = GLIGENModule(tiny_pretrained, modality="keypoint", max_persons=8)
+    assert infer_modality(module.ldm) == "keypoint"
+    grounding = grounding_inputs(module.ldm, layouts)  # modality inferred from the position net
+    assert set(grounding) == {"points", "masks"} and torch.equal(grounding["masks"], masks)
+    tokens = module.ldm.unet.position_net(**grounding)
+    assert tokens.shape == (2, 8 * 17, module.ldm.unet.config.cross_attention_dim)
+
+
+def test_entity_layouts_become_text_image_inputs(clip_pretrained, tmp_path):
+    ldm = FrozenLDM(clip_pretrained)
+    red = Image.new("RGB", (20, 30), (255, 0, 0))
+    red.save(tmp_path / "red.png")
+    embed = torch.randn(32)
+    layouts = [{"caption": "a", "objects": [
+        {"box": [0.1, 0.1, 0.4, 0.4], "phrase": "a red square", "entity_image": str(tmp_path / "red.png")},
+        {"box": [0.5, 0.5, 0.9, 0.9], "phrase": "a blue circle"},  # text only
+        {"box": [0.2, 0.5, 0.4, 0.9], "entity_image": np.full((16, 16, 3), 40, np.uint8)},  # image only
+        {"box": [0.6, 0.1, 0.9, 0.3], "phrase": "x", "entity_embed": embed.tolist()}]},  # precomputed
+        {"caption": "b", "objects": []}]
+    g = grounding_inputs(ldm, layouts, max_objects=6, modality="text_image")
+    assert set(g) == {"boxes", "masks", "phrases_masks", "image_masks", "phrases_embeddings", "image_embeddings"}
+    assert g["boxes"].shape == (2, 6, 4) and g["image_embeddings"].shape == (2, 6, 32)
+    assert g["masks"][0].tolist() == [1, 1, 1, 1, 0, 0] and g["masks"][1].sum() == 0
+    assert g["phrases_masks"][0].tolist() == [1, 1, 0, 1, 0, 0]
+    assert g["image_masks"][0].tolist() == [1, 0, 1, 1, 0, 0]
+    direct = ldm.encode_entity_images([red])[0]
+    torch.testing.assert_close(g["image_embeddings"][0, 0], direct)
+    torch.testing.assert_close(g["image_embeddings"][0, 3], embed)
+    assert g["image_embeddings"][0, 1].abs().sum() == 0 and g["image_embeddings"][1].abs().sum() == 0
+    image_only = grounding_inputs(ldm, layouts, max_objects=6, modality="image")
+    assert image_only["phrases_masks"].sum() == 0 and image_only["phrases_embeddings"].abs().sum() == 0
+    torch.testing.assert_close(image_only["image_embeddings"], g["image_embeddings"])
+    with pytest.raises(ValueError, match="entity_embed has 3 values"):
+        grounding_inputs(ldm, [{"objects": [{"box": [0, 0, 1, 1], "entity_embed": [1, 2, 3]}]}], modality="image")
+
+
+def test_keypoint_metrics_are_exact_on_real_toy_scenes_and_drop_when_joints_move():
+    layouts, images = toy_layouts("keypoint", 6, 32)
+    assert all(layout["persons"] for layout in layouts)
+    exact = modality_metrics(images, layouts, "keypoint")
+    assert exact["pck"] == 1.0 and exact["oks_ap"] == pytest.approx(1.0)
+    shifted = [{**layout, "persons": [{"keypoints": [[x + 0.12, y, v] for x, y, v in p["keypoints"]]}
+                                      for p in layout["persons"]]} for layout in layouts]
+    moved = modality_metrics(images, shifted, "keypoint")
+    assert moved["pck"] < 0.5 and moved["oks_ap"] < exact["oks_ap"]
+
+    # a user pose detector: plain [P, 17, 3] arrays per image (scores default to the fraction of joints found)
+    def oracle(batch):
+        return [np.array([p["keypoints"] for p in layout["persons"]], dtype=float) for layout in layouts]
+    assert keypoint_metrics(images, layouts, oracle)["pck"] == 1.0
+
+
+def test_entity_ap_looks_for_the_reference_images_class():
+    layouts, images = toy_layouts("image", 6, 32)
+    assert all(o["entity_image"] is not None for layout in layouts for o in layout["objects"])
+    assert entity_label({"phrase": "thing", "category": "red square"}) == "red square"
+    assert entity_label({"phrase": "thing", "category": "red square", "entity_category": "blue cross"}) == "blue cross"
+    exact = modality_metrics(images, layouts, "image")
+    assert exact["entity_ap50"] == pytest.approx(1.0) and exact["entity_miou"] > 0.9
+    # phrases do not matter, the reference class does: rename phrases -> same score; another reference class -> 0
+    renamed = [{**lay, "objects": [{**o, "phrase": "something"} for o in lay["objects"]]} for lay in layouts]
+    assert modality_metrics(images, renamed, "text_image")["entity_ap50"] == pytest.approx(1.0)
+
+    def detector(batch):
+        return [[{"box": o["box"], "label": o["category"], "score": 1.0} for o in lay["objects"]] for lay in layouts]
+    other = [{**lay, "objects": [{**o, "entity_category": "nothing"} for o in lay["objects"]]} for lay in layouts]
+    assert entity_grounding_metrics(images, layouts, detector)["entity_ap50"] == pytest.approx(1.0)
+    assert entity_grounding_metrics(images, other, detector)["entity_ap50"] == 0.0
+
+
+def test_layouts_grid_draws_keypoints_and_skeleton():
+    layouts, images = toy_layouts("keypoint", 2, 32)
+    black = [np.zeros_like(im) for im in images]
+    with_persons = layouts_grid(black, layouts)
+    without = layouts_grid(black, [{**lay, "persons": []} for lay in layouts])
+    assert with_persons.shape == without.shape and with_persons.dtype == torch.uint8
+    assert with_persons.sum() > 0 and without.sum() == 0
+
+
+def train_one_step(pretrained, modality, tmp_path, **kwargs):
+    from tests.test_module_modalities import RandomModalityDataModule
+
+    L.seed_everything(0)
+    module = GLIGENModule(pretrained, modality=modality, gamma_init=0.5, warmup_steps=0, **kwargs)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, RandomModalityDataModule())
+    path = tmp_path / f"{modality}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_sample_cli_with_keypoint_and_entity_image_layouts(clip_pretrained, tmp_path):
+    from gligen.sample import main
+
+    ckpt = train_one_step(clip_pretrained, "keypoint", tmp_path)
+    layout = tmp_path / "pose.json"
+    layout.write_text(json.dumps({"prompt": "a person", "persons": [person(missing=(1, 2))]}))
+    main(["--ckpt", str(ckpt), "--layout", str(layout), "--steps", "2", "--tau", "1", "--out", str(tmp_path / "k.png")])
+    assert Image.open(tmp_path / "k.png").size == (16, 16) and Image.open(tmp_path / "k_boxes.png").size == (256, 256)
+    bad = [[0.5, 1.5, 2]] + person()["keypoints"][1:]
+    layout.write_text(json.dumps({"persons": [{"keypoints": bad}]}))
+    with pytest.raises(ValueError, match="pose.json"):
+        main(["--ckpt", str(ckpt), "--layout", str(layout), "--steps", "2", "--out", str(tmp_path / "bad.png")])
+
+    ckpt = train_one_step(clip_pretrained, "image", tmp_path)
+    Image.new("RGB", (24, 24), (0, 0, 255)).save(tmp_path / "blue.png")
+    layout = tmp_path / "entity.json"
+    layout.write_text(json.dumps({"prompt": "a blue thing", "objects": [{"box": [0.1, 0.2, 0.6, 0.7],
+                                                                         "entity_image": "blue.png"}]}))
+    args = ["--ckpt", str(ckpt), "--layout", str(layout), "--steps", "2", "--tau", "1", "--seed", "3"]
+    main(args + ["--out", str(tmp_path / "e.png")])
+    main(args + ["--out", str(tmp_path / "f.png")])
+    assert Image.open(tmp_path / "e.png").tobytes() == Image.open(tmp_path / "f.png").tobytes()
+    assert (tmp_path / "e_boxes.png").exists()
+    layout.write_text(json.dumps({"objects": [{"box": [0.1, 0.2, 0.6, 0.7], "phrase": "no image"}]}))
+    with pytest.raises(ValueError, match="no entity_image"):
+        main(args + ["--out", str(tmp_path / "g.png")])
+    layout.write_text(json.dumps({"objects": [{"box": [0.1, 0.2, 0.6, 0.7], "entity_image": "missing.png"}]}))
+    with pytest.raises(ValueError, match="does not exist"):
+        main(args + ["--out", str(tmp_path / "g.png")])
+
+
+# ------------------------------------------------------------------------------------------- ablate_modality
+
+
+def tiny_world(tmp_path: Path) -> Path:
+    from tests.test_experiments import tiny_toy_config
+
+    return tiny_toy_config(tmp_path)
+
+
+def tiny_train_config(tmp_path: Path, cache: Path, modality: str) -> Path:
+    source = ROOT / f"experiments/configs/toy_{modality}.yaml"
+    config = yaml.safe_load((source if source.exists() else ROOT / "experiments/configs/toy_box.yaml").read_text())
+    config["model"]["modality"] = modality
+    config["run_dir"] = str(tmp_path / f"runs/toy_{modality}")
+    config["trainer"].update(max_steps=1, limit_val_batches=0, log_every_n_steps=1)
+    config["trainer"].pop("val_check_interval", None)
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "SampleGrid" not in c["class_path"]]
+    config["model"]["pretrained"] = str(cache / "ldm")
+    data = config["data"]["init_args"]
+    data["train_shards"] = {k: str(Path(cache) / "shards" / Path(v).name) for k, v in data["train_shards"].items()}
+    data["val_shards"] = str(Path(cache) / "shards" / Path(data["val_shards"]).name)
+    if modality in ("image", "text_image"):
+        data["entity_images"] = True
+    data.update(batch_size=4, num_workers=0, batches_per_epoch=1)
+    path = tmp_path / f"toy_{modality}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
+    cache = tmp_path / "cache"
+    modalities = ["box", "image"]
+    overrides = {"toy_cache": str(cache), "toy_config": str(tiny_world(tmp_path)), "out": str(tmp_path / "results"),
+                 "modalities": modalities, "seeds": [0, 1], "num_images": 4, "steps": 2, "batch_size": 4,
+                 "grid_size": 4,
+                 "train_configs": {m: str(tiny_train_config(tmp_path, cache, m)) for m in modalities}}
+    config = tmp_path / "ablate.yaml"
+    config.write_text(yaml.safe_dump(overrides))
+    subprocess.run([sys.executable, str(ROOT / "experiments/ablate_modality.py"), "--config", str(config)],
+                   check=True, cwd=tmp_path)
+    out = tmp_path / "results"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [(r["modality"], float(r["tau"]), int(r["seed"])) for r in rows] == [
+        (m, t, s) for m in modalities for t in (0.0, 1.0) for s in (0, 1)]
+    for row in rows:
+        assert row["git_commit"] and row["config_hash"] and 0 <= float(row["value"]) <= 1
+        assert row["metric"] == {"box": "ap50", "image": "entity_ap50"}[row["modality"]]
+    summary = (out / "summary.md").read_text()
+    assert "## box" in summary and "## image" in summary and "ablate_modality.py" in summary
+    assert (out / "modalities.png").stat().st_size > 0
+    assert all((out / f"samples_{m}_tau{t}.png").exists() for m in modalities for t in (0, 1))
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
