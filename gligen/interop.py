@@ -337,10 +337,8 @@ torch.load(..., weights_only=True) refused the file: it contains a pickled Pytho
 the OmegaConf config containers official GLIGEN checkpoints hold (OmegaConf's DictConfig, ListConfig, value nodes
 and metadata are read through inert stand-ins). This converter never unpickles arbitrary objects (unpickling can
 run code). If the file is an official GLIGEN checkpoint you trust, strip the offending entry in a throwaway
-container (loading with weights_only=False runs whatever the file contains), e.g.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    ckpt["config_dict"] = None            # or del the offending entry
-    torch.save(ckpt, stripped_path)        # then: python -m gligen.convert from-official stripped_path ...
+container: load it there with pickling allowed (torch's weights_only=False runs whatever the file contains), set
+the offending entry (e.g. "config_dict") to None, torch.save it, then run from-official on the stripped file.
 torch said: """
 
 
