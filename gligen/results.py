@@ -11,6 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ipynb")
+
+
 def git_commit() -> str:
     """The current commit, with '+dirty' when the code differs from it ('unknown' outside git)."""
     try:
@@ -18,8 +21,9 @@ def git_commit() -> str:
                                 check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True,
                                 text=True, check=True).stdout.splitlines()
-        # tracked changes, or untracked code (a new script changes results too; new result files do not)
-        dirty = [line for line in status if not line.startswith("??") or line.endswith((".py", ".yaml", ".sh"))]
+        # changed or new code and configs make results irreproducible from the commit; result files being
+        # rewritten (tracked results/ of an earlier run, new CSVs and images) do not
+        dirty = [line for line in status if line[3:].endswith(CODE_SUFFIXES) and not line[3:].startswith("results/")]
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -19,6 +19,12 @@ def test_git_commit_marks_changed_or_new_code_dirty_but_not_new_result_files(tmp
     (tmp_path / "new_script.py").write_text("y = 2\n")  # an uncommitted script does
     assert git_commit().endswith("+dirty")
     (tmp_path / "new_script.py").unlink()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.md").write_text("old\n")
+    git(tmp_path, "add", "results/summary.md")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    (tmp_path / "results" / "summary.md").write_text("new\n")  # rewriting committed results is not a code change
+    assert not git_commit().endswith("+dirty")
     (tmp_path / "a.py").write_text("x = 2\n")
     assert git_commit().endswith("+dirty")
 
