@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import grid as grid_lib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing too
+from gligen import grid as grid_lib
 
 
 def plot(grid: dict, path: Path) -> None:

@@ -1,0 +1,421 @@
+"""A training grid: gamma_init x modality x seed, one fixed run directory per cell, run by Slurm or locally. Every
+cell trains, then sweeps tau on its checkpoint (the sweep of experiments/ablate_beta.py, gligen/sweep.py).
+
+    python experiments/grid.py expand                 # <out>/configs/<cell>.yaml, <out>/sweeps/<cell>.yaml, cells.txt
+    python experiments/grid.py submit [-- sbatch args] # expand, then one sbatch array over the cells (slurm/grid.sh)
+    python experiments/grid.py run-local              # expand, then train + sweep the cells one after another, here
+    python experiments/grid.py collect                # <out>/summary.csv (cell x tau x seed), plots, TensorBoard
+    python experiments/grid.py trained CONFIG         # exit 0 when the cell of CONFIG finished training (grid.sh)
+    python experiments/grid.py sweep-cell CONFIG      # the tau sweep of that cell, once (grid.sh, run-local)
+
+Defaults: experiments/configs/grid.yaml (--config FILE overrides it, flags override both). Each modality trains from
+its own base config (`base_configs:`; `--base-config` uses one file for every modality). A cell is named
+`gamma<g>_<modality>_seed<s>` and trains into `<out>/<cell>` (TensorBoard events, config.yaml, checkpoints/), its
+sweep goes to `<out>/<cell>/sweep/` (metrics.csv, summary.md, plots, tensorboard/, sweep_done.json). Every modality
+sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap, image / text_image entity_ap50;
+gligen.evaluation.modality_metrics); summary.csv has every metric column, empty where a cell's modality does not
+measure it. A cell that is submitted or run again skips finished training and a finished sweep, and continues an
+interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import math
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]  # configs and run directories are relative to the checkout
+
+from gligen.results import config_hash, git_commit, read_csv, write_csv
+
+DEFAULTS = REPO / "experiments" / "configs" / "grid.yaml"
+MERGED = ("base_configs", "sweep", "overrides")  # dict-valued keys: a --config file updates them key by key
+
+
+def load_grid(config: str | None = None, **overrides) -> dict:
+    grid = yaml.safe_load(DEFAULTS.read_text())
+    if config:
+        for key, value in (yaml.safe_load(Path(config).read_text()) or {}).items():
+            if key in MERGED and isinstance(value, dict):
+                grid[key] = {**(grid.get(key) or {}), **value}
+            else:
+                grid[key] = value
+    grid.update({k: v for k, v in overrides.items() if v is not None})
+    return grid
+
+
+def cell_name(gamma_init: float, modality: str, seed: int) -> str:
+    return f"gamma{float(gamma_init):g}_{modality}_seed{int(seed)}"
+
+
+def set_dotted(config: dict, key: str, value) -> None:
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def base_config(grid: dict, modality: str) -> Path:
+    """The training config a modality's cells start from: `base_config` for all when set, else `base_configs`."""
+    if grid.get("base_config"):
+        path = Path(grid["base_config"])
+    else:
+        configs = grid.get("base_configs") or {}
+        if modality not in configs:
+            raise SystemExit(f"modality {modality!r} has no base config: add it to base_configs in "
+                             f"experiments/configs/grid.yaml (known: {sorted(configs)})")
+        path = Path(configs[modality])
+    if not path.exists():
+        raise SystemExit(f"modality {modality!r}: its base config {path} does not exist (yet); write it, or drop "
+                         f"{modality!r} from the grid's modality list")
+    return path
+
+
+def sweep_config(grid: dict, cell: dict) -> dict:
+    """The tau sweep of a cell (gligen.sweep.sweep_checkpoint's config): grid.yaml's `sweep:` settings, the cell's
+    checkpoint and LDM, its validation shards and resolution (and entity_resolution, when its data sets one) unless
+    `sweep:` names others; out <run_dir>/sweep. Every modality sweeps its own val shards (keypoint: the person
+    shards of its base config), scored with its own metric."""
+    settings = dict(grid.get("sweep") or {})
+    settings.pop("enabled", None)
+    config, data = cell["config"], ((cell["config"].get("data") or {}).get("init_args") or {})
+    settings["pretrained"] = settings.get("pretrained") or (config.get("model") or {}).get("pretrained")
+    settings["val_shards"] = settings.get("val_shards") or data.get("val_shards")
+    settings["resolution"] = settings.get("resolution") or data.get("resolution")
+    if data.get("entity_resolution") and not settings.get("entity_resolution"):  # image / text_image cells
+        settings["entity_resolution"] = data["entity_resolution"]
+    settings["ckpt"] = str(Path(cell["run_dir"]) / "checkpoints" / "last.ckpt")
+    settings["out"] = str(Path(cell["run_dir"]) / "sweep")
+    settings["cell"] = {k: cell[k] for k in ("cell", "gamma_init", "modality", "seed")}
+    return settings
+
+
+def cells(grid: dict) -> list[dict]:
+    """Every cell: name, its axis values, its run dir, its full training config and its sweep config."""
+    bases = {modality: yaml.safe_load(base_config(grid, modality).read_text()) for modality in grid["modality"]}
+    out = []
+    for gamma, modality, seed in itertools.product(grid["gamma_init"], grid["modality"], grid["seeds"]):
+        name = cell_name(gamma, modality, seed)
+        config = copy.deepcopy(bases[modality])
+        for key, value in (grid.get("overrides") or {}).items():
+            set_dotted(config, key, value)
+        config["seed_everything"] = int(seed)
+        config.setdefault("model", {})
+        config["model"]["gamma_init"] = float(gamma)
+        config["model"]["modality"] = modality
+        run_dir = Path(grid["out"]) / name
+        config["run_dir"] = str(run_dir)
+        cell = {"cell": name, "gamma_init": float(gamma), "modality": modality, "seed": int(seed),
+                "run_dir": run_dir, "config": config, "base_config": str(base_config(grid, modality))}
+        cell["sweep"] = sweep_config(grid, cell)
+        out.append(cell)
+    return out
+
+
+def sweep_enabled(grid: dict) -> bool:
+    return bool((grid.get("sweep") or {}).get("enabled", True))
+
+
+def sweep_path(config_path: str | Path) -> Path:
+    """<out>/configs/<cell>.yaml -> <out>/sweeps/<cell>.yaml (the cell's sweep config, written by expand)."""
+    config_path = Path(config_path)
+    return config_path.parent.parent / "sweeps" / config_path.name
+
+
+def expand(grid: dict) -> list[Path]:
+    """Writes <out>/configs/<cell>.yaml (training) and <out>/sweeps/<cell>.yaml (tau sweep) for every cell, and
+    <out>/cells.txt (one training config path a line)."""
+    configs_dir, sweeps_dir = Path(grid["out"]) / "configs", Path(grid["out"]) / "sweeps"
+    configs_dir.mkdir(parents=True, exist_ok=True)
+    sweeps_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cell in cells(grid):
+        path = configs_dir / f"{cell['cell']}.yaml"
+        header = f"# cell {cell['cell']} of experiments/grid.py (base {cell['base_config']})\n"
+        path.write_text(header + yaml.safe_dump(cell["config"], sort_keys=False))
+        sweep = sweep_path(path)
+        if sweep_enabled(grid):  # every modality: scored with its own metric (gligen.sweep)
+            sweep.write_text(f"# tau sweep of cell {cell['cell']} (experiments/grid.py sweep-cell {path})\n"
+                             + yaml.safe_dump(cell["sweep"], sort_keys=False))
+        else:
+            sweep.unlink(missing_ok=True)
+        paths.append(path)
+    (Path(grid["out"]) / "cells.txt").write_text("".join(f"{p}\n" for p in paths))
+    return paths
+
+
+def build_toy_world_if_used(grid: dict) -> None:
+    toy_cache = grid.get("toy_cache")
+    for modality in dict.fromkeys(grid["modality"]):
+        base = yaml.safe_load(base_config(grid, modality).read_text())
+        if toy_cache and str((base.get("model") or {}).get("pretrained", "")).startswith(str(toy_cache)):
+            from gligen.toy.build import ToyBuildConfig, build
+
+            build(toy_cache, ToyBuildConfig.from_yaml(grid["toy_config"]))
+            return
+
+
+def submit(grid: dict, sbatch_args: list[str]) -> str:
+    paths = expand(grid)
+    cells_file = Path(grid["out"]) / "cells.txt"
+    command = ["sbatch", "--parsable", f"--array=0-{len(paths) - 1}", *sbatch_args,
+               str(REPO / "slurm" / "grid.sh"), str(cells_file)]
+    print(" ".join(command))
+    job = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    print(f"submitted array job {job}: {len(paths)} cells -> {grid['out']}/<cell>")
+    return job
+
+
+def max_steps_of(config_path: str | Path, fit_args: list[str] = ()) -> int | None:
+    """trainer.max_steps of a training config, after `--trainer.max_steps N` in fit_args (None when unset / -1)."""
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    steps = (config.get("trainer") or {}).get("max_steps")
+    args = list(fit_args)
+    for i, arg in enumerate(args):
+        if arg == "--trainer.max_steps" and i + 1 < len(args):
+            steps = args[i + 1]
+        elif arg.startswith("--trainer.max_steps="):
+            steps = arg.split("=", 1)[1]
+    steps = int(steps) if steps is not None else None
+    return steps if steps is not None and steps >= 0 else None
+
+
+def trained_step(config_path: str | Path) -> int | None:
+    """global_step of the cell's checkpoints/last.ckpt (None when there is none)."""
+    import torch
+
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+
+
+def is_trained(config_path: str | Path, fit_args: list[str] = ()) -> bool:
+    """True when the cell's last.ckpt reached trainer.max_steps (unknown max_steps: False, and fit decides)."""
+    steps, step = max_steps_of(config_path, fit_args), trained_step(config_path)
+    return steps is not None and step is not None and step >= steps
+
+
+def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None:
+    """The tau sweep of one trained cell, once: skipped when the cell has no sweep config, when its training is
+    not finished (e.g. a Slurm task whose fit was just requeued), or when the sweep is already done. Under Slurm,
+    SIGUSR1 (time limit) requeues the task, and the requeued task redoes the unfinished sweep."""
+    from gligen.sweep import sweep_checkpoint
+
+    sweep = sweep_path(config_path)
+    if not sweep.exists():
+        print(f"[grid] {config_path}: no sweep config ({sweep}); nothing to sweep")
+        return None
+    if not is_trained(config_path, fit_args):
+        print(f"[grid] {config_path}: training not finished (step {trained_step(config_path)} of "
+              f"{max_steps_of(config_path, fit_args)}); no sweep yet")
+        return None
+    _requeue_on_usr1()
+    config = yaml.safe_load(sweep.read_text())
+    provenance = {"cell": config["cell"]["cell"], "gamma_init": config["cell"]["gamma_init"],
+                  "modality": config["cell"]["modality"], "train_seed": config["cell"]["seed"]}
+    return sweep_checkpoint(config, resume=True, provenance=provenance)
+
+
+def _requeue_on_usr1() -> None:
+    import os
+    import signal
+
+    from gligen.checkpointing import slurm_job_id
+
+    job = slurm_job_id()
+    if not job or not hasattr(signal, "SIGUSR1"):
+        return
+
+    def handler(signum, frame):
+        print(f"[grid] SIGUSR1 during the sweep: requeueing {job}; the sweep is redone when it restarts", flush=True)
+        subprocess.run(["scontrol", "requeue", job], check=False)
+        os._exit(0)
+
+    signal.signal(signal.SIGUSR1, handler)
+
+
+def run_local(grid: dict, sweep: bool | None = None) -> list[Path]:
+    """Trains every cell here (skipping finished ones), then sweeps it (unless sweep is off); returns the
+    cells' last checkpoints."""
+    from gligen.cli import fit_from_config
+
+    sweep = sweep_enabled(grid) if sweep is None else sweep
+    build_toy_world_if_used(grid)
+    checkpoints = []
+    for path in expand(grid):
+        if is_trained(path):
+            print(f"[grid] {path}: training finished; not retrained")
+            config = yaml.safe_load(path.read_text())
+            checkpoints.append(Path(config["run_dir"]) / "checkpoints" / "last.ckpt")
+        else:
+            checkpoints.append(fit_from_config(str(path)))
+        if sweep:
+            sweep_cell(path)
+    return checkpoints
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars of a run directory: tag -> [(step, value)] (all event files, in step order)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return {tag: sorted(values.items()) for tag, values in out.items()}
+
+
+def mean_last(series: list[tuple[int, float]], n: int = 10) -> float | None:
+    values = [v for _, v in series[-n:]]
+    return sum(values) / len(values) if values else None
+
+
+def _number(text: str | None) -> float | None:
+    """A metric read back from a CSV: float, or None when empty / nan / not a number."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def training_summary(cell: dict, commit: str) -> dict:
+    """One cell's training: status, final step, losses and gate values (from its checkpoint + TensorBoard)."""
+    import torch
+
+    run_dir = cell["run_dir"]
+    row = {k: cell[k] for k in ("cell", "gamma_init", "modality", "seed")}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    row["status"] = "done" if last.exists() else "missing"
+    row["global_step"] = torch.load(last, map_location="cpu", weights_only=True)["global_step"] \
+        if last.exists() else None
+    series = scalars(run_dir) if run_dir.exists() else {}
+    row["train_loss_last10"] = mean_last(series.get("train/loss", []))
+    row["val_loss_last"] = mean_last(series.get("val/loss", []), 1)
+    for kind in ("gate_attn", "gate_dense"):
+        finals = [s[-1][1] for tag, s in series.items() if tag.startswith(kind + "/") and s]
+        row[f"{kind}_mean_final"] = sum(finals) / len(finals) if finals else None
+    row["run_dir"] = str(run_dir)
+    row["config_hash"] = config_hash(cell["config"])
+    row["git_commit"] = commit
+    return row
+
+
+SWEEP_KEEP = ("tau", "seed", "git_commit", "config_hash", "num_images")  # columns of a sweep row kept besides metrics
+
+
+def collect(grid: dict) -> Path:
+    """<out>/summary.csv: one row per cell x tau x sampling seed (one row with an empty tau for a cell without a
+    finished sweep), with the cell's axes, its training summary, git commit and config hashes; then
+    <out>/grounding_vs_tau.png and <out>/tensorboard (HParams: one run per row)."""
+    from gligen import reporting
+    from gligen.sweep import sweep_done
+
+    rows, commit = [], git_commit()
+    done = swept = 0
+    grid_cells = cells(grid)
+    for cell in grid_cells:
+        train = training_summary(cell, commit)
+        done += train["status"] == "done"
+        out = Path(cell["sweep"]["out"])
+        sweep_rows = read_csv(out / "metrics.csv") if sweep_done(out) and (out / "metrics.csv").exists() else []
+        swept += bool(sweep_rows)
+        base = {**{k: train[k] for k in ("cell", "gamma_init", "modality", "seed")}, "tau": None,
+                "sample_seed": None, "sweep_status": "done" if sweep_rows else "missing"}
+        training = {k: v for k, v in train.items() if k not in base and k not in ("git_commit", "config_hash")}
+        provenance = {"config_hash": train["config_hash"], "sweep_config_hash": None, "git_commit": commit}
+        if not sweep_rows:
+            rows.append({**base, **training, **provenance})
+            continue
+        metrics = [m for m in reporting.BETA_METRICS if m in sweep_rows[0]]  # the cell's modality's metrics
+        for sweep_row in sweep_rows:
+            rows.append({**base, "tau": float(sweep_row["tau"]), "sample_seed": int(sweep_row["seed"]),
+                         **{m: _number(sweep_row[m]) for m in metrics}, "num_images": sweep_row.get("num_images"),
+                         **training, "config_hash": train["config_hash"],
+                         "sweep_config_hash": sweep_row.get("config_hash"),
+                         "git_commit": sweep_row.get("git_commit") or commit})
+    # cells of different modalities report different metrics: every row gets every metric column (empty where
+    # its modality does not measure it), in BETA_METRICS order after the axes
+    measured = {k for row in rows for k in row}
+    columns = [m for m in reporting.BETA_METRICS if m in measured]
+    rows = [_with_metric_columns(row, columns) for row in rows]
+    path = Path(grid["out"]) / "summary.csv"
+    write_csv(rows, path)
+    reporting.write_grid_report(Path(grid["out"]), rows)
+    print(f"wrote {path} ({done}/{len(grid_cells)} cells trained, {swept} swept; {len(rows)} rows)")
+    return path
+
+
+def _with_metric_columns(row: dict, columns: list[str]) -> dict:
+    """`row` with every metric column of `columns` right after its axes (sweep_status), None where it has none."""
+    out = {}
+    for key, value in row.items():
+        if key in columns:
+            continue
+        out[key] = value
+        if key == "sweep_status":
+            out.update({m: row.get(m) for m in columns})
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("command", choices=["expand", "submit", "run-local", "collect", "trained", "sweep-cell"])
+    parser.add_argument("cell_config", nargs="?", help="trained / sweep-cell: <out>/configs/<cell>.yaml")
+    parser.add_argument("--config", help="YAML overriding experiments/configs/grid.yaml")
+    parser.add_argument("--base-config", dest="base_config", help="one base config for every modality")
+    parser.add_argument("--out")
+    parser.add_argument("--gamma-init", dest="gamma_init", type=float, nargs="+")
+    parser.add_argument("--modality", nargs="+")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--no-sweep", dest="no_sweep", action="store_true", help="train only")
+    parser.add_argument("--set", dest="overrides", nargs="+", metavar="KEY=VALUE",
+                        help="dotted overrides for every cell, e.g. trainer.max_steps=1000 (YAML values)")
+    parser.add_argument("--sweep-set", dest="sweep_overrides", nargs="+", metavar="KEY=VALUE",
+                        help="sweep settings for every cell, e.g. taus=[0,1] num_images=50 (YAML values)")
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("submit", "trained", "sweep-cell"):
+        parser.error(f"unrecognized arguments: {extra}")
+    if args.command in ("trained", "sweep-cell") and not args.cell_config:
+        parser.error(f"{args.command} needs the cell's config path")
+    grid = load_grid(args.config, base_config=args.base_config, out=args.out, gamma_init=args.gamma_init,
+                     modality=args.modality, seeds=args.seeds)
+    for key, items in (("overrides", args.overrides), ("sweep", args.sweep_overrides)):
+        if items:
+            values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+            grid[key] = {**(grid.get(key) or {}), **values}
+    if args.no_sweep:
+        grid["sweep"] = {**(grid.get("sweep") or {}), "enabled": False}
+    return args.command, grid, [a for a in extra if a != "--"], args.cell_config
+
+
+def main(argv=None) -> None:
+    command, grid, extra, cell_config = parse_args(argv)
+    if command == "expand":
+        print("\n".join(str(p) for p in expand(grid)))
+    elif command == "submit":
+        submit(grid, extra)
+    elif command == "run-local":
+        run_local(grid)
+        collect(grid)
+    elif command == "trained":  # extra: the fit overrides grid.sh passes on (a --trainer.max_steps among them)
+        raise SystemExit(0 if is_trained(cell_config, extra) else 1)
+    elif command == "sweep-cell":
+        sweep_cell(cell_config, extra)
+    else:
+        collect(grid)
+
+
+if __name__ == "__main__":
+    main()
