@@ -226,15 +226,32 @@ def official(tmp_path_factory):
     return module, checkpoint, tmp / "official.pth"
 
 
+def assert_same_ldm_weights(original, imported) -> None:
+    """UNet (fusers and position_net included), VAE and text encoder: the same keys and bit-identical tensors."""
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(original.ldm, part).state_dict(), getattr(imported.ldm, part).state_dict()
+        assert set(a) == set(b), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def assert_same_grounded_output(original, imported, x, context, grounding) -> None:
+    """Both UNets give exactly the same output (tolerance 0: same weights through the same code), and grounding
+    changes it (the grounding layers are exercised)."""
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        a = original.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
+        b = imported.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
+        plain = original.ldm.unet(x, t, encoder_hidden_states=context).sample
+    assert (a - plain).abs().max() > 1e-3
+    assert torch.equal(a, b)
+
+
 def test_official_import_round_trips_every_weight(official, tiny_pretrained, tmp_path):
     original, _, path = official
     convert_main(["from-official", str(path), str(tmp_path / "imported"), "--base", tiny_pretrained])
     imported = GLIGENModule.from_checkpoint(str(tmp_path / "imported" / "gligen.ckpt")).eval()
     assert imported.hparams.pretrained == str((tmp_path / "imported" / "pretrained").resolve())
-    for part in ("unet", "vae", "text_encoder"):
-        a, b = getattr(original.ldm, part).state_dict(), getattr(imported.ldm, part).state_dict()
-        assert set(a) == set(b), part
-        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_ldm_weights(original, imported)
 
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
@@ -243,13 +260,7 @@ def test_official_import_round_trips_every_weight(official, tiny_pretrained, tmp
         "masks": (torch.rand(2, 30, generator=g) > 0.5).float(),
         "positive_embeddings": torch.randn(2, 30, 32, generator=g),
     }
-    t = torch.tensor([10, 700])
-    with torch.no_grad():
-        a = original.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
-        b = imported.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
-        plain = original.ldm.unet(x, t, encoder_hidden_states=context).sample
-    assert (a - plain).abs().max() > 1e-3  # the grounding layers are exercised
-    assert torch.equal(a, b)  # same weights, same code: exactly equal
+    assert_same_grounded_output(original, imported, x, context, grounding)
 
 
 def test_unknown_layout_is_refused(tmp_path):

@@ -34,7 +34,13 @@ from gligen.module import GLIGENModule
 from gligen.sampling import sample
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
 from tests import fixtures
-from tests.test_interop import grounded_module, official_checkpoint, save_like_lightning
+from tests.test_interop import (
+    assert_same_grounded_output,
+    assert_same_ldm_weights,
+    grounded_module,
+    official_checkpoint,
+    save_like_lightning,
+)
 
 CLIP_SIZE = 24  # vision tower image_size of the tiny CLIP
 
@@ -301,21 +307,12 @@ def test_official_variant_imports_every_weight(official_variants, clip_base, tmp
         assert imported.ldm.has_clip and (tmp_path / "imported" / "pretrained" / "clip" / "config.json").is_file()
     info = torch.load(tmp_path / "imported" / "gligen.ckpt", weights_only=True)["gligen"]["official"]
     assert info["variant"] == variant and "config_dict names ldm.modules" in info["config"]
-    for part in ("unet", "vae", "text_encoder"):
-        a, b = getattr(original.ldm, part).state_dict(), getattr(imported.ldm, part).state_dict()
-        assert set(a) == set(b), part
-        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_ldm_weights(original, imported)
 
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
     grounding = text_image_grounding(original.ldm, g) if variant == "text_image" else keypoint_grounding(3, g)
-    t = torch.tensor([10, 700])
-    with torch.no_grad():
-        a = original.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
-        b = imported.ldm.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
-        plain = original.ldm.unet(x, t, encoder_hidden_states=context).sample
-    assert (a - plain).abs().max() > 1e-3  # the grounding layers are exercised
-    assert torch.equal(a, b)  # same weights through the same code: exactly equal (tolerance 0)
+    assert_same_grounded_output(original, imported, x, context, grounding)
 
 
 def _damaged(checkpoint, drop=(), add=None):
