@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,30 @@ import torch
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
 
 VARIANTS = ("ours", "official")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepOptions:
+    """How "ours" runs (the official-style step is always fp32, eager, channels-first, as the official trainer).
+
+    precision: "fp32", or "bf16" = torch.autocast to bfloat16 (Lightning's "bf16-mixed": fp32 weights and optimizer,
+        bf16 matmuls / convolutions); MFU is then measured against the bf16 matmul peak.
+    channels_last: UNet weights and latents in channels-last memory format (GLIGENModule(channels_last=True)).
+    compile: torch.compile of the UNet (GLIGENModule(compile_unet=True)); compilation happens in an untimed step.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def label(self) -> str:
+        return "+".join([self.precision] + ["channels_last"] * self.channels_last + ["compile"] * self.compile)
 
 
 @dataclass
@@ -105,6 +129,10 @@ def make_module(pretrained: str, device: str = "cpu"):
     module = GLIGENModule(pretrained, caption_dropout=0.0, grounding_dropout=0.0, warmup_steps=0)
     module.to(device).train()
     module.grounding_names = {n for n, _ in module.trainable_named_parameters()}
+    module.grounding_params = [p for _, p in module.trainable_named_parameters()]  # by identity: compile renames
+    # plain attributes, not submodules: the state dict and parameter names stay the module's own
+    object.__setattr__(module, "eager_unet", module.ldm.unet)
+    object.__setattr__(module, "compiled_unet", None)
     return module
 
 
@@ -147,20 +175,30 @@ def variant_batch(batch: dict, variant: str) -> dict:
     return {k: v for k, v in batch.items() if k not in drop}
 
 
-def set_variant(module, variant: str) -> None:
-    """ours: only grounding weights require grad; official: every UNet weight does (encoders stay frozen)."""
+def set_variant(module, variant: str, options: StepOptions | None = None) -> None:
+    """ours: only grounding weights require grad, UNet as `options` say; official: every UNet weight requires grad
+    (encoders stay frozen), eager, channels-first."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    module.ldm.unet.requires_grad_(variant == "official")
-    for name, p in module.named_parameters():
-        if name in module.grounding_names:
-            p.requires_grad_(True)
+    options = options if variant == "ours" and options is not None else StepOptions()
+    unet = module.eager_unet
+    unet.to(memory_format=torch.channels_last if options.channels_last else torch.contiguous_format)
+    module.hparams.channels_last = options.channels_last  # diffusion_loss converts the latents to match
+    if options.compile and module.compiled_unet is None:
+        object.__setattr__(module, "compiled_unet", torch.compile(unet))
+    module.ldm.unet = module.compiled_unet if options.compile else unet
+    unet.requires_grad_(variant == "official")
+    for p in module.grounding_params:
+        p.requires_grad_(True)
 
 
-def train_step(module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
-    """One optimisation step: GLIGENModule.diffusion_loss, backward, AdamW step, gradients freed."""
+def train_step(module, batch: dict, optimizer: torch.optim.Optimizer, precision: str = "fp32") -> float:
+    """One optimisation step: GLIGENModule.diffusion_loss (under bf16 autocast if asked), backward, AdamW step,
+    gradients freed."""
     no_drop = torch.zeros(len(batch["boxes"]), dtype=torch.bool, device=module.device)
-    loss = module.diffusion_loss(batch, no_drop, no_drop)
+    dtype = PRECISIONS[precision]
+    with torch.autocast(module.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = module.diffusion_loss(batch, no_drop, no_drop)
     loss.backward()
     optimizer.step()
     module.zero_grad(set_to_none=True)  # also frees the official variant's UNet weight gradients
@@ -172,30 +210,32 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(module, batch, optimizer) -> float:
+def timed_step(module, batch, optimizer, precision: str = "fp32") -> float:
     _sync(module.device)
     start = time.perf_counter()
-    train_step(module, batch, optimizer)
+    train_step(module, batch, optimizer, precision)
     _sync(module.device)
     return time.perf_counter() - start
 
 
-def count_flops(module, batch: dict, optimizer) -> int:
-    """FLOPs of one training step (forward + backward; FlopCounterMode counts matmul / conv / attention ops)."""
+def count_flops(module, batch: dict, optimizer, precision: str = "fp32") -> int:
+    """FLOPs of one training step (forward + backward; FlopCounterMode counts matmul / conv / attention ops).
+    Count in eager mode: the FLOPs are the math's, whatever runs them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(module, batch, optimizer)
+        train_step(module, batch, optimizer, precision)
     return int(counter.get_total_flops())
 
 
-def matmul_peak_flops(device="cpu", n: int | None = None, repeats: int = 5) -> float:
-    """Dense fp32 matmul throughput (FLOP/s): best of `repeats` timings of an n x n `torch.mm`."""
+def matmul_peak_flops(device="cpu", n: int | None = None, repeats: int = 5, precision: str = "fp32") -> float:
+    """Dense matmul throughput (FLOP/s) in `precision`: best of `repeats` timings of an n x n `torch.mm`."""
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    dtype = PRECISIONS[precision] or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -227,18 +267,21 @@ def _status_kb(field_name: str) -> int | None:
     return None
 
 
-def memory_worker(pretrained: str, batch_path: str, variant: str, steps: int = 2) -> dict:
+def memory_worker(pretrained: str, batch_path: str, variant: str, steps: int = 2,
+                  options: StepOptions | None = None) -> dict:
     """Run in a fresh process: load model + batch, `steps` training steps of `variant`; peak RSS in MB."""
     torch.manual_seed(0)
+    options = options or StepOptions()
     module = make_module(pretrained)
     batch = variant_batch(torch.load(batch_path, weights_only=True), variant)
-    set_variant(module, variant)
+    set_variant(module, variant, options)
+    precision = options.precision if variant == "ours" else "fp32"
     optimizer = make_optimizer(module)
     gc.collect()
     before_kb = _status_kb("VmRSS")
     reset = _reset_peak_rss()
     for _ in range(steps):
-        train_step(module, batch, optimizer)
+        train_step(module, batch, optimizer, precision)
     peak_kb = _status_kb("VmHWM") if reset else None
     method = "VmHWM after clear_refs"
     if peak_kb is None:
@@ -247,21 +290,24 @@ def memory_worker(pretrained: str, batch_path: str, variant: str, steps: int = 2
     return {"peak_mb": peak_kb / 1024, "step_mb": (peak_kb - (before_kb or 0)) / 1024, "method": method}
 
 
-def cpu_memory(pretrained: str, batch_path: str, variant: str, steps: int = 2) -> dict:
-    cmd = [sys.executable, "-m", "gligen.bench", "memory", pretrained, batch_path, variant, str(steps)]
+def cpu_memory(pretrained: str, batch_path: str, variant: str, steps: int = 2,
+               options: StepOptions | None = None) -> dict:
+    cmd = [sys.executable, "-m", "gligen.bench", "memory", pretrained, batch_path, variant, str(steps),
+           json.dumps(asdict(options or StepOptions()))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def gpu_memory(module, batch: dict, optimizer, variant: str) -> dict:
-    set_variant(module, variant)
+def gpu_memory(module, batch: dict, optimizer, variant: str, options: StepOptions | None = None) -> dict:
+    set_variant(module, variant, options)
+    precision = options.precision if options is not None and variant == "ours" else "fp32"
     vb = variant_batch(batch, variant)
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(module.device)
     torch.cuda.reset_peak_memory_stats(module.device)
-    train_step(module, vb, optimizer)
+    train_step(module, vb, optimizer, precision)
     peak = torch.cuda.max_memory_allocated(module.device)
     return {"peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20, "method": "cuda.max_memory_allocated"}
 
@@ -283,12 +329,15 @@ def machine_info(device) -> str:
 
 
 def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: str | None = None,
-               memory: bool = True, log=print) -> dict:
+               memory: bool = True, options: StepOptions | None = None, log=print) -> dict:
     """Time (median of `repeats` alternating ours/official steps after one warm-up each), count FLOPs, measure
-    the matmul peak and peak memory of both variants on one model and batch. Returns one result row."""
+    the matmul peak and peak memory of both variants on one model and batch. Returns one result row.
+    `options` say how "ours" runs (precision, channels-last, compile); the official-style step is always fp32."""
+    options = options or StepOptions()
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    precision = {"ours": options.precision, "official": "fp32"}
     with tempfile.TemporaryDirectory(prefix=f"bench_{size.name}_", dir=workdir) as tmp:
         t0 = time.perf_counter()
         pretrained = str(build_tiny_pipeline(Path(tmp) / "ldm", size.pipeline, seed=0))
@@ -299,31 +348,39 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
         n_unet = sum(p.numel() for n, p in module.ldm.unet.named_parameters() if n not in _prefixed(module))
         n_ground = sum(p.numel() for n, p in module.named_parameters() if n in module.grounding_names)
         log(f"[{size.name}] built in {time.perf_counter() - t0:.0f} s: frozen UNet {n_unet / 1e6:.1f} M, "
-            f"grounding {n_ground / 1e6:.1f} M params, batch {size.batch_size}, latents {size.latent_size}^2")
+            f"grounding {n_ground / 1e6:.1f} M params, batch {size.batch_size}, latents {size.latent_size}^2, "
+            f"ours = {options.label}")
         flops, times = {}, {v: [] for v in VARIANTS}
-        for variant in VARIANTS:  # warm-up + FLOP count (one untimed step each)
-            set_variant(module, variant)
-            flops[variant] = count_flops(module, variant_batch(batch, variant), optimizer)
+        for variant in VARIANTS:  # warm-up + FLOP count (one untimed eager step each)
+            set_variant(module, variant, StepOptions(options.precision, options.channels_last)
+                        if variant == "ours" else None)
+            flops[variant] = count_flops(module, variant_batch(batch, variant), optimizer, precision[variant])
+        if options.compile:  # compilation (and its recompilation for the second call) outside the timings
+            set_variant(module, "ours", options)
+            for _ in range(2):
+                train_step(module, variant_batch(batch, "ours"), optimizer, options.precision)
         # the matmul peak is re-measured between the repeats and the best is kept: on a shared machine a single
         # measurement can land in a busy moment and understate the peak (MFU > 1)
-        peak = matmul_peak_flops(device)
+        peak = {p: matmul_peak_flops(device, precision=p) for p in set(precision.values())}
         for r in range(repeats):
             for variant in VARIANTS:  # alternating: ours, official, ours, official, ...
-                set_variant(module, variant)
-                times[variant].append(timed_step(module, variant_batch(batch, variant), optimizer))
-            peak = max(peak, matmul_peak_flops(device, repeats=2))
+                set_variant(module, variant, options)
+                times[variant].append(timed_step(module, variant_batch(batch, variant), optimizer,
+                                                 precision[variant]))
+            peak = {p: max(f, matmul_peak_flops(device, repeats=2, precision=p)) for p, f in peak.items()}
             log(f"[{size.name}] repeat {r + 1}/{repeats}: ours {times['ours'][-1]:.3f} s, "
-                f"official {times['official'][-1]:.3f} s, matmul peak so far {peak / 1e9:.1f} GFLOP/s")
+                f"official {times['official'][-1]:.3f} s, matmul peak so far "
+                + ", ".join(f"{p} {f / 1e9:.1f}" for p, f in peak.items()) + " GFLOP/s")
         mem = {}
         if memory:
             if torch.device(device).type == "cuda":
-                mem = {v: gpu_memory(module, batch, optimizer, v) for v in VARIANTS}
+                mem = {v: gpu_memory(module, batch, optimizer, v, options) for v in VARIANTS}
             else:
                 batch_path = str(Path(tmp) / "batch.pt")
                 torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}, batch_path)
                 del module, optimizer, batch
                 gc.collect()
-                mem = {v: cpu_memory(pretrained, batch_path, v) for v in VARIANTS}
+                mem = {v: cpu_memory(pretrained, batch_path, v, options=options) for v in VARIANTS}
     med = {v: statistics.median(times[v]) for v in VARIANTS}
     row = {
         "size": size.name, "batch_size": size.batch_size, "image_size": size.pipeline.image_size,
@@ -334,9 +391,14 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
         "time_ratio_ours_over_official": med["ours"] / med["official"],
         "times_ours": " ".join(f"{t:.4f}" for t in times["ours"]),
         "times_official": " ".join(f"{t:.4f}" for t in times["official"]),
-        "flops_ours": flops["ours"], "flops_official": flops["official"], "matmul_peak_flops": peak,
-        "limit_ours_s": flops["ours"] / peak, "limit_official_s": flops["official"] / peak,
-        "mfu_ours": flops["ours"] / peak / med["ours"], "mfu_official": flops["official"] / peak / med["official"],
+        "ours_options": options.label, "precision_ours": options.precision,
+        "channels_last_ours": options.channels_last, "compile_ours": options.compile,
+        "flops_ours": flops["ours"], "flops_official": flops["official"],
+        "matmul_peak_flops": peak["fp32"], "matmul_peak_flops_ours": peak[options.precision],
+        "limit_ours_s": flops["ours"] / peak[options.precision], "limit_official_s": flops["official"] / peak["fp32"],
+        "mfu_ours": flops["ours"] / peak[options.precision] / med["ours"],
+        "mfu_ours_vs_fp32_peak": flops["ours"] / peak["fp32"] / med["ours"],
+        "mfu_official": flops["official"] / peak["fp32"] / med["official"],
     }
     if mem:
         row.update({
@@ -357,12 +419,15 @@ def _prefixed(module) -> set[str]:
 
 def summary(row: dict) -> str:
     name = row["size"]
+    precision = row.get("precision_ours", "fp32")
     lines = [
-        (f"[{name}] step time ours {row['time_ours_s']:.3f} s, official-style {row['time_official_s']:.3f} s "
-         f"(median of {row['repeats']}); a/b time ratio {row['time_ratio_ours_over_official']:.3f}"),
+        (f"[{name}] ours = {row.get('ours_options', 'fp32')}; step time ours {row['time_ours_s']:.3f} s, "
+         f"official-style {row['time_official_s']:.3f} s (median of {row['repeats']}); a/b time ratio {row['time_ratio_ours_over_official']:.3f}"),
         (f"[{name}] FLOPs ours {row['flops_ours'] / 1e9:.2f} G, official {row['flops_official'] / 1e9:.2f} G; "
-         f"matmul peak {row['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; limit ours {row['limit_ours_s']:.3f} s; "
-         f"MFU ours {row['mfu_ours']:.3f}, official {row['mfu_official']:.3f}"),
+         f"matmul peak fp32 {row['matmul_peak_flops'] / 1e9:.1f} GFLOP/s"
+         + (f", {precision} {row['matmul_peak_flops_ours'] / 1e9:.1f} GFLOP/s" if precision != "fp32" else "")
+         + f"; limit ours {row['limit_ours_s']:.3f} s; MFU ours {row['mfu_ours']:.3f} (of the {precision} peak), "
+         f"official {row['mfu_official']:.3f}"),
     ]
     if "mem_ours_mb" in row:
         lines.append(f"[{row['size']}] peak memory ours {row['mem_ours_mb']:.0f} MB, official "
@@ -374,7 +439,8 @@ def summary(row: dict) -> str:
 
 if __name__ == "__main__":  # memory worker: python -m gligen.bench memory PRETRAINED BATCH VARIANT [STEPS]
     if len(sys.argv) >= 5 and sys.argv[1] == "memory":
+        options = StepOptions(**json.loads(sys.argv[6])) if len(sys.argv) > 6 else None
         print(json.dumps(memory_worker(sys.argv[2], sys.argv[3], sys.argv[4],
-                                       int(sys.argv[5]) if len(sys.argv) > 5 else 2)))
+                                       int(sys.argv[5]) if len(sys.argv) > 5 else 2, options)))
     else:
-        sys.exit("usage: python -m gligen.bench memory PRETRAINED BATCH_PT VARIANT [STEPS]")
+        sys.exit("usage: python -m gligen.bench memory PRETRAINED BATCH_PT VARIANT [STEPS [OPTIONS_JSON]]")

@@ -66,3 +66,40 @@ def test_bench_train_tiny_memory(tmp_path):
     assert row["mem_ours_mb"] > 0 and row["mem_official_mb"] > 0
     assert 0 < row["mem_ratio_ours_over_official"] < 10
     assert "a/b memory ratio" in "\n".join(lines)
+
+
+def test_bench_options_apply_to_ours_only(tiny_pretrained):
+    from gligen.bench import StepOptions
+
+    module = make_module(tiny_pretrained)
+    grounding = module.grounding_names
+    options = StepOptions("bf16", channels_last=True, compile=True)
+    set_variant(module, "ours", options)
+    assert module.ldm.unet is module.compiled_unet and module.ldm.unet is not module.eager_unet
+    assert module.eager_unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # the compiled wrapper renames parameters; the grads still follow the grounding weights (by identity)
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in module.grounding_params} and len(trainable) == len(grounding)
+    set_variant(module, "official", options)  # the official-style step is always eager, channels-first, fp32
+    assert module.ldm.unet is module.eager_unet
+    assert module.eager_unet.conv_in.weight.is_contiguous()
+    assert all(p.requires_grad for p in module.eager_unet.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        StepOptions("fp8")
+
+
+def test_bench_train_tiny_bf16_channels_last(tmp_path):
+    """"ours" under bf16 autocast and channels-last: measured against the bf16 matmul peak, recorded in the row."""
+    from gligen.bench import StepOptions
+
+    script = load_script()
+    lines = []
+    (row,) = script.run(["tiny"], repeats=1, device="cpu", memory=False, out=None, log=lines.append,
+                        options=StepOptions("bf16", channels_last=True), image_size=32, batch_size=3)
+    check_row(row, lines)
+    assert row["ours_options"] == "bf16+channels_last" and row["precision_ours"] == "bf16"
+    assert row["image_size"] == 32 and row["batch_size"] == 3 and row["latent_size"] == 16
+    assert row["matmul_peak_flops_ours"] > 0 and row["mfu_ours_vs_fp32_peak"] > 0
+    assert math.isclose(row["mfu_ours"] * row["matmul_peak_flops_ours"],
+                        row["mfu_ours_vs_fp32_peak"] * row["matmul_peak_flops"], rel_tol=1e-6)
+    assert "bf16" in "\n".join(lines)

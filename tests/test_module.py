@@ -201,3 +201,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_pretrained):
         module.diffusion_loss(batch, no_drop, no_drop).backward()
         grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_channels_last_is_the_same_model(tiny_pretrained):
+    batch = random_box_batch()
+    no_drop = torch.zeros(2, dtype=torch.bool)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = make_module(tiny_pretrained, gamma_init=0.5, channels_last=channels_last)
+        conv = module.ldm.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.manual_seed(7)
+        loss = module.diffusion_loss(batch, no_drop, no_drop)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad}))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
+    assert all(torch.allclose(results[0][1][n], results[1][1][n], atol=1e-6) for n in results[0][1])
+
+
+def test_null_caption_is_encoded_once(tiny_pretrained, monkeypatch):
+    module = make_module(tiny_pretrained)
+    embeds = {"caption_embeds": module.ldm.encode_captions(["a red circle", "a blue square"])}
+    calls = []
+    encode = module.ldm.encode_captions
+    monkeypatch.setattr(module.ldm, "encode_captions", lambda captions: calls.append(captions) or encode(captions))
+    drop = torch.tensor([True, False])
+    first = module.batch_captions(embeds, drop)
+    second = module.batch_captions(embeds, drop)
+    assert calls == [[""]]  # once, not once per step
+    assert torch.equal(first, second) and torch.equal(first[0], encode([""])[0])
+    assert torch.equal(first[1], embeds["caption_embeds"][1])
