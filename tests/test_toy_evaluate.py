@@ -113,13 +113,14 @@ def test_miou_count_and_caption_accuracy_on_hand_made_cases():
     exact = layout([("red square", (0, 0, 10 / 32, 10 / 32)), ("blue circle", (20 / 32, 20 / 32, 30 / 32, 30 / 32))])
     assert evaluate_boxes([image], [exact]) == pytest.approx(
         {"ap": 1.0, "ap50": 1.0, "ap75": 1.0, "miou": 1.0, "count_accuracy": 1.0, "caption_accuracy": 1.0,
-         "coarse_ap50": 1.0, "coarse_miou": 1.0})
+         "coarse_ap50": 1.0, "coarse_miou": 1.0, "colour_recall": 1.0, "shape_accuracy_given_colour": 1.0})
     # Red box shifted by half its width: IoU 1/3; the green cross is not drawn at all: IoU 0, caption missed.
     shifted = layout([("red square", (5 / 32, 0, 15 / 32, 10 / 32)), ("blue circle", exact["objects"][1]["box"]),
                       ("green cross", (0.5, 0, 0.8, 0.3))])
     scores = evaluate_boxes([image], [shifted])
     assert scores["miou"] == pytest.approx((1 / 3 + 1 + 0) / 3)
     assert scores["count_accuracy"] == 0.0 and scores["caption_accuracy"] == 0.0
+    assert scores["colour_recall"] == pytest.approx(2 / 3) and scores["shape_accuracy_given_colour"] == 1.0
     # Right places, wrong colours: no box counts.
     swapped = layout([("blue square", (0, 0, 10 / 32, 10 / 32)), ("red circle", (20 / 32, 20 / 32, 30 / 32, 30 / 32))])
     assert evaluate_boxes([image], [swapped])["ap50"] == 0.0
@@ -127,6 +128,7 @@ def test_miou_count_and_caption_accuracy_on_hand_made_cases():
     reshaped = layout([("red cross", (0, 0, 10 / 32, 10 / 32)), ("blue square", (20 / 32, 20 / 32, 30 / 32, 30 / 32))])
     scores = evaluate_boxes([image], [reshaped])
     assert scores["ap50"] == 0.0 and scores["coarse_ap50"] == pytest.approx(1.0) and scores["coarse_miou"] == 1.0
+    assert scores["colour_recall"] == 1.0 and scores["shape_accuracy_given_colour"] == 0.0
 
 
 @pytest.fixture(scope="module")

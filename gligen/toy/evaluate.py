@@ -18,7 +18,10 @@ Metrics (all plain floats):
 - evaluate_boxes: AP, AP50, AP75 (torchmetrics MeanAveragePrecision, pixel xyxy boxes, label = category index)
   against the input layout; mIoU (mean over layout objects of the best IoU of a same-category detection, 0 if
   none); count accuracy (images with exactly as many detections as layout objects); caption accuracy (images
-  where every category named by the layout is detected at least once, class level, boxes ignored).
+  where every category named by the layout is detected at least once, class level, boxes ignored); and, per
+  layout object, colour recall (some detection has its colour) and shape accuracy given colour (among objects
+  whose colour is found, some detection of that colour has its shape): they separate "draws the right colours"
+  from "draws the right shapes" when caption accuracy is low.
 - evaluate_keypoints: PCK@0.1 (a labelled joint is correct when within 0.1 x max(w, h) of the ground-truth
   person's keypoint box; persons matched one-to-one by mean joint distance, an unmatched person scores 0 for all
   its joints) and COCO-style keypoint AP over OKS thresholds 0.5:0.05:0.95 (pycocotools COCOeval, COCO sigmas,
@@ -153,6 +156,19 @@ def caption_accuracy(detections: list[list[Detection]], layouts: list[dict]) -> 
     return float(np.mean(hits))
 
 
+def attribute_accuracy(detections: list[list[Detection]], layouts: list[dict]) -> dict[str, float]:
+    """Per layout object (boxes ignored): colour recall, and shape accuracy among objects whose colour is found."""
+    objects = found = right_shape = 0
+    for dets, layout in zip(detections, layouts):
+        for category, _ in _layout_objects(layout):
+            colour, shape = category.split(" ", 1)
+            shapes = {d.shape for d in dets if d.colour == colour}
+            objects += 1
+            found += bool(shapes)
+            right_shape += shape in shapes
+    return {"colour_recall": found / max(objects, 1), "shape_accuracy_given_colour": right_shape / max(found, 1)}
+
+
 def box_average_precision(detections: list[list[Detection]], layouts: list[dict]) -> dict[str, float]:
     """COCO AP / AP50 / AP75 of detections against the layouts (labels = category)."""
     from gligen.metrics.grounding import grounding_ap
@@ -169,7 +185,8 @@ def evaluate_boxes(images: list[np.ndarray], layouts: list[dict]) -> dict[str, f
             "miou": mean_best_iou(detections, layouts),
             **coarse_grounding_metrics(as_box_detections(detections), layouts, ToyDetector.coarse_label),
             "count_accuracy": count_accuracy(detections, layouts),
-            "caption_accuracy": caption_accuracy(detections, layouts)}
+            "caption_accuracy": caption_accuracy(detections, layouts),
+            **attribute_accuracy(detections, layouts)}
 
 
 # --------------------------------------------------------------------------------------------------- keypoints
