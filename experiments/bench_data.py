@@ -1,17 +1,20 @@
 """Data-loading throughput: image path vs precomputed-latent path through GroundingDataModule.
 
-    python experiments/bench_data.py [--workers 0 1 2] [--train-samples-per-s 40]
+    python experiments/bench_data.py [--workers 0 1 2] [--train-samples-per-s 40] [--out results/bench/data.csv]
     python experiments/bench_data.py --shards data/coco --latent-shards data/coco_pre --resolution 512
 
 Without --shards it writes toy shards (gligen.toy.world.write_split, 32 px) and, without --latent-shards,
 precomputes them with a tiny random pipeline, all in a temporary directory. Prints samples/s, samples/s per
 worker, and the ratio to the training consumption rate (--train-samples-per-s = batch_size / step time):
-a ratio below 1 means the GPU would wait for data.
+a ratio below 1 means the GPU would wait for data. With --out, one CSV row per (path, workers) with the machine,
+torch version, git commit and command.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +23,8 @@ import torch
 
 from gligen.data.convert.precompute import PrecomputeConfig, precompute_shards
 from gligen.data.datamodule import GroundingDataModule
+from gligen.reporting import command_line
+from gligen.results import append_csv, git_commit
 
 
 def toy_shards(root: Path, n: int, resolution: int) -> str:
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-samples-per-s", type=float, default=None,
                         help="what training consumes: batch_size / measured step time")
+    parser.add_argument("--out", default=None, help="CSV to append one row per measurement to")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread per loader process, as in training
 
@@ -75,13 +81,24 @@ def main(argv: list[str] | None = None) -> None:
         if args.train_samples_per_s:
             header += f" {'x training':>10}"
         print(header)
+        rows = []
         for name, spec in (("image", image_spec), ("latent", latent_spec)):
             for workers in args.workers:
                 rate = samples_per_s(spec, args.resolution, args.batch_size, workers, args.batches)
                 line = f"{name:<8} {workers:>7} {rate:>10.1f} {rate / max(1, workers):>10.1f}"
-                if args.train_samples_per_s:
-                    line += f" {rate / args.train_samples_per_s:>10.2f}"
+                ratio = rate / args.train_samples_per_s if args.train_samples_per_s else None
+                if ratio is not None:
+                    line += f" {ratio:>10.2f}"
                 print(line, flush=True)
+                rows.append({"path": name, "workers": workers, "samples_per_s": rate,
+                             "samples_per_s_per_worker": rate / max(1, workers),
+                             "train_samples_per_s": args.train_samples_per_s or "", "x_training": ratio or "",
+                             "resolution": args.resolution, "batch_size": args.batch_size,
+                             "shards": args.shards or "toy", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                             "torch": torch.__version__})
+    if args.out:
+        commit, command = git_commit(), command_line()
+        append_csv([{**row, "git_commit": commit, "command": command} for row in rows], args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from gligen.bench_sampling import bench_sampler  # noqa: E402
 from gligen.reporting import command_line  # noqa: E402
-from gligen.results import git_commit, read_csv, write_csv  # noqa: E402
+from gligen.results import append_csv, git_commit  # noqa: E402
 
 LAYOUT = {"prompt": "a red circle and a blue square", "phrases": ["a red circle", "a blue square"],
           "boxes": [[0.1, 0.1, 0.45, 0.45], [0.5, 0.4, 0.9, 0.85]]}
@@ -36,8 +36,7 @@ def main(argv=None) -> None:
     row.update(machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                torch=torch.__version__, git_commit=git_commit(), command=command_line())
     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    out = Path(args.out)
-    write_csv((read_csv(out) if out.exists() else []) + [row], out)
+    append_csv([row], args.out)
 
 
 if __name__ == "__main__":

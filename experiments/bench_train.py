@@ -16,32 +16,14 @@ appends one row per size to --out (machine, torch version, git commit, command).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
 from gligen.bench import PRECISIONS, SIZES, StepOptions, bench_size, summary
-from gligen.results import git_commit
-
-
-def append_rows(rows: list[dict], path: str | Path) -> None:
-    """Append to a CSV; the header is written when the file is new (new columns go into a fresh header)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows, fields = [], list(dict.fromkeys(k for row in rows for k in row))
-    if path.exists() and path.stat().st_size:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            old_rows, old_fields = list(reader), list(reader.fieldnames or [])
-        fields = list(dict.fromkeys(old_fields + fields))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(old_rows + rows)
+from gligen.results import append_csv, git_commit
 
 
 def make_size(name: str, image_size: int | None = None, batch_size: int | None = None):
@@ -65,7 +47,7 @@ def run(sizes: list[str], repeats: int, device: str, memory: bool = True, out: s
         log(summary(row))
         rows.append(row)
         if out:
-            append_rows([row], out)
+            append_csv([row], out)
     return rows
 
 

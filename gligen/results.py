@@ -10,7 +10,6 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-
 CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ipynb")
 
 
@@ -42,6 +41,13 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def append_csv(rows: list[dict], path: str | Path) -> None:
+    """Add rows to a CSV (created when missing); columns new to the file join its header, old rows leave them empty."""
+    path = Path(path)
+    old = read_csv(path) if path.exists() and path.stat().st_size else []
+    write_csv(old + rows, path)
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gligen.bench import make_batch, make_module, make_optimizer, set_variant, tiny_size, variant_batch
+from gligen.results import append_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def test_bench_train_tiny(tmp_path):
                       log=lines.append)
     check_row(rows[0], lines)
     assert "mem_ours_mb" not in rows[0]
-    script.append_rows(rows, out)  # appending keeps the earlier row
+    append_csv(rows, out)  # appending keeps the earlier row
     assert len(out.read_text().strip().splitlines()) == 3
 
 
@@ -103,3 +104,21 @@ def test_bench_train_tiny_bf16_channels_last(tmp_path):
     assert math.isclose(row["mfu_ours"] * row["matmul_peak_flops_ours"],
                         row["mfu_ours_vs_fp32_peak"] * row["matmul_peak_flops"], rel_tol=1e-6)
     assert "bf16" in "\n".join(lines)
+
+
+def test_bench_data_writes_rates_against_training(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "experiments" / "bench_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "data.csv"
+    script.main(["--toy-samples", "48", "--batch-size", "8", "--batches", "2", "--workers", "0",
+                 "--train-samples-per-s", "10", "--out", str(out)])
+    from gligen.results import read_csv
+
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == ["image", "latent"]
+    for row in rows:
+        rate = float(row["samples_per_s"])
+        assert rate > 0 and float(row["x_training"]) == pytest.approx(rate / 10)
+        assert row["git_commit"] and row["workers"] == "0"
+    assert "x training" in capsys.readouterr().out
