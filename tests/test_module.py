@@ -232,3 +232,13 @@ def test_null_caption_is_encoded_once(tiny_pretrained, monkeypatch):
     assert calls == [[""]]  # once, not once per step
     assert torch.equal(first, second) and torch.equal(first[0], encode([""])[0])
     assert torch.equal(first[1], embeds["caption_embeds"][1])
+
+
+def test_compile_unet_compiles_in_place_and_keeps_names(tiny_pretrained):
+    """Compiled in place (nn.Module.compile): same module, same parameter names, so checkpoints still match. The
+    compiled forward itself is not run here (inductor takes minutes on a 2-core CPU); bench_train --compile runs it."""
+    plain = make_module(tiny_pretrained)
+    compiled = make_module(tiny_pretrained, compile_unet=True)
+    assert isinstance(compiled.ldm.unet, type(plain.ldm.unet))
+    assert compiled.ldm.unet._compiled_call_impl is not None and plain.ldm.unet._compiled_call_impl is None
+    assert [n for n, _ in compiled.trainable_named_parameters()] == [n for n, _ in plain.trainable_named_parameters()]
