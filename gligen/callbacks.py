@@ -7,9 +7,9 @@ import logging
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from .evaluation import grounding_inputs, layout_tensors, layouts_from_batch
+from .evaluation import grounding_inputs, layouts_from_batch
 from .sampling import sample, tau_schedule
-from .visualize import layout_grid
+from .visualize import layouts_grid
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class SkipLogger(L.Callback):
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps`, sample a fixed set of validation layouts (same seeds each time) and log the grid with
-    boxes drawn, so TensorBoard shows grounding emerge."""
+    the layout drawn (boxes and labels; keypoints and skeletons for the keypoint modality), so TensorBoard shows
+    grounding emerge. The grounding inputs follow the module's modality (box, keypoint, image, text_image)."""
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 8, steps: int = 25, guidance: float = 5.0,
                  tau: float = 1.0, seed: int = 0):
@@ -68,14 +69,12 @@ class SampleGrid(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         ldm = pl_module.ldm
-        grounding = grounding_inputs(ldm, layouts, pl_module.hparams.max_objects)
+        grounding = grounding_inputs(ldm, layouts, pl_module.hparams.max_objects, pl_module.hparams.modality)
         images = sample(ldm, [lay["caption"] for lay in layouts], grounding, tau_schedule(self.steps, self.tau),
                         steps=self.steps, guidance=self.guidance,
                         seeds=[self.seed + i for i in range(len(layouts))])
         pl_module.train(was_training)
-        upscale = max(1, 128 // images.shape[-1])
-        boxes, masks, phrases = layout_tensors(layouts, pl_module.hparams.max_objects)
-        grid = layout_grid(images.cpu(), boxes, masks, phrases, nrow=4, upscale=upscale)
+        grid = layouts_grid(images.cpu(), layouts, nrow=4)
         experiment = trainer.logger.experiment
         if hasattr(experiment, "add_image"):
             experiment.add_image("samples/tau_%g" % self.tau, grid, trainer.global_step)

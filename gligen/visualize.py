@@ -70,20 +70,6 @@ def draw_layout(image: torch.Tensor, boxes: torch.Tensor, labels: list[str] | No
     return draw_persons(draw_boxes(image, boxes, labels, upscale), persons)
 
 
-def layout_grid(images: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor,
-                phrases: list[list[str]] | None = None, nrow: int = 8, upscale: int = 1,
-                persons: list | None = None) -> torch.Tensor:
-    """A uint8 grid of images [B, 3, H, W] with each one's real (masked-in) boxes drawn, and each one's persons
-    (`persons[i]`: keypoints [P, 17, 3] or the schema's person list) when given."""
-    drawn = []
-    for i, image in enumerate(images):
-        keep = masks[i].bool()
-        labels = [p for p, k in zip(phrases[i], keep.tolist()) if k] if phrases is not None else None
-        people = persons[i] if persons is not None and i < len(persons) else None
-        drawn.append(draw_layout(image.cpu(), boxes[i][keep].cpu(), labels, people, upscale))
-    return make_grid(torch.stack(drawn), nrow=nrow, padding=2)
-
-
 def layout_label(obj: dict) -> str:
     """A box's caption in a grid: its phrase, or "[image] <class>" for image-only entities."""
     if obj.get("phrase"):

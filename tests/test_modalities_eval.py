@@ -224,3 +224,56 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     assert (out / "modalities.png").stat().st_size > 0
     assert all((out / f"samples_{m}_tau{t}.png").exists() for m in modalities for t in (0, 1))
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("modality", ["keypoint", "image"])
+def test_sample_grid_callback_samples_and_draws_every_modality(clip_pretrained, modality, monkeypatch):
+    """SampleGrid turns a validation batch into the module's own grounding inputs and logs a grid to TensorBoard."""
+    import gligen.callbacks as callbacks
+
+    torch.manual_seed(0)
+    module = GLIGENModule(clip_pretrained, modality=modality, max_persons=8)
+    batch = {"captions": ["a person", "a red square"], "keys": ["a", "b"], "boxes": torch.zeros(2, 30, 4),
+             "masks": torch.zeros(2, 30), "phrases": [[""] * 30, [""] * 30]}
+    if modality == "keypoint":
+        points = torch.tensor([p[:2] for p in person()["keypoints"]])
+        batch["keypoints"] = torch.zeros(2, 8, 17, 2)
+        batch["keypoint_masks"] = torch.zeros(2, 8, 17)
+        batch["keypoints"][0, 0], batch["keypoint_masks"][0, 0] = points, 1
+    else:
+        batch["boxes"][:, 0] = torch.tensor([0.1, 0.2, 0.6, 0.7])
+        batch["masks"][:, 0] = 1
+        batch["phrases"][1][0] = "a red square"
+        batch["entity_pixel_values"] = torch.rand(2, 30, 3, 16, 16) * 2 - 1
+        batch["entity_masks"] = torch.zeros(2, 30)
+        batch["entity_masks"][:, 0] = 1
+
+    seen, logged, drawn = {}, [], []
+    real_grid = callbacks.layouts_grid
+    monkeypatch.setattr(callbacks, "layouts_grid", lambda images, layouts, **k: drawn.extend(layouts) or
+                        real_grid(images, layouts, **k))
+    real_sample = callbacks.sample
+    monkeypatch.setattr(callbacks, "sample", lambda ldm, captions, grounding, *a, **k: seen.update(grounding) or
+                        real_sample(ldm, captions, grounding, *a, **k))
+
+    class Experiment:
+        def add_image(self, tag, image, step):
+            logged.append((tag, image, step))
+
+    trainer = type("T", (), {})()
+    trainer.datamodule = type("D", (), {"val_shards": "x", "val_dataloader": lambda self: [batch]})()
+    trainer.logger = type("Lg", (), {"experiment": Experiment()})()
+    trainer.global_step = 7
+    grid_callback = callbacks.SampleGrid(num_images=2, steps=2, guidance=1.0)
+    grid_callback.log_grid(trainer, module)
+    ((tag, image, step),) = logged
+    assert tag == "samples/tau_1" and step == 7 and image.dtype == torch.uint8 and image.shape[0] == 3
+    if modality == "keypoint":
+        assert set(seen) == {"points", "masks"}
+        assert torch.allclose(seen["points"][0, 0], points) and seen["masks"][1].sum() == 0
+        assert len(drawn[0]["persons"]) == 1 and not drawn[1].get("persons")  # the skeleton is drawn
+    else:
+        assert seen["image_masks"][:, 0].tolist() == [1.0, 1.0] and seen["phrases_masks"].sum() == 0
+        assert seen["image_embeddings"][:, 0].abs().sum() > 0
+        assert [len(layout["objects"]) for layout in drawn] == [1, 1]  # the entity boxes are drawn
+    assert module.training  # put back in training mode
