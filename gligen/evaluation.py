@@ -262,15 +262,20 @@ def modality_metrics(images: list[np.ndarray], layouts: list[dict], modality: st
 
     box:               AP / AP50 / AP75 / mIoU of `detector` (a gligen.metrics.grounding.Detector) vs the boxes,
                        label = category (else phrase)
-    keypoint:          pck (PCK@0.1), oks_ap / oks_ap50 / oks_ap75 of `detector` (a PoseDetector) vs the persons
+    keypoint:          pck (PCK@0.1), oks_ap / oks_ap50 / oks_ap75 of `detector` (a PoseDetector) vs the persons,
+                       and person_ap50 / person_miou (figure placement, joints ignored; toy: ToyPersonDetector,
+                       else the box of each detected person's joints)
     image, text_image: entity AP / AP50 / AP75 / mIoU: the detector must find, in each box, the class of the object's
                        reference image (`entity_label`: entity_category, else category, else phrase)
     detector None: the toy world's exact read-back (ToyDetector / ToyPoseDetector).
     """
-    from .metrics.grounding import ToyDetector, ToyPoseDetector, entity_grounding_metrics, keypoint_metrics
+    from .metrics.grounding import (ToyDetector, ToyPersonDetector, ToyPoseDetector, entity_grounding_metrics,
+                                    keypoint_metrics)
 
     if modality == "keypoint":
-        return keypoint_metrics(images, layouts, detector or ToyPoseDetector())
+        if detector is None:
+            return keypoint_metrics(images, layouts, ToyPoseDetector(), person_detector=ToyPersonDetector())
+        return keypoint_metrics(images, layouts, detector)
     if modality in ("image", "text_image"):
         return entity_grounding_metrics(images, layouts, detector or ToyDetector())
     if modality == "box":

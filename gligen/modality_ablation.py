@@ -41,7 +41,8 @@ from gligen.visualize import layouts_grid
 DEFAULTS = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "ablate_modality.yaml"
 # the metric each modality is ranked by, and the ones it reports
 PRIMARY = {"box": "ap50", "keypoint": "pck", "image": "entity_ap50", "text_image": "entity_ap50"}
-REPORTED = {"box": ["ap", "ap50", "ap75", "miou", "coarse_ap50"], "keypoint": ["pck", "oks_ap", "oks_ap50", "oks_ap75"],
+REPORTED = {"box": ["ap", "ap50", "ap75", "miou", "coarse_ap50"],
+            "keypoint": ["pck", "oks_ap", "oks_ap50", "oks_ap75", "person_ap50", "person_miou"],
             "image": ["entity_ap", "entity_ap50", "entity_ap75", "entity_miou"],
             "text_image": ["entity_ap", "entity_ap50", "entity_ap75", "entity_miou"]}
 

@@ -100,6 +100,30 @@ def test_keypoint_metrics_are_exact_on_real_toy_scenes_and_drop_when_joints_move
     assert keypoint_metrics(images, layouts, oracle)["pck"] == 1.0
 
 
+def test_person_placement_ignores_joint_identity_but_not_position():
+    """person_ap50: a figure where the person was asked for counts even with every joint in the wrong colour."""
+    layouts, images = toy_layouts("keypoint", 20, 32)
+    exact = modality_metrics(images, layouts, "keypoint")
+    assert exact["person_ap50"] == pytest.approx(1.0) and exact["person_miou"] > 0.6
+    recoloured = []
+    for image in images:  # every figure pixel turned uniform green: no joint is readable any more
+        figure = image.max(-1) > 60
+        out = np.zeros_like(image)
+        out[figure] = (0, 200, 40)
+        recoloured.append(out)
+    scores = modality_metrics(recoloured, layouts, "keypoint")
+    assert scores["pck"] < 0.2 and scores["person_ap50"] == pytest.approx(exact["person_ap50"])
+    moved = modality_metrics([np.roll(image, 12, axis=1) for image in images], layouts, "keypoint")
+    assert moved["person_ap50"] < 0.2 and moved["person_miou"] < exact["person_miou"] / 2
+    blank = modality_metrics([np.zeros_like(image) for image in images], layouts, "keypoint")
+    assert blank["person_ap50"] == 0.0 and blank["person_miou"] == 0.0
+
+    # a user pose detector: person boxes are the boxes of its found joints
+    def oracle(batch):
+        return [np.array([p["keypoints"] for p in layout["persons"]], dtype=float) for layout in layouts]
+    assert keypoint_metrics(images, layouts, oracle)["person_miou"] == pytest.approx(1.0)
+
+
 def test_entity_ap_looks_for_the_reference_images_class():
     layouts, images = toy_layouts("image", 6, 32)
     assert all(o["entity_image"] is not None for layout in layouts for o in layout["objects"])

@@ -107,6 +107,15 @@ class ToyPoseDetector:
         return [detect_persons(image) for image in images]
 
 
+class ToyPersonDetector:
+    """The toy world's class-agnostic figure read-back (gligen.toy.evaluate.detect_person_boxes): "person" boxes."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
+        from gligen.toy.evaluate import detect_person_boxes
+
+        return [detect_person_boxes(image) for image in images]
+
+
 class TransformersDetector:
     """A transformers object detector (AutoImageProcessor + AutoModelForObjectDetection), e.g. a COCO DETR.
 
@@ -255,10 +264,37 @@ def _with_size(layouts: Sequence[Mapping], images: Sequence[np.ndarray]) -> list
             for layout, image in zip(layouts, images)]
 
 
+def person_placement_metrics(person_detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping]
+                             ) -> dict[str, float]:
+    """Class-agnostic person placement: AP50 and mIoU of "person" boxes against the box of each layout person's
+    labelled keypoints (`person_ap50`, `person_miou`): whether a figure stands where each person was asked for,
+    whatever its joints look like (the keypoint analogue of the colour-only `coarse_*` box metrics)."""
+    from gligen.toy.evaluate import person_box_layout
+
+    targets = [person_box_layout(dict(layout)) for layout in layouts]
+    return {"person_ap50": grounding_ap(person_detections, targets)["ap50"],
+            "person_miou": miou(person_detections, targets)}
+
+
+def keypoints_as_person_boxes(keypoints: Sequence[np.ndarray], scores: Sequence[np.ndarray]
+                              ) -> list[list[BoxDetection]]:
+    """A pose detector's persons as "person" boxes: the box of each person's found joints."""
+    out = []
+    for kps, score in zip(keypoints, scores):
+        dets = []
+        for person, s in zip(kps, score):
+            xy = person[person[:, 2] > 0, :2]
+            if len(xy):
+                dets.append({"box": (*xy.min(0).tolist(), *xy.max(0).tolist()), "label": "person", "score": float(s)})
+        out.append(dets)
+    return out
+
+
 def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: PoseDetector,
-                     threshold: float = 0.1) -> dict[str, float]:
+                     threshold: float = 0.1, person_detector: Detector | None = None) -> dict[str, float]:
     """PCK@threshold (`pck`) and OKS keypoint AP (`oks_ap`, `oks_ap50`, `oks_ap75`) of the detector's persons on
-    `images` against the layouts' persons."""
+    `images` against the layouts' persons, and person placement (`person_ap50`, `person_miou`) of
+    `person_detector`'s "person" boxes (default: the box of each detected person's found joints)."""
     from gligen.toy.evaluate import keypoint_average_precision, pck
 
     _check_pairs(images, layouts)
@@ -266,7 +302,9 @@ def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detec
     _check_pairs(keypoints, layouts)
     sized = _with_size(layouts, images)
     aps = keypoint_average_precision(keypoints, scores, sized)
-    return {"pck": pck(keypoints, sized, threshold), **{f"oks_{k}": v for k, v in aps.items()}}
+    persons = person_detector(images) if person_detector is not None else keypoints_as_person_boxes(keypoints, scores)
+    return {"pck": pck(keypoints, sized, threshold), **{f"oks_{k}": v for k, v in aps.items()},
+            **person_placement_metrics(persons, layouts)}
 
 
 def entity_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector

@@ -227,6 +227,29 @@ def detect_persons(image) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(persons)[order], np.array(scores)[order]
 
 
+def detect_person_boxes(image) -> list[dict]:
+    """Class-agnostic figure placement: one "person" box detection (normalised xyxy, score = the figure's share of
+    the image) per foreground figure, whatever its joint colours. The keypoint analogue of the colour-only
+    `coarse_*` box metrics: it asks whether a figure stands where the layout's person is, not which joint is which."""
+    image = as_rgb(image)
+    h, w = image.shape[:2]
+    colours = np.array([(0, 0, 0), LIMB_COLOUR] + list(KEYPOINT_COLOURS))
+    nearest, _ = nearest_colour_map(image, colours, np.inf)
+    detections = []
+    for person in _person_masks(nearest, max(h, w)):
+        x0, y0, x1, y1 = tight_box(person)
+        detections.append({"box": (x0 / w, y0 / h, x1 / w, y1 / h), "label": "person",
+                           "score": float(person.sum() / person.size)})
+    return detections
+
+
+def person_box_layout(layout: dict) -> dict:
+    """The layout with each person as a "person" object whose box is the box of its labelled keypoints."""
+    objects = [{"box": _keypoint_box(kps), "category": "person", "phrase": "person"}
+               for kps in _layout_persons(layout) if (kps[:, 2] > 0).any()]
+    return {**layout, "objects": objects}
+
+
 def detect_keypoints(image) -> np.ndarray:
     """[P, 17, 3]: normalised x, y and v (2 = found, 0 = missing), one row per detected person, left to right."""
     return detect_persons(image)[0]
@@ -311,11 +334,15 @@ def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndar
 
 
 def evaluate_keypoints(images: list[np.ndarray], layouts: list[dict]) -> dict[str, float]:
-    """PCK@0.1 and OKS keypoint AP of generated person `images` against the layouts they were asked for."""
+    """PCK@0.1 and OKS keypoint AP of generated person `images` against the layouts they were asked for, and the
+    class-agnostic figure placement person_ap50 / person_miou (`detect_person_boxes`)."""
+    from gligen.metrics.grounding import person_placement_metrics  # lazy: that module builds on this one
+
     detected = [detect_persons(im) for im in images]
     predicted = [kps for kps, _ in detected]
     aps = keypoint_average_precision(predicted, [s for _, s in detected], layouts)
-    return {"pck": pck(predicted, layouts), **{f"oks_{k}": v for k, v in aps.items()}}
+    return {"pck": pck(predicted, layouts), **{f"oks_{k}": v for k, v in aps.items()},
+            **person_placement_metrics([detect_person_boxes(im) for im in images], layouts)}
 
 
 # ----------------------------------------------------------------------------------------------- layouts
