@@ -140,6 +140,18 @@ def test_entity_ap_looks_for_the_reference_images_class():
     other = [{**lay, "objects": [{**o, "entity_category": "nothing"} for o in lay["objects"]]} for lay in layouts]
     assert entity_grounding_metrics(images, layouts, detector)["entity_ap50"] == pytest.approx(1.0)
     assert entity_grounding_metrics(images, other, detector)["entity_ap50"] == 0.0
+    assert "entity_coarse_ap50" not in entity_grounding_metrics(images, layouts, detector)  # no coarse_label
+
+    # the toy detector also scores placement by colour: a reference of the same colour but another shape misses
+    # as a class and hits as a colour
+    def reshape(category):
+        colour, shape = category.split()
+        return f"{colour} {'cross' if shape != 'cross' else 'circle'}"
+    reshaped = [{**lay, "objects": [{**o, "entity_category": reshape(o["category"])} for o in lay["objects"]]}
+                for lay in layouts]
+    scores = modality_metrics(images, reshaped, "image")
+    assert scores["entity_ap50"] == 0.0 and scores["entity_coarse_ap50"] == pytest.approx(1.0)
+    assert exact["entity_coarse_ap50"] == pytest.approx(1.0)
 
 
 def test_layouts_grid_draws_keypoints_and_skeleton():
@@ -243,6 +255,8 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     for row in rows:
         assert row["git_commit"] and row["config_hash"] and 0 <= float(row["value"]) <= 1
         assert row["metric"] == {"box": "ap50", "image": "entity_ap50"}[row["modality"]]
+        assert row["placement_metric"] == {"box": "coarse_ap50", "image": "entity_coarse_ap50"}[row["modality"]]
+        assert float(row["placement"]) == float(row[row["placement_metric"]])
     summary = (out / "summary.md").read_text()
     assert "## box" in summary and "## image" in summary and "ablate_modality.py" in summary
     assert (out / "modalities.png").stat().st_size > 0

@@ -227,12 +227,12 @@ def grounding_ap(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence
 
 
 def coarse_grounding_metrics(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
-                             coarse: Callable[[str], str]) -> dict[str, float]:
+                             coarse: Callable[[str], str], label_of: LabelOf = target_label) -> dict[str, float]:
     """AP50 and mIoU with every label (detections and layout targets) mapped through `coarse`."""
     coarse_detections = [[{**d, "label": coarse(d["label"])} for d in dets] for dets in detections]
-    label_of = lambda obj: coarse(target_label(obj))
-    ap = grounding_ap(coarse_detections, layouts, label_of)
-    return {"coarse_ap50": ap["ap50"], "coarse_miou": miou(coarse_detections, layouts, label_of)}
+    coarse_of = lambda obj: coarse(label_of(obj))
+    ap = grounding_ap(coarse_detections, layouts, coarse_of)
+    return {"coarse_ap50": ap["ap50"], "coarse_miou": miou(coarse_detections, layouts, coarse_of)}
 
 
 def miou(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
@@ -311,7 +311,12 @@ def entity_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping
                              ) -> dict[str, float]:
     """Image-entity grounding: AP / AP50 / AP75 / mIoU of the detector's boxes against the layout boxes labelled
     with the reference image's class (`entity_label`), reported as entity_ap, entity_ap50, entity_ap75,
-    entity_miou. Objects without an entity image still count (label: category, else phrase)."""
+    entity_miou. Objects without an entity image still count (label: category, else phrase). With a detector that
+    has `coarse_label` (the toy's: colour), also entity_coarse_ap50 / entity_coarse_miou on coarse labels."""
     detections = detector(images)
     ap = grounding_ap(detections, layouts, entity_label)
-    return {**{f"entity_{k}": v for k, v in ap.items()}, "entity_miou": miou(detections, layouts, entity_label)}
+    metrics = {**{f"entity_{k}": v for k, v in ap.items()}, "entity_miou": miou(detections, layouts, entity_label)}
+    if hasattr(detector, "coarse_label"):
+        coarse = coarse_grounding_metrics(detections, layouts, detector.coarse_label, entity_label)
+        metrics.update({f"entity_{k}": v for k, v in coarse.items()})
+    return metrics
