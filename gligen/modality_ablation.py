@@ -12,9 +12,8 @@ the class of its reference image.
 
 Writes <out>/metrics.csv (one row per modality x tau x seed, with git commit and config hash), summary.md (mean +- std
 per modality and tau, and the command), modalities.png (bar plots of each modality's primary and placement metrics),
-sample grids
-samples_<modality>_tau<tau>.png (seed seeds[0], layout drawn: boxes, keypoints, skeletons) and TensorBoard events in
-<out>/tensorboard.
+sample grids samples_<modality>_tau<tau>.png (seed seeds[0], layout drawn: boxes, keypoints, skeletons) and TensorBoard
+events in <out>/tensorboard.
 """
 
 import argparse
