@@ -18,7 +18,9 @@ Other modalities:
 - keypoints: a `PoseDetector` maps images to per-image keypoints [P, 17, 3] (normalised x, y, v; v > 0 = found),
   the output of ``gligen.toy.evaluate.detect_keypoints``, optionally as a (keypoints, scores [P]) pair;
   `ToyPoseDetector` is the toy's exact read-back. `keypoint_metrics`: PCK@0.1 and OKS keypoint AP against the
-  layout's persons (``gligen.toy.evaluate.pck`` / ``keypoint_average_precision``).
+  layout's persons (``gligen.toy.evaluate.pck`` / ``keypoint_average_precision``), and person placement
+  (`person_ap50` / `person_miou`: "person" boxes, from a box detector such as `ToyPersonDetector` or from the pose
+  detector's joints, against each person's keypoint box).
 - image entities: `entity_grounding_metrics` scores box detections against the boxes with the label of each object's
   REFERENCE image (`entity_label`: entity_category, else category, else phrase), so a model that draws the
   reference's class in the box scores, whatever its phrase said.
