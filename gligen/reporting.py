@@ -22,11 +22,13 @@ from .visualize import layouts_grid
 # every modality's grounding metrics (gligen.evaluation.modality_metrics: box, then keypoint, then image /
 # text_image), then quality; a sweep reports those it measured (coarse_*: the toy detector's, if measured)
 BETA_METRICS = ["ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou",
-                "pck", "oks_ap", "oks_ap50", "oks_ap75",
-                "entity_ap", "entity_ap50", "entity_ap75", "entity_miou", "fid", "kid"]
-# the grounding metric a sweep is plotted / summarised by, the first one its rows have: box coarse_ap50 (toy) or
-# ap50, keypoint pck, image / text_image entity_ap50
-PRIMARY_METRICS = ("coarse_ap50", "ap50", "pck", "entity_ap50")
+                "pck", "oks_ap", "oks_ap50", "oks_ap75", "person_ap50", "person_miou",
+                "entity_ap", "entity_ap50", "entity_ap75", "entity_miou", "entity_coarse_ap50", "entity_coarse_miou",
+                "fid", "kid"]
+# the grounding metric a sweep is plotted / summarised by, the first one its rows have: placement where measured
+# (box coarse_ap50 on the toy, keypoint person_ap50, entity_coarse_ap50 on the toy: what grounding controls whatever
+# the base draws), else box ap50, keypoint pck, image / text_image entity_ap50
+PRIMARY_METRICS = ("coarse_ap50", "ap50", "person_ap50", "pck", "entity_coarse_ap50", "entity_ap50")
 
 
 def primary_metric(row: dict) -> str:

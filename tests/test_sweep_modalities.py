@@ -14,8 +14,9 @@ from tests.test_experiments import ROOT, build_tiny_toy_world, grid_lib
 from tests.test_modalities_eval import tiny_train_config
 
 MODALITIES = ("keypoint", "image")
-OWN_METRICS = {"keypoint": ("pck", "oks_ap", "oks_ap50", "oks_ap75"),
-               "image": ("entity_ap", "entity_ap50", "entity_ap75", "entity_miou")}
+OWN_METRICS = {"keypoint": ("pck", "oks_ap", "oks_ap50", "oks_ap75", "person_ap50", "person_miou"),
+               "image": ("entity_ap", "entity_ap50", "entity_ap75", "entity_miou", "entity_coarse_ap50",
+                         "entity_coarse_miou")}
 BOX_METRICS = ("ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou")
 
 
@@ -23,7 +24,9 @@ def test_primary_metric_follows_the_modality():
     assert primary_metric({"ap50": 0.5, "coarse_ap50": 0.7, "fid": 1.0}) == "coarse_ap50"
     assert primary_metric({"ap50": 0.5, "fid": 1.0}) == "ap50"
     assert primary_metric({"pck": 0.5, "oks_ap": 0.1, "fid": 1.0}) == "pck"
+    assert primary_metric({"pck": 0.5, "person_ap50": 0.8}) == "person_ap50"
     assert primary_metric({"entity_ap50": 0.5, "entity_miou": 0.1}) == "entity_ap50"
+    assert primary_metric({"entity_ap50": 0.5, "entity_coarse_ap50": 0.7}) == "entity_coarse_ap50"
     assert all(m in BETA_METRICS for ms in OWN_METRICS.values() for m in ms)
     with pytest.raises(ValueError, match="no grounding metric"):
         primary_metric({"fid": 1.0})
@@ -78,7 +81,7 @@ def test_sweep_checkpoint_scores_each_modality_with_its_own_metric(swept_grid, m
         assert float(row["fid"]) >= 0 and row["modality"] == modality and row["num_images"] == "4"
         assert row["git_commit"] and row["config_hash"]
     summary = (out / "summary.md").read_text()
-    primary = {"keypoint": "pck", "image": "entity_ap50"}[modality]
+    primary = {"keypoint": "person_ap50", "image": "entity_coarse_ap50"}[modality]  # placement, where measured
     assert f"Grounding metric ({modality}): {primary}" in summary and f"| {primary} |" in summary
     assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
