@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gligen import grid as grid_lib
@@ -200,3 +201,31 @@ def test_train_sh_without_arguments_trains_the_toy_box_config(tmp_path):
                           ["python -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml"])
     toy_box = yaml.safe_load((ROOT / "experiments/configs/toy_box.yaml").read_text())
     assert toy_box["run_dir"] == "runs/toy_box" and toy_box["model"]["pretrained"].startswith("cache/toy")
+
+
+def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_path):
+    """experiments/configs/sd15_box.yaml, on the tiny toy LDM and shards instead of SD and real data, CPU instead of
+    GPU, one step: its model / optimisation settings (bf16-mixed, channels-last, paper hyperparameters) run as is."""
+    from gligen.cli import fit_from_config
+    from gligen.module import GLIGENModule
+
+    config = yaml.safe_load((ROOT / "experiments/configs/sd15_box.yaml").read_text())
+    config["run_dir"] = str(tmp_path / "runs/sd15_box")
+    config["trainer"].update(accelerator="cpu", devices=1, strategy="auto", max_steps=1, limit_val_batches=0,
+                             log_every_n_steps=1)
+    config["trainer"].pop("val_check_interval")
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "SampleGrid" not in c["class_path"]]
+    config["model"]["pretrained"] = str(tiny_toy_world / "ldm")
+    data = config["data"]["init_args"]
+    data["train_shards"] = {k: str(tiny_toy_world / "shards" / f"train-{k}") for k in data["train_shards"]}
+    data["val_shards"] = str(tiny_toy_world / "shards" / "val-grounding")
+    data.update(resolution=32, batch_size=4, num_workers=0, batches_per_epoch=1)
+    path = tmp_path / "sd15_box.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checkpoint = fit_from_config(str(path))
+    module = GLIGENModule.from_checkpoint(str(checkpoint))
+    hp = module.hparams
+    assert (hp.gamma_init, hp.learning_rate, hp.warmup_steps, hp.channels_last) == (0.0, 5e-5, 10000, True)
+    assert module.ldm.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == 1
