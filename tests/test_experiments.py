@@ -44,6 +44,16 @@ def tiny_train_config(tmp_path: Path, cache: Path) -> Path:
     return path
 
 
+def run_experiment(script: str, overrides: dict, tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Run experiments/<script> as a user would (a YAML of overrides, in a subprocess); its out dir and metrics rows."""
+    config = tmp_path / "ablate.yaml"
+    config.write_text(yaml.safe_dump(overrides))
+    subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--config", str(config)], check=True,
+                   cwd=tmp_path)
+    out = Path(overrides["out"])
+    return out, list(csv.DictReader((out / "metrics.csv").open()))
+
+
 @pytest.mark.slow
 def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     cache = tmp_path / "cache"
@@ -52,12 +62,7 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
                  "num_images": 8, "steps": 2, "batch_size": 4}
     # the train config needs the cache paths, which exist only after the build: write it now, paths are fixed
     overrides["train_config"] = str(tiny_train_config(tmp_path, cache))
-    config = tmp_path / "ablate.yaml"
-    config.write_text(yaml.safe_dump(overrides))
-    subprocess.run([sys.executable, str(ROOT / "experiments/ablate_beta.py"), "--config", str(config)],
-                   check=True, cwd=tmp_path)
-    out = tmp_path / "results"
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    out, rows = run_experiment("ablate_beta.py", overrides, tmp_path)
     assert [(float(r["tau"]), int(r["seed"])) for r in rows] == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
     for row in rows:
         assert row["git_commit"] and row["config_hash"] and 0 <= float(row["ap50"]) <= 1 and float(row["fid"]) >= 0

@@ -1,10 +1,7 @@
 """Evaluation for every grounding modality: layouts -> position-net inputs, keypoint / image-entity metrics, the sample
 CLI with keypoint and entity-image layout files, and experiments/ablate_modality.py end to end at toy size."""
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -244,12 +241,9 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
                  "modalities": modalities, "seeds": [0, 1], "num_images": 4, "steps": 2, "batch_size": 4,
                  "grid_size": 4,
                  "train_configs": {m: str(tiny_train_config(tmp_path, cache, m)) for m in modalities}}
-    config = tmp_path / "ablate.yaml"
-    config.write_text(yaml.safe_dump(overrides))
-    subprocess.run([sys.executable, str(ROOT / "experiments/ablate_modality.py"), "--config", str(config)],
-                   check=True, cwd=tmp_path)
-    out = tmp_path / "results"
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    from tests.test_experiments import run_experiment
+
+    out, rows = run_experiment("ablate_modality.py", overrides, tmp_path)
     assert [(r["modality"], float(r["tau"]), int(r["seed"])) for r in rows] == [
         (m, t, s) for m in modalities for t in (0.0, 1.0) for s in (0, 1)]
     for row in rows:
