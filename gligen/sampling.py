@@ -58,6 +58,8 @@ def sample(
     seeds: list[int] | int = 0,
     height: int | None = None,
     width: int | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Generate one image per prompt; returns pixels in [0, 1], [B, 3, H, W].
 
@@ -68,6 +70,8 @@ def sample(
         betas: beta per step (`beta_schedule` / `tau_schedule`); None = 1 throughout.
         seeds: one seed per image (or a base seed: image i gets seed + i), so an image does not depend on what
             else is in the batch.
+        init_latents, strength: SDEdit (image-to-image): noise these (scaled) latents to the step where a fraction
+            `strength` of the schedule remains and denoise from there (ddim only); betas still index all `steps`.
     """
     batch = len(prompts)
     device = ldm.unet.device
@@ -85,6 +89,14 @@ def sample(
     shape = (batch, ldm.unet.config.in_channels, height // scale, width // scale)
     latents = randn_tensor(shape, generator=generators, device=device, dtype=ldm.unet.dtype)
     latents = latents * scheduler.init_noise_sigma
+    first = 0
+    if init_latents is not None:
+        if sampler != "ddim" or not 0 < strength <= 1:
+            raise ValueError(f"init_latents needs sampler 'ddim' and 0 < strength <= 1, got {sampler!r}, {strength}")
+        first = steps - int(steps * strength)  # diffusers img2img rounds down the same way
+        if first == steps:
+            raise ValueError(f"strength {strength} of {steps} steps leaves no step to run")
+        latents = scheduler.add_noise(init_latents.to(latents), latents, scheduler.timesteps[first:first + 1])
 
     use_cfg = guidance > 1
     context = ldm.encode_captions(list(prompts))
@@ -96,8 +108,8 @@ def sample(
             grounding = {k: torch.cat([null[k], grounding[k]]) for k in grounding}
 
     try:
-        step, previous = -1, None
-        for t in scheduler.timesteps:
+        step, previous = first - 1, None
+        for t in scheduler.timesteps[first:]:
             if t != previous:  # PLMS evaluates its second timestep twice: one sampler step, one beta
                 step, previous = step + 1, t
             set_beta(ldm.unet, betas[step])

@@ -60,6 +60,27 @@ def test_tau_zero_gives_exactly_the_base_pipeline_images(tiny_pretrained, ground
     assert not torch.allclose(grounded, reference, atol=1e-3)
 
 
+def test_init_latents_give_diffusers_img2img_images(tiny_pretrained, grounded_ldm):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    batch = random_box_batch()
+    init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = sample(grounded_ldm, batch["captions"], box_grounding(grounded_ldm, batch), betas=tau_schedule(5, 0.0),
+                  steps=5, guidance=3.0, seeds=[11, 12], init_latents=init, strength=0.6)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_pretrained, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    generators = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    reference = pipe(batch["captions"], image=init, strength=0.6, num_inference_steps=5, guidance_scale=3.0,
+                     generator=generators, output_type="pt").images  # 4-channel images are taken as latents
+    assert torch.allclose(ours, reference, atol=1e-5)
+    full = sample(grounded_ldm, batch["captions"], None, steps=5, guidance=3.0, seeds=[11, 12])
+    assert not torch.allclose(ours, full, atol=1e-3)  # the start latents matter
+    with pytest.raises(ValueError, match="ddim"):
+        sample(grounded_ldm, batch["captions"], None, sampler="plms", steps=5, init_latents=init, strength=0.5)
+    with pytest.raises(ValueError, match="no step"):
+        sample(grounded_ldm, batch["captions"], None, steps=5, init_latents=init, strength=0.1)
+
+
 def test_same_seed_same_image_whatever_the_batch(grounded_ldm):
     batch = random_box_batch()
     grounding = box_grounding(grounded_ldm, batch)

@@ -73,10 +73,63 @@ def test_yaml_config_is_checked(tmp_path):
 def test_toy_report_measures_evaluators_vae_and_base(toy_cache, tmp_path):
     from gligen.toy.report import evaluate_toy, write_report
 
-    results = evaluate_toy(toy_cache, num_images=8, steps=2, num_persons=4)
+    results = evaluate_toy(toy_cache, num_images=8, steps=4, num_persons=4)
     # the evaluators are exact on real toy images; an untrained (test-size) LDM draws nothing readable
     assert results["evaluator_real_boxes"]["ap50"] == 1.0 and results["evaluator_real_keypoints"]["pck"] == 1.0
     assert results["base_ldm_captions_only"]["ap50"] < 0.5
+    # the VAE ceilings: person scenes reconstructed at the build's resolution and read back by joint colour
+    assert 0.0 <= results["vae_reconstruction_persons"]["pck"] < 0.5
+    assert set(results["base_ldm_one_object_captions"]) == {"colour_recall", "shape_accuracy_given_colour"}
+    assert -1.0 <= results["text_encoder_word_similarity"]["shape_word_cosine"] <= 1.0
+    assert {"base_ldm_from_noised_real_strength0.3", "base_ldm_from_noised_real_strength0.5_shape_words_swapped"} \
+        <= set(results)
     write_report(results, tmp_path)
     assert "evaluator_real_boxes" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "metrics.json").exists()
+
+
+def test_swap_shape_words_changes_every_shape_and_nothing_else():
+    from gligen.toy.report import swap_shape_words
+
+    assert swap_shape_words("there is a red square, a blue cross and a cyan circle") == \
+        "there is a red circle, a blue square and a cyan triangle"
+    assert swap_shape_words("a person") == "a person"
+
+
+def test_build_refuses_a_cached_ldm_pretrained_with_other_settings(toy_cache):
+    from dataclasses import replace
+
+    config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                    "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
+                            pretrain=replace(TINY, unet_steps=4))
+    with pytest.raises(ValueError, match=r"toy_pretrain.json.*unet_steps.*\[3\] cached vs \[4\]"):
+        build(toy_cache, config, log=lambda *a: None)
+
+
+class _OneHotText:
+    """A text 'encoder' whose state at each position is the one-hot of its token (tokens 0..vocab-1)."""
+
+    def __init__(self, ldm, collapse_shapes: bool):
+        self.tokenizer, self.collapse = ldm.tokenizer, collapse_shapes
+        self.shape_ids = {ldm.tokenizer(s).input_ids[1] for s in SHAPES}
+
+    def tokenize(self, texts):
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+
+    def text_encoder(self, ids):
+        if self.collapse:  # every shape word the same token: the UNet could not tell shapes apart
+            ids = ids.clone()
+            ids[torch.isin(ids, torch.tensor(sorted(self.shape_ids)))] = min(self.shape_ids)
+        states = torch.nn.functional.one_hot(ids, len(self.tokenizer)).float()
+        return type("Out", (), {"last_hidden_state": states})()
+
+
+def test_word_similarity_reads_the_shape_and_colour_word_states(toy_cache):
+    from gligen.toy.report import word_similarity
+
+    ldm = FrozenLDM(str(ldm_dir(toy_cache)))
+    distinct = word_similarity(_OneHotText(ldm, collapse_shapes=False))
+    assert distinct == {"shape_word_cosine": 0.0, "colour_word_cosine": 0.0}
+    collapsed = word_similarity(_OneHotText(ldm, collapse_shapes=True))
+    assert collapsed["shape_word_cosine"] == pytest.approx(1.0) and collapsed["colour_word_cosine"] == 0.0

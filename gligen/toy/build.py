@@ -69,6 +69,22 @@ def ldm_dir(out: str | Path) -> Path:
     return Path(out) / "ldm"
 
 
+def check_pretrain_config(ldm: Path, config: PretrainConfig) -> None:
+    """A cached LDM pretrained with other settings is an error, not a silent reuse (every run on it would compare
+    against a base the config does not describe) and not a silent rebuild (runs trained on it would lose their base)."""
+    record = ldm / "toy_pretrain.json"
+    if not record.exists():
+        return  # an LDM placed there by hand: the user's choice
+    built = json.loads(record.read_text()).get("config", {})
+    wanted = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in set(built) | set(wanted) if built.get(k) != wanted.get(k))
+    if changed:
+        raise ValueError(
+            f"{record}: the cached toy LDM was pretrained with other settings ({', '.join(changed)}: "
+            f"{[built.get(k) for k in changed]} cached vs {[wanted.get(k) for k in changed]} asked); "
+            f"delete {ldm} to rebuild it, or build into another --out")
+
+
 def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, log=print) -> Path:
     config = config or ToyBuildConfig()
     out = Path(out)
@@ -87,7 +103,9 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
         log(f"toy world: writing {n} {split} person scenes to {target}")
         world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
                           family=PERSONS, max_samples=config.shard_size, progress=True)
-    if not (ldm_dir(out) / "model_index.json").exists():
+    if (ldm_dir(out) / "model_index.json").exists():
+        check_pretrain_config(ldm_dir(out), config.pretrain)
+    else:
         from gligen.data.shards import resolve_shards
 
         train = [url for kind in config.splits["train"] for url in resolve_shards(str(shard_dir(out, "train", kind)))]

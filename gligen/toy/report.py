@@ -1,58 +1,124 @@
 """`python -m gligen.toy evaluate`: the toy world's own numbers, written to results/toy/.
 
 1. the exact evaluators on real toy images (boxes on the val split; keypoints on person scenes),
-2. the VAE: grounding AP of reconstructions (what the latent space can carry at all),
-3. the base LDM, captions only: caption accuracy, and AP against the val layouts (which it never sees),
+2. the VAE: grounding AP of reconstructed object scenes and PCK of reconstructed person scenes (what the latent
+   space can carry at all: no LDM on top of this VAE can score higher),
+3. the base LDM, captions only: caption accuracy, and AP against the val layouts (which it never sees); drawing the
+   shape a one-object caption names ("a red square": no binding of words to objects needed); and how far apart the
+   text encoder puts the shape words (the UNet cannot draw a difference its conditioning does not carry); real
+   images noised part way and denoised (SDEdit), with their captions and with the shape words swapped,
 4. with --ckpt: a box-grounded GLIGEN at full grounding (beta = 1 throughout sampling).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gligen.evaluation import generate, load_layouts
+from gligen.evaluation import SEED_STRIDE, generate, load_layouts
 from gligen.ldm import FrozenLDM
 from gligen.reporting import command_line
 from gligen.results import git_commit
-from gligen.sampling import tau_schedule
+from gligen.sampling import sample, tau_schedule
 
 from . import world
 from .build import ldm_dir, shard_dir
-from .evaluate import evaluate_boxes, evaluate_keypoints
+from .evaluate import attribute_accuracy, detect_objects, evaluate_boxes, evaluate_keypoints, toy_layouts
 
 
-def person_scenes(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[dict]]:
-    images, layouts = [], []
-    for index in range(n):
-        scene, _ = world.make_scene("val", index, family="persons", seed=seed)
-        images.append(world.render_scene(scene))
-        layouts.append(world.scene_annotation(scene, "grounding", f"person-{index}", with_entities=False))
-    return images, layouts
+def _as_pixels(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """uint8 images through the LDM's VAE (encode, decode)."""
+    with torch.no_grad():
+        out = ldm.decode_latents(ldm.encode_images(_as_pixels(images), torch.Generator().manual_seed(seed)))
+    return list(((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def shape_on_command(ldm: FrozenLDM, resolution: int, repeats: int = 4, **sampling) -> dict[str, float]:
+    """Colour recall and shape accuracy of the base LDM asked for one object ("a red square") per image."""
+    pairs = [pair for pair in world.SEEN_PAIRS for _ in range(repeats)]
+    layouts = [{"key": f"single-{i}", "caption": world.object_phrase(f"{c} {s}"), "width": resolution,
+                "height": resolution, "objects": []} for i, (c, s) in enumerate(pairs)]
+    images = generate(ldm, layouts, tau_schedule(sampling["steps"], 0.0), **sampling)
+    named = [{"objects": [{"category": f"{c} {s}", "box": (0.0, 0.0, 1.0, 1.0)}]} for c, s in pairs]  # box unused
+    return attribute_accuracy([detect_objects(im) for im in images], named)
+
+
+def swap_shape_words(caption: str) -> str:
+    """Every shape word replaced by the next shape ("a red square" -> "a red circle")."""
+    shapes = world.SHAPES
+    return re.sub(r"\b(" + "|".join(shapes) + r")\b", lambda m: shapes[(shapes.index(m[0]) + 1) % len(shapes)],
+                  caption)
+
+
+def from_noised_real(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray], strength: float,
+                     swap_shapes: bool = False, *, steps: int, guidance: float, seed: int, batch_size: int = 50
+                     ) -> dict[str, float]:
+    """SDEdit: real val images noised to `strength` of the schedule and denoised by the base LDM with their caption
+    (or with every shape word swapped). How much of the real shapes survives, and whether the caption's shape words
+    change that, says where the base loses shape: in denoising (low strength) or in composing (high strength)."""
+    images = []
+    for start in range(0, len(layouts), batch_size):
+        chunk = layouts[start:start + batch_size]
+        captions = [swap_shape_words(l["caption"]) if swap_shapes else l["caption"] for l in chunk]
+        init = ldm.encode_images(_as_pixels(references[start:start + batch_size]),
+                                 torch.Generator().manual_seed(seed + start))
+        pixels = sample(ldm, captions, None, tau_schedule(steps, 0.0), steps=steps, guidance=guidance,
+                        seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))], init_latents=init,
+                        strength=strength)
+        images.extend((pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    metrics = evaluate_boxes(images, layouts)
+    return {k: metrics[k] for k in ("ap50", "coarse_ap50", "colour_recall", "shape_accuracy_given_colour")}
+
+
+def word_similarity(ldm: FrozenLDM) -> dict[str, float]:
+    """Mean cosine of the text encoder's states (what the UNet cross-attends to) for "a <colour> <shape>" at the
+    shape word between shapes of one colour, and at the colour word between colours of one shape."""
+    captions = [world.object_phrase(f"{c} {s}") for c in world.COLOURS for s in world.SHAPES]
+    with torch.no_grad():
+        states = ldm.text_encoder(ldm.tokenize(captions)).last_hidden_state
+    states = torch.nn.functional.normalize(states, dim=-1).view(len(world.COLOURS), len(world.SHAPES), -1,
+                                                                 states.shape[-1])
+    off_diagonal = ~torch.eye(len(world.SHAPES), dtype=torch.bool)
+    shape = states[:, :, 3]  # [BOS, article, colour, shape, EOS]: toy words are one token each
+    colour = states[:, :, 2].transpose(0, 1)
+    colours_off = ~torch.eye(len(world.COLOURS), dtype=torch.bool)
+    return {"shape_word_cosine": float((shape @ shape.transpose(1, 2))[:, off_diagonal].mean()),
+            "colour_word_cosine": float((colour @ colour.transpose(1, 2))[:, colours_off].mean())}
 
 
 def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 200, steps: int = 25,
-                 guidance: float = 3.0, seed: int = 0, num_persons: int = 100) -> dict:
+                 guidance: float = 3.0, seed: int = 0, num_persons: int = 100,
+                 sdedit_strengths: tuple[float, ...] = (0.3, 0.5)) -> dict:
     cache = Path(cache)
     config = json.loads((cache / "build_config.json").read_text())
     layouts, references = load_layouts(str(shard_dir(cache, "val", "grounding")), config["resolution"], num_images)
-    person_images, person_layouts = person_scenes(num_persons)
+    # person scenes at the build's resolution: the ones the keypoint experiments train and score on
+    person_layouts, person_images = toy_layouts("keypoint", num_persons, config["resolution"])
     results = {
         "evaluator_real_boxes": evaluate_boxes(references, layouts),
         "evaluator_real_keypoints": evaluate_keypoints(person_images, person_layouts),
     }
     ldm = FrozenLDM(str(ldm_dir(cache)))
-    pixels = torch.from_numpy(np.stack(references)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        reconstructed = ldm.decode_latents(ldm.encode_images(pixels, torch.Generator().manual_seed(seed)))
-    reconstructed = ((reconstructed + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    results["vae_reconstruction"] = evaluate_boxes(list(reconstructed.numpy()), layouts)
+    results["vae_reconstruction"] = evaluate_boxes(reconstruct(ldm, references, seed), layouts)
+    results["vae_reconstruction_persons"] = evaluate_keypoints(reconstruct(ldm, person_images, seed), person_layouts)
     sampling = dict(seed=seed, steps=steps, guidance=guidance, progress=False)
     base = generate(ldm, layouts, tau_schedule(steps, 0.0), **sampling)  # beta = 0: exactly the base LDM
     results["base_ldm_captions_only"] = evaluate_boxes(base, layouts)
+    results["base_ldm_one_object_captions"] = shape_on_command(ldm, config["resolution"], **sampling)
+    results["text_encoder_word_similarity"] = word_similarity(ldm)
+    for strength in sdedit_strengths:
+        for swap in (False, True):
+            name = f"base_ldm_from_noised_real_strength{strength}" + ("_shape_words_swapped" if swap else "")
+            results[name] = from_noised_real(ldm, layouts, references, strength, swap, steps=steps,
+                                             guidance=guidance, seed=seed)
     if ckpt:
         from gligen.module import GLIGENModule
 
