@@ -244,6 +244,17 @@ def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int 
     return images
 
 
+def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0, batch_size: int = 256) -> list[np.ndarray]:
+    """uint8 HxWx3 images through the LDM's VAE (encode, sample the posterior, decode): scored like generated
+    images, they are the ceiling of any model in this latent space."""
+    generator, out = torch.Generator().manual_seed(seed), []
+    for start in range(0, len(images), batch_size):
+        pixels = _to_tensor(images[start:start + batch_size]).float() / 127.5 - 1
+        decoded = ldm.decode_latents(ldm.encode_images(pixels.to(ldm.vae.device), generator)).float().cpu()
+        out.extend(((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return out
+
+
 def grounding_metrics(images: list[np.ndarray], layouts: list[dict], detector) -> dict[str, float]:
     """AP / AP50 / AP75 and mIoU of the detector's findings on `images` against their input layouts; with a
     detector that has `coarse_label` (the toy's: colour), also coarse_ap50 / coarse_miou on coarse labels."""

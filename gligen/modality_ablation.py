@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from gligen.cli import fit_from_config
-from gligen.evaluation import MODALITIES, generate, load_layouts, modality_metrics
+from gligen.evaluation import MODALITIES, generate, load_layouts, modality_metrics, reconstruct
 from gligen.module import GLIGENModule
 from gligen.reporting import command_line
 from gligen.results import config_hash, git_commit, mean_std_table, write_csv
@@ -107,27 +107,31 @@ def box_detector(spec: str):
     return TransformersDetector(spec)
 
 
-def modality_layouts(modality: str, config: dict, toy: bool) -> list[dict]:
+def modality_layouts(modality: str, config: dict, toy: bool) -> tuple[list[dict], list[np.ndarray]]:
+    """The evaluation layouts of a modality and their real images."""
     if toy:
         from gligen.toy.evaluate import toy_layouts
 
-        return toy_layouts(modality, config["num_images"], config["resolution"])[0]
+        return toy_layouts(modality, config["num_images"], config["resolution"])
     shards = (config.get("val_shards") or {}).get(modality)
     if not shards:
         raise SystemExit(f"{modality}: val_shards.{modality} is required outside the toy world")
     return load_layouts(shards, config["resolution"], config["num_images"],
-                        entity_images=modality in ("image", "text_image"))[0]
+                        entity_images=modality in ("image", "text_image"))
 
 
-def evaluate_modality(modality: str, config: dict, toy: bool) -> tuple[list[dict], dict[float, list[np.ndarray]],
-                                                                      list[dict]]:
+def evaluate_modality(modality: str, config: dict, toy: bool
+                      ) -> tuple[list[dict], dict[float, list[np.ndarray]], list[dict], dict]:
+    """Rows (tau x seed), sample grids, layouts, and the VAE ceiling: the same metrics on VAE reconstructions of the
+    real images (no model in this latent space can score higher; a low ceiling means the autoencoder, not
+    grounding, caps the metric)."""
     ckpt = checkpoint_for(modality, config)
     module = GLIGENModule.from_checkpoint(ckpt, config.get("pretrained"))
     if module.hparams.modality != modality:
         raise SystemExit(f"{ckpt}: a {module.hparams.modality!r} checkpoint, listed for {modality!r}")
     if torch.cuda.is_available():
         module = module.cuda()
-    layouts = modality_layouts(modality, config, toy)
+    layouts, references = modality_layouts(modality, config, toy)
     detector = pose_detector(config["pose_detector"]) if modality == "keypoint" else box_detector(config["detector"])
     provenance = {"git_commit": git_commit(), "num_images": len(layouts), "ckpt": ckpt,
                   "config_hash": config_hash({**config, "modality": modality, "train_config": _text(
@@ -148,7 +152,12 @@ def evaluate_modality(modality: str, config: dict, toy: bool) -> tuple[list[dict
             if seed == config["seeds"][0]:
                 grids[tau] = images[: config["grid_size"]]
             print(f"{modality} tau={tau:g} seed={seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    return rows, grids, layouts
+    metrics = modality_metrics(reconstruct(module.ldm, references), layouts, modality, detector)
+    ceiling = {"modality": modality, "metric": PRIMARY[modality], "value": metrics[PRIMARY[modality]],
+               "placement_metric": PLACEMENT[modality], "placement": metrics.get(PLACEMENT[modality], float("nan")),
+               **metrics, **provenance}
+    print(f"{modality} VAE reconstructions: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return rows, grids, layouts, ceiling
 
 
 def _text(path) -> str | None:
@@ -182,12 +191,14 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, config: dict) -> None:
+def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, config: dict,
+                  ceilings: list[dict]) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torchvision.utils import save_image
 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "metrics.csv")
+    write_csv(ceilings, out / "vae_ceiling.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     bar_plot(rows, out / "modalities.png")
     grid_images = {}
@@ -205,14 +216,18 @@ def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, confi
                 "per modality, mean ± std over seeds:"), "",
                mean_std_table([{**r, "cell": f"{r['modality']} ({r['metric']} / {r['placement_metric']}) "
                                              f"tau={r['tau']:g}"} for r in rows], "cell", ["value", "placement"]),
-               ""]
+               "", ("VAE ceiling: the same metrics on VAE reconstructions of the real images of the same layouts "
+                    "(what the latent space can carry; no model on this VAE can score higher):"), "",
+               "| modality | primary | placement |", "|---|---|---|",
+               *[f"| {c['modality']} | {c['metric']} {c['value']:.3f} | {c['placement_metric']} {c['placement']:.3f} |"
+                 for c in ceilings], ""]
     for modality in dict.fromkeys(r["modality"] for r in rows):
         mine = [r for r in rows if r["modality"] == modality]
         metrics = [m for m in REPORTED[modality] if m in mine[0]]
         summary += [f"## {modality}", "", f"checkpoint `{mine[0]['ckpt']}`, config hash `{mine[0]['config_hash']}`",
                     "", mean_std_table(mine, "tau", metrics), "",
                     "Samples: " + ", ".join(f"samples_{modality}_tau{t:g}.png" for t in config["taus"]), ""]
-    summary += [("Files: metrics.csv (every row), modalities.png, samples_*.png (seed "
+    summary += [("Files: metrics.csv (every row), vae_ceiling.csv, modalities.png, samples_*.png (seed "
                 f"{config['seeds'][0]}, layout drawn), tensorboard/ (`tensorboard --logdir {out / 'tensorboard'}`)."),
                 ""]
     (out / "summary.md").write_text("\n".join(summary))
@@ -236,10 +251,11 @@ def main(argv=None) -> None:
         from gligen.toy.build import ToyBuildConfig, build
 
         build(config["toy_cache"], ToyBuildConfig.from_yaml(config["toy_config"]))
-    rows, grids, layouts = [], {}, {}
+    rows, grids, layouts, ceilings = [], {}, {}, []
     for modality in config["modalities"]:
-        modality_rows, modality_grids, layouts[modality] = evaluate_modality(modality, config, toy)
+        modality_rows, modality_grids, layouts[modality], ceiling = evaluate_modality(modality, config, toy)
         rows += modality_rows
+        ceilings.append(ceiling)
         grids.update({(modality, tau): images for tau, images in modality_grids.items()})
-    write_results(Path(config["out"]), rows, grids, layouts, config)
+    write_results(Path(config["out"]), rows, grids, layouts, config, ceilings)
     print(f"wrote {config['out']}")

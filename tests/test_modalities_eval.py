@@ -1,6 +1,7 @@
 """Evaluation for every grounding modality: layouts -> position-net inputs, keypoint / image-entity metrics, the sample
 CLI with keypoint and entity-image layout files, and experiments/ablate_modality.py end to end at toy size."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -253,6 +254,10 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
         assert float(row["placement"]) == float(row[row["placement_metric"]])
     summary = (out / "summary.md").read_text()
     assert "## box" in summary and "## image" in summary and "ablate_modality.py" in summary
+    with open(out / "vae_ceiling.csv") as f:
+        ceilings = list(csv.DictReader(f))
+    assert [(c["modality"], c["metric"]) for c in ceilings] == [("box", "ap50"), ("image", "entity_ap50")]
+    assert all(0 <= float(c["value"]) <= 1 and c["git_commit"] for c in ceilings) and "VAE ceiling" in summary
     assert (out / "modalities.png").stat().st_size > 0
     assert all((out / f"samples_{m}_tau{t}.png").exists() for m in modalities for t in (0, 1))
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
@@ -309,3 +314,16 @@ def test_sample_grid_callback_samples_and_draws_every_modality(clip_pretrained, 
         assert seen["image_embeddings"][:, 0].abs().sum() > 0
         assert [len(layout["objects"]) for layout in drawn] == [1, 1]  # the entity boxes are drawn
     assert module.training  # put back in training mode
+
+
+def test_reconstruct_round_trips_pixels_in_order_across_batches(tiny_pretrained, monkeypatch):
+    """With an identity autoencoder, reconstruct() returns the very images: the [0, 255] <-> [-1, 1] conversions and
+    the batching keep every pixel and the order."""
+    from gligen.evaluation import reconstruct
+
+    ldm = FrozenLDM(tiny_pretrained)
+    monkeypatch.setattr(ldm, "encode_images", lambda pixels, generator=None: pixels)
+    monkeypatch.setattr(ldm, "decode_latents", lambda latents: latents)
+    images = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8) for i in range(7)]
+    out = reconstruct(ldm, images, batch_size=3)
+    assert len(out) == 7 and all(o.dtype == np.uint8 and np.array_equal(o, i) for o, i in zip(out, images))

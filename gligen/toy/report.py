@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gligen.evaluation import SEED_STRIDE, generate, load_layouts
+from gligen.evaluation import SEED_STRIDE, generate, load_layouts, reconstruct
 from gligen.ldm import FrozenLDM
 from gligen.reporting import command_line
 from gligen.results import git_commit
@@ -32,13 +32,6 @@ from .evaluate import attribute_accuracy, detect_objects, evaluate_boxes, evalua
 
 def _as_pixels(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
-    """uint8 images through the LDM's VAE (encode, decode)."""
-    with torch.no_grad():
-        out = ldm.decode_latents(ldm.encode_images(_as_pixels(images), torch.Generator().manual_seed(seed)))
-    return list(((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
 def shape_on_command(ldm: FrozenLDM, resolution: int, repeats: int = 4, **sampling) -> dict[str, float]:
