@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from .ldm import FrozenLDM
+from .ldm import FrozenLDM, weights_fingerprint
 from .nn.fuser import FUSER_TYPES
 from .nn.grounded_unet import add_grounding, fusers
 from .nn.tokenizers import (
@@ -304,9 +304,12 @@ class GLIGENModule(L.LightningModule):
         return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
     @classmethod
-    def from_checkpoint(cls, path: str, pretrained: str | None = None, map_location="cpu") -> "GLIGENModule":
+    def from_checkpoint(cls, path: str, pretrained: str | None = None, map_location="cpu",
+                        allow_other_base: bool = False) -> "GLIGENModule":
         """Rebuild from a checkpoint of this module: the frozen LDM from `pretrained` (default: the one the run
-        used), the grounding layers from the file. Loaded with `weights_only=True` (no unpickling)."""
+        used), the grounding layers from the file. Loaded with `weights_only=True` (no unpickling). A base whose
+        weights differ from the one the run trained on is an error unless `allow_other_base` (e.g. grounding layers
+        on purpose on another SD-1.x fine-tune)."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         if "hyper_parameters" not in checkpoint:
             raise ValueError(f"{path}: not a GLIGENModule checkpoint (no 'hyper_parameters')")
@@ -316,6 +319,7 @@ class GLIGENModule(L.LightningModule):
         if pretrained is not None:
             hparams["pretrained"] = pretrained
         module = cls(**hparams)
+        module.allow_other_base = allow_other_base
         try:
             module.on_load_checkpoint(checkpoint)
         except ValueError as error:
@@ -327,7 +331,14 @@ class GLIGENModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, _ in self.trainable_named_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained}
+        checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
+                                "base_fingerprint": self.base_fingerprint}
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        if not hasattr(self, "_base_fingerprint"):
+            self._base_fingerprint = weights_fingerprint(self.hparams.pretrained)
+        return self._base_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "gligen" not in checkpoint or "state_dict" not in checkpoint:
@@ -341,3 +352,10 @@ class GLIGENModule(L.LightningModule):
                 f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                 f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
+        trained_on = checkpoint["gligen"].get("base_fingerprint")  # absent in converted / older checkpoints
+        if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint \
+                and not getattr(self, "allow_other_base", False):
+            raise ValueError(
+                f"trained on a base LDM with other weights than {self.hparams.pretrained} (fingerprint {trained_on}, "
+                f"this base {self.base_fingerprint}): the base was rebuilt or replaced since; retrain, or load with "
+                "allow_other_base=True if that is intended")

@@ -94,6 +94,26 @@ def test_checkpoint_from_another_model_is_refused(tiny_pretrained, tmp_path):
         module.on_load_checkpoint({"state_dict": {}})
 
 
+def test_checkpoint_refuses_a_base_with_other_weights(tiny_pretrained, tmp_path):
+    import shutil
+
+    from gligen.ldm import weights_fingerprint
+
+    L.seed_everything(0)
+    t = trainer(tmp_path, max_steps=1)
+    t.fit(make_module(tiny_pretrained), RandomBoxDataModule())
+    path = tmp_path / "one.ckpt"
+    t.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["gligen"]["base_fingerprint"] == weights_fingerprint(tiny_pretrained)
+    copy = shutil.copytree(tiny_pretrained, tmp_path / "copy")
+    GLIGENModule.from_checkpoint(str(path), str(copy))  # same weights elsewhere: fine
+    rebuilt = str(build_tiny_pipeline(tmp_path / "rebuilt", TinyPipelineConfig(), seed=1))  # same layout, other weights
+    with pytest.raises(ValueError, match=r"one\.ckpt: trained on a base LDM with other weights than .*rebuilt"):
+        GLIGENModule.from_checkpoint(str(path), rebuilt)
+    assert GLIGENModule.from_checkpoint(str(path), rebuilt, allow_other_base=True).base_fingerprint != \
+        weights_fingerprint(tiny_pretrained)
+
+
 def test_logs_loss_learning_rate_and_every_gate(tiny_pretrained, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
