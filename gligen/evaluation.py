@@ -228,17 +228,23 @@ def grounding_inputs(ldm: FrozenLDM, layouts: list[dict], max_objects: int = MAX
 
 def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int = 0, sampler: str = "ddim",
              steps: int = 50, guidance: float = 7.5, batch_size: int = 50, progress: bool = True,
-             max_objects: int = MAX_OBJECTS, modality: str | None = None) -> list[np.ndarray]:
+             max_objects: int = MAX_OBJECTS, modality: str | None = None,
+             init_images: list[np.ndarray] | None = None, strength: float = 1.0) -> list[np.ndarray]:
     """One uint8 HxWx3 image per layout; image i depends only on (seed, i, layout i), not on the batching.
-    modality: which grounding inputs the layouts become (default: `infer_modality`)."""
+    modality: which grounding inputs the layouts become (default: `infer_modality`).
+    init_images, strength: SDEdit from these uint8 images (see `sample`), encoded per batch."""
     images = []
     starts = range(0, len(layouts), batch_size)
     for start in tqdm(starts, desc=f"sampling seed {seed}", disable=not progress, leave=False):
         chunk = layouts[start:start + batch_size]
+        init = None
+        if init_images is not None:
+            init = ldm.encode_images(to_pixels(init_images[start:start + batch_size]).to(ldm.vae.device),
+                                     torch.Generator().manual_seed(seed + start))
         pixels = sample(
             ldm, [layout["caption"] for layout in chunk], grounding_inputs(ldm, chunk, max_objects, modality), betas,
             sampler=sampler, steps=steps, guidance=guidance,
-            seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))],
+            seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))], init_latents=init, strength=strength,
         )
         images.extend((pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return images
@@ -249,8 +255,8 @@ def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0, batch_s
     images, they are the ceiling of any model in this latent space."""
     generator, out = torch.Generator().manual_seed(seed), []
     for start in range(0, len(images), batch_size):
-        pixels = _to_tensor(images[start:start + batch_size]).float() / 127.5 - 1
-        decoded = ldm.decode_latents(ldm.encode_images(pixels.to(ldm.vae.device), generator)).float().cpu()
+        pixels = to_pixels(images[start:start + batch_size]).to(ldm.vae.device)
+        decoded = ldm.decode_latents(ldm.encode_images(pixels, generator)).float().cpu()
         out.extend(((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return out
 
@@ -280,8 +286,13 @@ def modality_metrics(images: list[np.ndarray], layouts: list[dict], modality: st
                        reference image (`entity_label`: entity_category, else category, else phrase)
     detector None: the toy world's exact read-back (ToyDetector / ToyPoseDetector).
     """
-    from .metrics.grounding import (ToyDetector, ToyPersonDetector, ToyPoseDetector, entity_grounding_metrics,
-                                    keypoint_metrics)
+    from .metrics.grounding import (
+        ToyDetector,
+        ToyPersonDetector,
+        ToyPoseDetector,
+        entity_grounding_metrics,
+        keypoint_metrics,
+    )
 
     if modality == "keypoint":
         if detector is None:
@@ -329,3 +340,8 @@ def beta_sweep(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray]
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_pixels(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 images -> float [B, 3, H, W] in [-1, 1], the VAE's input range."""
+    return _to_tensor(images).float() / 127.5 - 1

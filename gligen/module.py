@@ -5,6 +5,7 @@ Checkpoints hold only the trainable weights (plus optimizer / schedule state); t
 `pretrained`, which the checkpoint's hyper-parameters name.
 """
 
+import functools
 import inspect
 
 import lightning as L
@@ -89,6 +90,7 @@ class GLIGENModule(L.LightningModule):
             raise ValueError(f"grounding_dropout_mode must be per_sample or per_batch, got {grounding_dropout_mode!r}")
         self.save_hyperparameters()
         self.ldm = FrozenLDM(pretrained)
+        self.allow_other_base = False  # from_checkpoint(..., allow_other_base=True) sets it before loading
         self.ldm.grounding_modality = modality  # samplers and sample grids read it (image and text_image share a net)
         add_grounding(self.ldm.unet, self.make_position_net(), fuser_type=fuser_type, gamma_init=gamma_init)
         if gradient_checkpointing:
@@ -334,11 +336,9 @@ class GLIGENModule(L.LightningModule):
         checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
                                 "base_fingerprint": self.base_fingerprint}
 
-    @property
+    @functools.cached_property
     def base_fingerprint(self) -> str | None:
-        if not hasattr(self, "_base_fingerprint"):
-            self._base_fingerprint = weights_fingerprint(self.hparams.pretrained)
-        return self._base_fingerprint
+        return weights_fingerprint(self.hparams.pretrained)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "gligen" not in checkpoint or "state_dict" not in checkpoint:
@@ -354,7 +354,7 @@ class GLIGENModule(L.LightningModule):
             )
         trained_on = checkpoint["gligen"].get("base_fingerprint")  # absent in converted / older checkpoints
         if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint \
-                and not getattr(self, "allow_other_base", False):
+                and not self.allow_other_base:
             raise ValueError(
                 f"trained on a base LDM with other weights than {self.hparams.pretrained} (fingerprint {trained_on}, "
                 f"this base {self.base_fingerprint}): the base was rebuilt or replaced since; retrain, or load with "

@@ -19,19 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gligen.evaluation import SEED_STRIDE, generate, load_layouts, reconstruct
+from gligen.evaluation import generate, load_layouts, reconstruct
 from gligen.ldm import FrozenLDM
 from gligen.reporting import command_line
 from gligen.results import git_commit
-from gligen.sampling import sample, tau_schedule
+from gligen.sampling import tau_schedule
 
 from . import world
 from .build import ldm_dir, shard_dir
 from .evaluate import attribute_accuracy, detect_objects, evaluate_boxes, evaluate_keypoints, toy_layouts
-
-
-def _as_pixels(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def shape_on_command(ldm: FrozenLDM, resolution: int, repeats: int = 4, **sampling) -> dict[str, float]:
@@ -52,21 +48,13 @@ def swap_shape_words(caption: str) -> str:
 
 
 def from_noised_real(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray], strength: float,
-                     swap_shapes: bool = False, *, steps: int, guidance: float, seed: int, batch_size: int = 50
-                     ) -> dict[str, float]:
+                     swap_shapes: bool = False, *, steps: int, guidance: float, seed: int) -> dict[str, float]:
     """SDEdit: real val images noised to `strength` of the schedule and denoised by the base LDM with their caption
     (or with every shape word swapped). How much of the real shapes survives, and whether the caption's shape words
     change that, says where the base loses shape: in denoising (low strength) or in composing (high strength)."""
-    images = []
-    for start in range(0, len(layouts), batch_size):
-        chunk = layouts[start:start + batch_size]
-        captions = [swap_shape_words(l["caption"]) if swap_shapes else l["caption"] for l in chunk]
-        init = ldm.encode_images(_as_pixels(references[start:start + batch_size]),
-                                 torch.Generator().manual_seed(seed + start))
-        pixels = sample(ldm, captions, None, tau_schedule(steps, 0.0), steps=steps, guidance=guidance,
-                        seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))], init_latents=init,
-                        strength=strength)
-        images.extend((pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    asked = [{**l, "caption": swap_shape_words(l["caption"])} for l in layouts] if swap_shapes else layouts
+    images = generate(ldm, asked, tau_schedule(steps, 0.0), seed=seed,
+                      steps=steps, guidance=guidance, progress=False, init_images=references, strength=strength)
     metrics = evaluate_boxes(images, layouts)
     return {k: metrics[k] for k in ("ap50", "coarse_ap50", "colour_recall", "shape_accuracy_given_colour")}
 
