@@ -9,7 +9,7 @@ from gligen.data.shards import resolve_shards
 from gligen.ldm import FrozenLDM
 from gligen.toy.build import ToyBuildConfig, build, ldm_dir, shard_dir
 from gligen.toy.pretrain import PretrainConfig, toy_vocabulary
-from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES
+from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES, WORLD_VERSION
 
 TINY = PretrainConfig(batch_size=8, text_width=32, clip_steps=2, vae_channels=(16, 16, 16), vae_steps=2,
                       unet_channels=(16, 32, 32), attention_heads=2, unet_steps=3, unet_warmup=1)
@@ -104,6 +104,27 @@ def test_build_refuses_a_cached_ldm_pretrained_with_other_settings(toy_cache):
                             pretrain=replace(TINY, unet_steps=4))
     with pytest.raises(ValueError, match=r"toy_pretrain.json.*unet_steps.*\[3\] cached vs \[4\]"):
         build(toy_cache, config, log=lambda *a: None)
+
+
+def test_base_ldm_is_pretrained_on_person_scenes_too(toy_cache):
+    record = json.loads((ldm_dir(toy_cache) / "toy_pretrain.json").read_text())
+    assert record["train_images"] == 24 + 8 + 8 + PERSONS["train"]
+    assert "train-persons" in record["train_shards"] and record["world_version"] == WORLD_VERSION
+    # the same settings without person training data describe another base: refused, naming the key
+    config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                    "val": {"grounding": 8}}, person_splits={"val": 4}, shard_size=16, pretrain=TINY)
+    with pytest.raises(ValueError, match=r"toy_pretrain.json.*train_shards"):
+        build(toy_cache, config, log=lambda *a: None)
+
+
+def test_build_refuses_shards_drawn_by_another_world_version(toy_cache, tmp_path):
+    old = json.loads((toy_cache / "build_config.json").read_text())
+    assert old["world_version"] == WORLD_VERSION
+    del old["world_version"]  # as written before versions were recorded
+    (tmp_path / "build_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=rf"build_config.json.*version 1, this code draws version {WORLD_VERSION}"):
+        build(tmp_path, ToyBuildConfig(splits={"train": {"grounding": 2}}, pretrain=TINY), log=lambda *a: None)
+    assert not (tmp_path / "shards").exists()  # refused before writing anything
 
 
 class _OneHotText:

@@ -6,8 +6,10 @@ Layout of the cache (default `cache/toy`):
                              "a person") for the keypoint modality, at the same resolution
     ldm/                     the pretrained toy LDM, a diffusers Stable Diffusion directory (+ clip/)
 Each stage is skipped when its output exists, so a second build is instant and an interrupted one resumes. The
-base LDM is pretrained on the objects family's train shards only, so adding person shards to an existing cache
-(a later build with `person_splits`) writes just those and leaves the LDM as it is.
+base LDM is pretrained on every train split (objects and persons: a VAE that never saw a stick figure cannot carry
+its joints). A cache written by another world version or an LDM pretrained with other settings or data is refused
+with the keys that differ, never silently reused: every run on it would compare against a base its config does not
+describe.
 """
 
 from __future__ import annotations
@@ -69,14 +71,34 @@ def ldm_dir(out: str | Path) -> Path:
     return Path(out) / "ldm"
 
 
-def check_pretrain_config(ldm: Path, config: PretrainConfig) -> None:
-    """A cached LDM pretrained with other settings is an error, not a silent reuse (every run on it would compare
-    against a base the config does not describe) and not a silent rebuild (runs trained on it would lose their base)."""
+def pretrain_data(out: Path, config: ToyBuildConfig) -> tuple[list[Path], dict]:
+    """The shard directories the base LDM is pretrained on, and the record of them kept beside its config."""
+    dirs = [shard_dir(out, "train", kind) for kind in config.splits["train"]]
+    if "train" in config.person_splits:
+        dirs.append(person_shard_dir(out, "train"))
+    return dirs, {"world_version": world.WORLD_VERSION, "train_shards": [d.name for d in dirs]}
+
+
+def check_world_version(out: Path) -> None:
+    record = out / "build_config.json"
+    if record.exists():
+        cached = json.loads(record.read_text()).get("world_version", 1)  # version 1 did not record itself
+        if cached != world.WORLD_VERSION:
+            raise ValueError(f"{record}: the cached toy shards were drawn by toy world version {cached}, this code "
+                             f"draws version {world.WORLD_VERSION} (see gligen/toy/world.py WORLD_VERSION); "
+                             f"delete {out} to rebuild it, or build into another --out")
+
+
+def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict | None = None) -> None:
+    """A cached LDM pretrained with other settings or on other data is an error, not a silent reuse (every run on it
+    would compare against a base the config does not describe) and not a silent rebuild (runs trained on it would
+    lose their base)."""
     record = ldm / "toy_pretrain.json"
     if not record.exists():
         return  # an LDM placed there by hand: the user's choice
-    built = json.loads(record.read_text()).get("config", {})
-    wanted = json.loads(json.dumps(asdict(config)))
+    saved = json.loads(record.read_text())
+    built = {**saved.get("config", {}), **{k: saved.get(k) for k in data or {}}}
+    wanted = json.loads(json.dumps({**asdict(config), **(data or {})}))
     changed = sorted(k for k in set(built) | set(wanted) if built.get(k) != wanted.get(k))
     if changed:
         raise ValueError(
@@ -88,6 +110,7 @@ def check_pretrain_config(ldm: Path, config: PretrainConfig) -> None:
 def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, log=print) -> Path:
     config = config or ToyBuildConfig()
     out = Path(out)
+    check_world_version(out)
     for split, kinds in config.splits.items():
         for kind, n in kinds.items():
             target = shard_dir(out, split, kind)
@@ -103,12 +126,14 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
         log(f"toy world: writing {n} {split} person scenes to {target}")
         world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
                           family=PERSONS, max_samples=config.shard_size, progress=True)
+    dirs, data = pretrain_data(out, config)
     if (ldm_dir(out) / "model_index.json").exists():
-        check_pretrain_config(ldm_dir(out), config.pretrain)
+        check_pretrain_config(ldm_dir(out), config.pretrain, data)
     else:
         from gligen.data.shards import resolve_shards
 
-        train = [url for kind in config.splits["train"] for url in resolve_shards(str(shard_dir(out, "train", kind)))]
-        pretrain(train, ldm_dir(out), config.pretrain, log=log)
-    (out / "build_config.json").write_text(json.dumps(asdict(config), indent=1))
+        train = [url for d in dirs for url in resolve_shards(str(d))]
+        pretrain(train, ldm_dir(out), config.pretrain, log=log, record=data)
+    (out / "build_config.json").write_text(
+        json.dumps({**asdict(config), "world_version": world.WORLD_VERSION}, indent=1))
     return out

@@ -13,6 +13,7 @@ would add start-up cost and nothing a researcher needs to configure):
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,12 +64,11 @@ class PretrainConfig:
 
 def toy_vocabulary() -> list[str]:
     """Every word the toy world writes (colours, shapes, caption templates), one token each."""
-    words = set(world.COLOURS) | set(world.SHAPES) | {"a", "an", "and", "person", "people", "persons"}
+    words = set(world.COLOURS) | set(world.SHAPES) | {"a", "an", "and"}
     for template in world.CAPTION_TEMPLATES:
         words |= set(template.replace("{}", " ").replace(",", " ").split())
-    for options in world.PERSON_CAPTIONS.values():
-        for caption in options:
-            words |= set(caption.split())
+    for caption in world.PERSON_CAPTIONS:
+        words |= set(caption.split())
     return sorted(words)
 
 
@@ -250,8 +250,10 @@ def load_split_arrays(shards: list[str], with_entities: bool = False):
     return pixels(images), captions, (pixels(entities) if entities else None), phrases
 
 
-def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfig | None = None, log=print) -> Path:
-    """Run the three stages on the training shards and save the pipeline to `out_dir`."""
+def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfig | None = None, log=print,
+             record: dict | None = None) -> Path:
+    """Run the three stages on the training shards and save the pipeline to `out_dir`; `record` (what the data
+    was) is kept in `toy_pretrain.json` beside the config."""
     config = config or PretrainConfig()
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -276,7 +278,7 @@ def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfi
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir / "clip")
     (out_dir / "toy_pretrain.json").write_text(
-        __import__("json").dumps({"config": asdict(config), "seconds": round(time.time() - start, 1),
-                                  "train_images": len(images)}, indent=1))
+        json.dumps({"config": asdict(config), **(record or {}), "seconds": round(time.time() - start, 1),
+                    "train_images": len(images)}, indent=1))
     log(f"saved toy LDM to {out_dir} in {time.time() - start:.0f} s")
     return out_dir

@@ -4,10 +4,10 @@ Two scene families:
 - "objects": 1-4 solid coloured shapes (4 shapes x 6 colours) on a black (optionally lightly textured) background.
   Default resolution 32. Each object keeps its full extent visible (occluders may only bite into its interior,
   at most 15% of its pixels), so its tight box and its shape are recoverable from the image alone.
-- "persons": 1-2 stick figures carrying the 17 COCO keypoints, each joint a small square blob in its own colour
-  on grey limbs. `make_sample`'s default resolution for them is 64; at 32 the face joints shrink to single pixels
-  but the read-back is still exact (gligen.toy.evaluate.evaluate_keypoints: PCK 1.0 and OKS AP 1.0 on 200 real
-  32 px scenes), so the toy build writes its person shards at the toy resolution (32) for one LDM.
+- "persons": one stick figure carrying the 17 COCO keypoints, each joint a square blob (3 px at 32, scaled with
+  resolution) in its own colour on grey limbs, under a compact head. Joints of that size survive the toy VAE
+  (1-px joints did not: PCK 0.000 on reconstructions), and read-back is exact (gligen.toy.evaluate.evaluate_keypoints:
+  PCK 1.0 and OKS AP 1.0 on real scenes). The toy build writes them at the toy resolution (32) for one LDM.
 
 Shapes are rasterised with numpy from integer pixel boxes (not PIL drawing), because the evaluator matches
 components against exactly the same templates (``shape_mask``), which keeps read-back exact on clean images.
@@ -30,7 +30,9 @@ FAMILIES = ("objects", "persons")
 SPLITS = ("train", "val", "test", "ood")
 
 DEFAULT_RESOLUTION = 32
-DEFAULT_PERSON_RESOLUTION = 64
+# Bumped whenever a sample's pixels or annotation change, so a cache written by older code is refused, not reused.
+# 2: person scenes hold one figure with 3-px joints and a compact head (1: 1-2 figures, 1-px joints at 32 px).
+WORLD_VERSION = 2
 
 # Saturated colours, pairwise >= 255 apart in RGB, all >= 255 from black: nearest-colour read-back is exact.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -91,7 +93,6 @@ LIMB_COLOUR = (128, 128, 128)
 SKELETON = (  # COCO joint index pairs joined by grey limbs
     (5, 6), (5, 7), (7, 9), (6, 8), (8, 10), (5, 11), (6, 12), (11, 12), (11, 13), (13, 15), (12, 14), (14, 16),
 )
-MAX_PERSONS = 2
 
 
 # ----------------------------------------------------------------------------------------------------- shapes
@@ -247,8 +248,9 @@ def sample_object_scene(rng: np.random.Generator, resolution: int = DEFAULT_RESO
 
 
 def keypoint_blob_size(resolution: int) -> int:
-    """Joint blob side: 2 px at 64, scaled with resolution (1 px at 32, where face joints become single pixels)."""
-    return max(1, round(resolution / 32))
+    """Joint blob side: 3 px at 32, scaled with resolution. Smaller blobs do not survive a factor-4 VAE: 1-px joints
+    at 32 px reconstruct with PCK 0.000, 2-px joints at 64 px with 0.148, 3-px joints with >= 0.92 (see README)."""
+    return max(1, 3 * resolution // 32)
 
 
 def _face_offsets(blob: int) -> np.ndarray:
@@ -256,8 +258,8 @@ def _face_offsets(blob: int) -> np.ndarray:
     b = blob
     return np.array([
         (0.0, 1.0 * b),                        # nose
-        (1.5 * b, -1.0 * b), (-1.5 * b, -1.0 * b),  # left_eye, right_eye
-        (3.0 * b, 0.0), (-3.0 * b, 0.0),       # left_ear, right_ear
+        (1.0 * b, -1.0 * b), (-1.0 * b, -1.0 * b),  # left_eye, right_eye
+        (2.0 * b, 0.0), (-2.0 * b, 0.0),       # left_ear, right_ear
     ])
 
 
@@ -269,7 +271,7 @@ def _polar(origin: np.ndarray, length: float, angle_deg: float) -> np.ndarray:
 
 def _sample_pose(rng: np.random.Generator, centre_x: float, top: float, height: float, blob: int) -> Person:
     """A frontal stick figure `height` px tall (head top to ankles) with random arm and leg angles."""
-    head_r = 3.75 * blob + 1
+    head_r = 2.0 * blob  # compact head: the five face blobs just fit inside, so the body keeps most of `height`
     head = np.array([centre_x, top + head_r])
     neck = head + [0, head_r + 0.04 * height]
     shoulder_half = height * rng.uniform(0.13, 0.18)
@@ -311,40 +313,19 @@ def _person_readable(person: Person, resolution: int) -> bool:
     return int(union.max()) == 1
 
 
-def person_foreground(person: Person, resolution: int) -> np.ndarray:
-    """Every pixel the figure paints (limbs, head, blobs)."""
-    return render_scene(Scene(resolution=resolution, persons=[person])).any(axis=-1)
-
-
-def sample_person_scene(rng: np.random.Generator, resolution: int = DEFAULT_PERSON_RESOLUTION,
-                        max_persons: int = MAX_PERSONS, background_texture: float = 0.0) -> Scene:
-    """1..max_persons stick figures; figures keep a gap of 2 blobs + 1 px so read-back can split them.
-
-    A figure that finds no readable place is dropped (about 20% of second figures at 64 px).
-    """
-    n = int(rng.integers(1, max_persons + 1))
+def sample_person_scene(rng: np.random.Generator, resolution: int = DEFAULT_RESOLUTION,
+                        background_texture: float = 0.0) -> Scene:
+    """One stick figure 60-90% of the image tall. With joints big enough to survive the VAE (3 px at 32) a second
+    figure no longer fits beside the first, so a scene holds one (the read-back still splits several)."""
     blob = keypoint_blob_size(resolution)
-    gap = 2 * blob + 1
-    persons: list[Person] = []
-    taken = np.zeros((resolution, resolution), dtype=bool)
-    for i in range(n):
-        # Two figures get a half of the image each (arms may still reach across) and are a bit shorter.
-        (lo, hi), (x_lo, x_hi) = ((0.6, 0.9), (0.2, 0.8)) if n == 1 else ((0.45, 0.7), (0.3 + i, 0.7 + i))
-        for _ in range(PLACEMENT_TRIES if persons else 50 * PLACEMENT_TRIES):  # the first figure must exist
-            height = resolution * rng.uniform(lo, hi)
-            person = _sample_pose(rng, centre_x=resolution * rng.uniform(x_lo, x_hi) / n,
-                                  top=rng.uniform(0, resolution - height), height=height, blob=blob)
-            if not _person_readable(person, resolution):
-                continue
-            fg = person_foreground(person, resolution)
-            if not (_dilate(fg, gap) & taken).any():
-                persons.append(person)
-                taken |= fg
-                break
-    if not persons:
-        raise ValueError(f"no readable stick figure fits at resolution {resolution}; use >= 32")
-    return Scene(resolution=resolution, persons=persons, background_texture=background_texture,
-                 background_seed=int(rng.integers(2**31)))
+    for _ in range(50 * PLACEMENT_TRIES):
+        height = resolution * rng.uniform(0.6, 0.9)
+        person = _sample_pose(rng, centre_x=resolution * rng.uniform(0.2, 0.8), top=rng.uniform(0, resolution - height),
+                              height=height, blob=blob)
+        if _person_readable(person, resolution):
+            return Scene(resolution=resolution, persons=[person], background_texture=background_texture,
+                         background_seed=int(rng.integers(2**31)))
+    raise ValueError(f"no readable stick figure fits at resolution {resolution}; use >= 32")
 
 
 # -------------------------------------------------------------------------------------------------- rendering
@@ -407,8 +388,7 @@ CAPTION_TEMPLATES = (
     "{} on a black background",
     "an image showing {}",
 )
-PERSON_CAPTIONS = {1: ("a person", "a stick figure of a person", "one person standing"),
-                   2: ("two people", "two stick figures", "two persons standing")}
+PERSON_CAPTIONS = ("a person", "a stick figure of a person", "one person standing")
 
 
 def _article(word: str) -> str:
@@ -429,9 +409,8 @@ def object_caption(rng: np.random.Generator, categories: list[str]) -> str:
     return template.format(join_phrases([object_phrase(c) for c in categories]))
 
 
-def person_caption(rng: np.random.Generator, n_persons: int) -> str:
-    options = PERSON_CAPTIONS[n_persons]
-    return options[int(rng.integers(len(options)))]
+def person_caption(rng: np.random.Generator) -> str:
+    return PERSON_CAPTIONS[int(rng.integers(len(PERSON_CAPTIONS)))]
 
 
 def scene_annotation(scene: Scene, kind: str, source_id: str, with_entities: bool) -> dict:
@@ -486,7 +465,7 @@ def make_scene(split: str, index: int, kind: str = "grounding", family: str = "o
         scene = sample_object_scene(rng, resolution or DEFAULT_RESOLUTION, pairs=split_pairs(split),
                                     background_texture=background_texture)
     elif family == "persons":
-        scene = sample_person_scene(rng, resolution or DEFAULT_PERSON_RESOLUTION,
+        scene = sample_person_scene(rng, resolution or DEFAULT_RESOLUTION,
                                     background_texture=background_texture)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -500,7 +479,7 @@ def make_sample(split: str, index: int, kind: str = "grounding", family: str = "
 
     kind: annotation kind (schema v1 has no "keypoint" kind; person scenes are a family, annotated as
     "grounding" by default with a person caption). Caption: "" for "detection", templated otherwise.
-    resolution: None picks 32 for objects and 64 for persons.
+    resolution: None picks DEFAULT_RESOLUTION (32).
     """
     scene, rng = make_scene(split, index, kind, family, resolution, seed, background_texture)
     key = f"toy-{family}-{split}-{kind}-s{seed}-{index:08d}"
@@ -508,7 +487,7 @@ def make_sample(split: str, index: int, kind: str = "grounding", family: str = "
     if kind == "detection":
         caption = ""
     elif family == "persons":
-        caption = person_caption(rng, len(scene.persons))
+        caption = person_caption(rng)
     else:
         caption = object_caption(rng, categories)
     with_entities = with_entities and family == "objects"
