@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
-import sys
 
 import torch
 
 from gligen.bench import PRECISIONS, SIZES, StepOptions, bench_size, summary
+from gligen.reporting import command_line
 from gligen.results import append_csv, git_commit
 
 
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image-size", type=int, help="override the size's image side (px)")
     parser.add_argument("--batch-size", type=int, help="override the size's batch size")
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in ["experiments/bench_train.py", *(
-        sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv, program="experiments/bench_train.py")
     options = StepOptions(args.precision, args.channels_last, args.compile)
     return run(args.sizes, args.repeats, args.device, memory=not args.no_memory, out=args.out or None,
                command=command, options=options, image_size=args.image_size, batch_size=args.batch_size)

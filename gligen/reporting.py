@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -44,20 +45,23 @@ def grid_image(images: list[np.ndarray], layouts: list[dict], nrow: int = 4) -> 
     return layouts_grid(images, layouts, nrow=nrow)
 
 
-def command_line() -> str:
-    """The command that is running, as a user would type it (`python -m pkg ...` for module runs)."""
-    if not sys.argv or not sys.argv[0]:
-        return "(library call)"
-    program = Path(sys.argv[0])
-    if program.name == "__main__.py":  # python -m gligen.toy ...: argv[0] is the package's __main__.py
-        parts = program.resolve().parent.parts
-        program_text = "-m " + ".".join(parts[parts.index("gligen"):]) if "gligen" in parts else str(program)
-    else:
-        try:
-            program_text = str(program.resolve().relative_to(Path.cwd()))
-        except ValueError:
-            program_text = str(program)
-    return " ".join(["python", program_text, *sys.argv[1:]])
+def command_line(argv: list[str] | None = None, program: str | None = None) -> str:
+    """The command that is running, as a user would type it (`python -m pkg ...` for module runs), its arguments
+    shell-quoted so the recorded line can be pasted back. `argv` / `program` stand in for sys.argv[1:] / the script
+    when a main() is called from Python."""
+    if program is None:
+        if not sys.argv or not sys.argv[0]:
+            return "(library call)"
+        path = Path(sys.argv[0])
+        if path.name == "__main__.py":  # python -m gligen.toy ...: argv[0] is the package's __main__.py
+            parts = path.resolve().parent.parts
+            program = "-m " + ".".join(parts[parts.index("gligen"):]) if "gligen" in parts else str(path)
+        else:
+            try:
+                program = str(path.resolve().relative_to(Path.cwd()))
+            except ValueError:
+                program = str(path)
+    return " ".join(["python", program, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def plot_against(rows: list[dict], x: str, left: str, right: str, path: Path, title: str) -> None:

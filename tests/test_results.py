@@ -34,3 +34,17 @@ def test_config_hash_ignores_key_order_and_table_reports_mean_and_std():
     rows = [{"tau": 0.0, "ap": 0.1}, {"tau": 0.0, "ap": 0.3}, {"tau": 1.0, "ap": 0.5}]
     table = mean_std_table(rows, "tau", ["ap"])
     assert "| 0.0 | 2 | 0.200 ± 0.141 |" in table and "| 1.0 | 1 | 0.500 ± 0.000 |" in table
+
+
+def test_command_line_is_quoted_so_it_can_be_pasted_back(monkeypatch):
+    import shlex
+
+    from gligen.reporting import command_line
+
+    monkeypatch.setattr("sys.argv", ["experiments/ablate_beta.py", "--taus", "0", "1", "--out", "my results"])
+    line = command_line()
+    assert shlex.split(line) == ["python", "experiments/ablate_beta.py", "--taus", "0", "1", "--out", "my results"]
+    assert command_line(["--x", "a b"], program="experiments/bench_train.py") == \
+        "python experiments/bench_train.py --x 'a b'"
+    monkeypatch.setattr("sys.argv", [""])
+    assert command_line() == "(library call)"
