@@ -88,8 +88,7 @@ def load_layouts(spec: str, resolution: int, limit: int | None = None, max_objec
     batch = collate_batch(examples)
     if "pixel_values" not in batch:
         raise ValueError(f"{spec}: evaluation needs the real images (these shards carry latents only)")
-    images = ((batch["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return layouts_from_batch(batch), list(images.numpy())
+    return layouts_from_batch(batch), from_pixels(batch["pixel_values"])
 
 
 def layout_tensors(layouts: list[dict], max_objects: int = MAX_OBJECTS):
@@ -257,7 +256,7 @@ def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0, batch_s
     for start in range(0, len(images), batch_size):
         pixels = to_pixels(images[start:start + batch_size]).to(ldm.vae.device)
         decoded = ldm.decode_latents(ldm.encode_images(pixels, generator)).float().cpu()
-        out.extend(((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        out.extend(from_pixels(decoded))
     return out
 
 
@@ -345,3 +344,8 @@ def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 def to_pixels(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HxWx3 images -> float [B, 3, H, W] in [-1, 1], the VAE's input range."""
     return _to_tensor(images).float() / 127.5 - 1
+
+
+def from_pixels(pixels: torch.Tensor) -> list[np.ndarray]:
+    """The inverse of `to_pixels`: float [B, 3, H, W] in [-1, 1] -> uint8 HxWx3 images (rounded, clamped)."""
+    return list(((pixels.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())

@@ -89,7 +89,7 @@ def check_world_version(out: Path) -> None:
                              f"delete {out} to rebuild it, or build into another --out")
 
 
-def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict | None = None) -> None:
+def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict) -> None:
     """A cached LDM pretrained with other settings or on other data is an error, not a silent reuse (every run on it
     would compare against a base the config does not describe) and not a silent rebuild (runs trained on it would
     lose their base)."""
@@ -97,8 +97,8 @@ def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict | None =
     if not record.exists():
         return  # an LDM placed there by hand: the user's choice
     saved = json.loads(record.read_text())
-    built = {**saved.get("config", {}), **{k: saved.get(k) for k in data or {}}}
-    wanted = json.loads(json.dumps({**asdict(config), **(data or {})}))
+    built = {**saved.get("config", {}), **{k: saved.get(k) for k in data}}
+    wanted = json.loads(json.dumps({**asdict(config), **data}))
     changed = sorted(k for k in set(built) | set(wanted) if built.get(k) != wanted.get(k))
     if changed:
         raise ValueError(
