@@ -13,8 +13,6 @@ torch version, git commit and command.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 
 from gligen.data.convert.precompute import PrecomputeConfig, precompute_shards
 from gligen.data.datamodule import GroundingDataModule
+from gligen.machine import machine_columns
 from gligen.reporting import command_line
 from gligen.results import append_csv, git_commit
 
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                              "samples_per_s_per_worker": rate / max(1, workers),
                              "train_samples_per_s": args.train_samples_per_s or "", "x_training": ratio or "",
                              "resolution": args.resolution, "batch_size": args.batch_size,
-                             "shards": args.shards or "toy", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                             "torch": torch.__version__})
+                             "shards": args.shards or "toy", **machine_columns(), "torch": torch.__version__})
     if args.out:
         commit, command = git_commit(), command_line()
         append_csv([{**row, "git_commit": commit, "command": command} for row in rows], args.out)

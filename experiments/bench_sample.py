@@ -5,7 +5,6 @@ initial noise): median seconds per image of alternating runs, the ratio, and the
 """
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing too
 
 from gligen.bench_sampling import bench_sampler  # noqa: E402
+from gligen.machine import machine_columns  # noqa: E402
 from gligen.reporting import command_line  # noqa: E402
 from gligen.results import append_csv, git_commit  # noqa: E402
 
@@ -33,8 +33,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     row = bench_sampler(args.ckpt, LAYOUT, pretrained=args.pretrained, steps=args.steps, guidance=args.guidance,
                         tau=args.tau, repeats=args.repeats)
-    row.update(machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               torch=torch.__version__, git_commit=git_commit(), command=command_line())
+    row.update(**machine_columns(), torch=torch.__version__, git_commit=git_commit(), command=command_line())
     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     append_csv([row], args.out)
 

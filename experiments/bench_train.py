@@ -7,7 +7,9 @@
 On one model and batch per size: (a) ours = precomputed latents and text features, no gradients for frozen
 weights; (b) official-style = VAE encode + text encoder every step, gradients for all UNet weights (only the
 grounding weights are updated), fp32; (c) the limit = the step's FLOPs (FlopCounterMode) / dense fp32 matmul
-throughput measured in the same run (in ours' precision: bf16 runs are measured against the bf16 peak). Times are medians of alternating a, b, a, b, ... steps after one warm-up
+throughput measured in the same run (in ours' precision: bf16 runs are measured against the bf16 peak where the
+device computes bf16 natively; where it emulates bf16, e.g. an AVX2-only CPU, no bf16 peak or MFU is reported).
+Every row records the processor class, its ISA flags (AVX2 / AVX-512 / AVX512-BF16 / AMX) and native_bf16. Times are medians of alternating a, b, a, b, ... steps after one warm-up
 each. Memory: CUDA max_memory_allocated on GPU; on CPU a fresh subprocess per variant reading its peak RSS
 (details in gligen/bench.py). Prints the a/b time ratio, MFU of (a) and the a/b memory ratio per size and
 appends one row per size to --out (machine, torch version, git commit, command).
@@ -36,12 +38,12 @@ def make_size(name: str, image_size: int | None = None, batch_size: int | None =
 
 def run(sizes: list[str], repeats: int, device: str, memory: bool = True, out: str | None = None,
         command: str | None = None, options: StepOptions | None = None, image_size: int | None = None,
-        batch_size: int | None = None, log=print) -> list[dict]:
+        batch_size: int | None = None, peak_size: int | None = None, log=print) -> list[dict]:
     rows = []
     commit = git_commit()
     for name in sizes:
         row = bench_size(make_size(name, image_size, batch_size), repeats=repeats, device=device, memory=memory,
-                         options=options, log=log)
+                         options=options, peak_size=peak_size, log=log)
         row.update({"git_commit": commit, "command": command or ""})
         log(summary(row))
         rows.append(row)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from gligen.machine import machine_columns, native_bf16
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
 
 VARIANTS = ("ours", "official")
@@ -52,7 +52,8 @@ class StepOptions:
     """How "ours" runs (the official-style step is always fp32, eager, channels-first, as the official trainer).
 
     precision: "fp32", or "bf16" = torch.autocast to bfloat16 (Lightning's "bf16-mixed": fp32 weights and optimizer,
-        bf16 matmuls / convolutions); MFU is then measured against the bf16 matmul peak.
+        bf16 matmuls / convolutions); MFU is then measured against the bf16 matmul peak where the device computes
+        bf16 natively (gligen.machine.native_bf16), and not at all where bf16 is emulated (AVX2-only CPUs).
     channels_last: UNet weights and latents in channels-last memory format (GLIGENModule(channels_last=True)).
     compile: torch.compile of the UNet (GLIGENModule(compile_unet=True)); compilation happens in an untimed step.
     """
@@ -317,27 +318,16 @@ def gpu_memory(module, batch: dict, optimizer, variant: str, options: StepOption
 
 
 # ----- the whole comparison -------------------------------------------------------------------------------------
-def machine_info(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
 def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: str | None = None,
-               memory: bool = True, options: StepOptions | None = None, log=print) -> dict:
+               memory: bool = True, options: StepOptions | None = None, peak_size: int | None = None,
+               log=print) -> dict:
     """Time (median of `repeats` alternating ours/official steps after one warm-up each), count FLOPs, measure
     the matmul peak and peak memory of both variants on one model and batch. Returns one result row.
-    `options` say how "ours" runs (precision, channels-last, compile); the official-style step is always fp32."""
+    `options` say how "ours" runs (precision, channels-last, compile); the official-style step is always fp32.
+    `peak_size`: side of the peak's matmul (default: best of 1024 and 2048 on CPU). A bf16 "ours" on a device
+    without native bf16 gets no bf16 peak, limit or MFU (empty cells): an emulated peak is no hardware limit."""
     options = options or StepOptions()
+    native = native_bf16(device)
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -365,13 +355,15 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
                 train_step(module, variant_batch(batch, "ours"), optimizer, options.precision)
         # the matmul peak is re-measured between the repeats and the best is kept: on a shared machine a single
         # measurement can land in a busy moment and understate the peak (MFU > 1)
-        peak = {p: matmul_peak_flops(device, precision=p) for p in set(precision.values())}
+        measured = {p for p in precision.values() if p == "fp32" or native}
+        peak = {p: matmul_peak_flops(device, n=peak_size, precision=p) for p in measured}
         for r in range(repeats):
             for variant in VARIANTS:  # alternating: ours, official, ours, official, ...
                 set_variant(module, variant, options)
                 times[variant].append(timed_step(module, variant_batch(batch, variant), optimizer,
                                                  precision[variant]))
-            peak = {p: max(f, matmul_peak_flops(device, repeats=2, precision=p)) for p, f in peak.items()}
+            peak = {p: max(f, matmul_peak_flops(device, n=peak_size, repeats=2, precision=p))
+                    for p, f in peak.items()}
             log(f"[{size.name}] repeat {r + 1}/{repeats}: ours {times['ours'][-1]:.3f} s, "
                 f"official {times['official'][-1]:.3f} s, matmul peak so far "
                 + ", ".join(f"{p} {f / 1e9:.1f}" for p, f in peak.items()) + " GFLOP/s")
@@ -398,9 +390,10 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
         "ours_options": options.label, "precision_ours": options.precision,
         "channels_last_ours": options.channels_last, "compile_ours": options.compile,
         "flops_ours": flops["ours"], "flops_official": flops["official"],
-        "matmul_peak_flops": peak["fp32"], "matmul_peak_flops_ours": peak[options.precision],
-        "limit_ours_s": flops["ours"] / peak[options.precision], "limit_official_s": flops["official"] / peak["fp32"],
-        "mfu_ours": flops["ours"] / peak[options.precision] / med["ours"],
+        "matmul_peak_flops": peak["fp32"], "matmul_peak_flops_ours": peak.get(options.precision),
+        "limit_ours_s": flops["ours"] / peak[options.precision] if options.precision in peak else None,
+        "limit_official_s": flops["official"] / peak["fp32"],
+        "mfu_ours": flops["ours"] / peak[options.precision] / med["ours"] if options.precision in peak else None,
         "mfu_ours_vs_fp32_peak": flops["ours"] / peak["fp32"] / med["ours"],
         "mfu_official": flops["official"] / peak["fp32"] / med["official"],
     }
@@ -411,8 +404,7 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
             "mem_step_ours_mb": mem["ours"]["step_mb"], "mem_step_official_mb": mem["official"]["step_mb"],
             "mem_method": mem["ours"]["method"],
         })
-    row.update({"device": str(device), "machine": machine_info(device), "torch": torch.__version__,
-                "note": size.note})
+    row.update({"device": str(device), **machine_columns(device), "torch": torch.__version__, "note": size.note})
     return row
 
 
@@ -429,9 +421,13 @@ def summary(row: dict) -> str:
          f"official-style {row['time_official_s']:.3f} s (median of {row['repeats']}); a/b time ratio {row['time_ratio_ours_over_official']:.3f}"),
         (f"[{name}] FLOPs ours {row['flops_ours'] / 1e9:.2f} G, official {row['flops_official'] / 1e9:.2f} G; "
          f"matmul peak fp32 {row['matmul_peak_flops'] / 1e9:.1f} GFLOP/s"
-         + (f", {precision} {row['matmul_peak_flops_ours'] / 1e9:.1f} GFLOP/s" if precision != "fp32" else "")
-         + f"; limit ours {row['limit_ours_s']:.3f} s; MFU ours {row['mfu_ours']:.3f} (of the {precision} peak), "
-         f"official {row['mfu_official']:.3f}"),
+         + (f", {precision} {row['matmul_peak_flops_ours'] / 1e9:.1f} GFLOP/s"
+            if precision != "fp32" and row["mfu_ours"] is not None else "")
+         + (f"; limit ours {row['limit_ours_s']:.3f} s; MFU ours {row['mfu_ours']:.3f} (of the {precision} peak)"
+            if row["mfu_ours"] is not None else
+            f"; {precision} is emulated on this {row.get('processor_class', '')} device: no {precision} peak or MFU; "
+            f"ours at {row['mfu_ours_vs_fp32_peak']:.3f} of the fp32 peak")
+         + f", MFU official {row['mfu_official']:.3f}"),
     ]
     if "mem_ours_mb" in row:
         lines.append(f"[{row['size']}] peak memory ours {row['mem_ours_mb']:.0f} MB, official "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 from lightning.pytorch.callbacks import LearningRateMonitor
 
+from .checkpointing import read_checkpoint
 from .ldm import FrozenLDM, weights_fingerprint
 from .nn.fuser import FUSER_TYPES
 from .nn.grounded_unet import add_grounding, fusers
@@ -309,10 +310,11 @@ class GLIGENModule(L.LightningModule):
     def from_checkpoint(cls, path: str, pretrained: str | None = None, map_location="cpu",
                         allow_other_base: bool = False) -> "GLIGENModule":
         """Rebuild from a checkpoint of this module: the frozen LDM from `pretrained` (default: the one the run
-        used), the grounding layers from the file. Loaded with `weights_only=True` (no unpickling). A base whose
+        used), the grounding layers from the file (`.ckpt` loaded with `weights_only=True`, no unpickling; or a
+        `.safetensors` checkpoint, see gligen.checkpointing.read_checkpoint). A base whose
         weights differ from the one the run trained on is an error unless `allow_other_base` (e.g. grounding layers
         on purpose on another SD-1.x fine-tune)."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = read_checkpoint(path, map_location)
         if "hyper_parameters" not in checkpoint:
             raise ValueError(f"{path}: not a GLIGENModule checkpoint (no 'hyper_parameters')")
         # LightningCLI adds bookkeeping entries (e.g. `_instantiator`): keep only constructor arguments

@@ -43,9 +43,9 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     persons; image / text_image: with their entity images), sampled, and scored (`modality_metrics`: box
     ap / ap50 / ap75 / miou, keypoint pck / oks_ap*, image / text_image entity_ap* / entity_miou), FID / KID for all.
     """
-    import torch
 
     from . import reporting
+    from .checkpointing import read_checkpoint
     from .evaluation import beta_sweep, has_entity, load_layouts
     from .metrics.grounding import ToyDetector, TransformersDetector
     from .module import GLIGENModule
@@ -85,7 +85,7 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     rows = [{**row, **common} for row in rows]
     reporting.write_beta_sweep(out, rows, grids, layouts, config)
     if resume:
-        step = torch.load(config["ckpt"], map_location="cpu", weights_only=True).get("global_step")
+        step = read_checkpoint(config["ckpt"]).get("global_step")
         (out / DONE).write_text(json.dumps({"config_hash": config_hash(config), "ckpt": str(config["ckpt"]),
                                             "global_step": step, "git_commit": rows[0]["git_commit"]}, indent=1))
     return out

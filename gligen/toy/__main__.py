@@ -1,8 +1,11 @@
-"""python -m gligen.toy build [--out cache/toy] [--config experiments/configs/toy_world.yaml]
-python -m gligen.toy evaluate [--cache cache/toy] [--ckpt runs/toy_box/checkpoints/last.ckpt] [--out results/toy]"""
+"""python -m gligen.toy build [--out cache/toy] [--config experiments/configs/toy_world.yaml] [--rebuild]
+python -m gligen.toy evaluate [--cache cache/toy] [--ckpt runs/toy_box/checkpoints/last.ckpt] [--out results/toy]
+python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt   (replace gligen/toy/shipped)"""
 
 import argparse
+import json
 
+from . import shipped
 from .build import ToyBuildConfig, build
 
 
@@ -11,16 +14,27 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     build_parser = sub.add_parser("build", help="write toy shards and pretrain the toy LDM (cached)")
     build_parser.add_argument("--out", default="cache/toy")
-    build_parser.add_argument("--config", default=None, help="YAML with ToyBuildConfig fields")
+    build_parser.add_argument("--config", default=None, help="YAML with ToyBuildConfig fields (default: the toy "
+                              "world of experiments/configs/toy_world.yaml)")
+    build_parser.add_argument("--rebuild", action="store_true",
+                              help="pretrain the LDM here instead of copying the shipped one")
     evaluate_parser = sub.add_parser("evaluate", help="measure evaluators, VAE, base LDM (+ a checkpoint)")
     evaluate_parser.add_argument("--cache", default="cache/toy")
     evaluate_parser.add_argument("--ckpt", default=None, help="a box-grounded GLIGEN checkpoint to score too")
     evaluate_parser.add_argument("--num-images", type=int, default=200)
     evaluate_parser.add_argument("--out", default="results/toy")
+    ship_parser = sub.add_parser("ship", help="replace the shipped LDM + reference checkpoint (gligen/toy/shipped)")
+    ship_parser.add_argument("--cache", default="cache/toy")
+    ship_parser.add_argument("--ckpt", default="runs/toy_box/checkpoints/last.ckpt")
+    ship_parser.add_argument("--train-config", default=shipped.TRAIN_CONFIG)
+    ship_parser.add_argument("--trained-at", default=None, help="commit the checkpoint was trained at (default: now)")
     args = parser.parse_args(argv)
     if args.command == "build":
         config = ToyBuildConfig.from_yaml(args.config) if args.config else ToyBuildConfig()
-        build(args.out, config)
+        build(args.out, config, shipped=not args.rebuild)
+    elif args.command == "ship":
+        record = shipped.ship(args.cache, args.ckpt, args.train_config, trained_at=args.trained_at)
+        print(json.dumps(record, indent=1))
     else:
         from .report import evaluate_toy, write_report
 

@@ -44,12 +44,12 @@ class PretrainConfig:
     clip_steps: int = 400
     clip_lr: float = 1e-3
     # VAE: len(vae_channels) - 1 downsamplings
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 32)
     vae_steps: int = 1500
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     # UNet
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_down_blocks: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
     unet_up_blocks: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     attention_heads: int = 4
