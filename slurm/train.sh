@@ -2,7 +2,7 @@
 # Train GLIGEN under Slurm: one task per device, on 1 or N nodes, with requeue on preemption / time limit.
 #
 #   sbatch slurm/train.sh                                   # the toy box model: toy_box.yaml -> runs/toy_box
-#                                                           # (builds cache/toy first when it is missing)
+#                                                           # (first writes what cache/toy lacks)
 #   CONFIG=experiments/configs/my.yaml RUN_DIR=runs/my sbatch slurm/train.sh [--more.cli overrides ...]
 #   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 slurm/train.sh --trainer.accelerator gpu
 #
@@ -41,7 +41,7 @@ NNODES=${SLURM_NNODES:-1}
 TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-$(( ${SLURM_NTASKS:-1} / NNODES ))}
 
 # the toy default needs the toy world + toy LDM (cache/toy); build it once, on the batch host, before the ranks start
-if [ "$CONFIG" = experiments/configs/toy_box.yaml ] && [ ! -d cache/toy/ldm ]; then
+if [ "$CONFIG" = experiments/configs/toy_box.yaml ]; then  # idempotent: writes only what is missing
     echo "[train.sh] building the toy world in cache/toy (python -m gligen.toy build)"
     "$PYTHON" -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml
 fi

@@ -71,6 +71,11 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert json.loads((out / "config.json").read_text())["num_images"] == 8
+    # a world other than the shipped one: pretrained and trained here, and the stage times say so
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["toy_build_s"] > 0 and timings["train_s"] > 0 and timings["sweep_s"] > 0
+    assert timings["processor_class"] and "ablate_beta.py" in timings["command"]
+    assert (cache / "shards" / "train-grounding" / "index.json").exists()
 
 
 # ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
@@ -234,3 +239,19 @@ def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_p
     assert module.ldm.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["global_step"] == 1
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
+    """What experiments/time_readme.py times is the README's text, and .ci/run calls that same test command."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_readme", ROOT / "experiments" / "time_readme.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    commands = script.readme_commands()
+    assert commands["main"].startswith("python3 -m venv .venv") and commands["main"].endswith(
+        "python experiments/ablate_beta.py")
+    assert commands["tests"].endswith("python -m pytest")
+    assert commands["tests"] in (ROOT / ".ci" / "run").read_text()
+    assert script.pytest_summary("==== 3 failed, 410 passed, 3 skipped in 301.52s (0:05:01) ====") == {
+        "pytest_counts": "3 failed, 410 passed, 3 skipped", "pytest_s": 301.52}

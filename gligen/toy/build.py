@@ -128,33 +128,39 @@ def is_shipped_config(config: ToyBuildConfig, root: Path | None = None) -> bool:
 
 
 def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, log=print,
-          shipped: bool = True) -> Path:
+          shipped: bool = True, train_splits: bool = True) -> Path:
+    """Write what is missing of the toy world in `out`. `shipped`: copy the shipped LDM when `config` is its config
+    (False: pretrain here, replacing a shipped copy). `train_splits=False` leaves the train shards unwritten when
+    the LDM needs no pretraining (an experiment that only samples a shipped checkpoint needs the eval splits only;
+    a later build writes the rest)."""
     config = config or ToyBuildConfig()
     out = Path(out)
     check_world_version(out)
+    dirs, data = pretrain_data(out, config)
+    ldm = ldm_dir(out)
+    if (ldm / "model_index.json").exists() and not shipped and shipped_files.is_shipped_copy(ldm):
+        log(f"toy world: replacing the shipped LDM copied into {ldm} by one pretrained here (rebuild)")
+        shutil.rmtree(ldm)
+    install = not (ldm / "model_index.json").exists() and shipped and is_shipped_config(config)
+    needs_train = train_splits or not ((ldm / "model_index.json").exists() or install)
     for split, kinds in config.splits.items():
         for kind, n in kinds.items():
             target = shard_dir(out, split, kind)
-            if (target / "index.json").exists():
+            if (target / "index.json").exists() or (split == "train" and not needs_train):
                 continue
             log(f"toy world: writing {n} {split}/{kind} samples to {target}")
             world.write_split(split, kind, n, str(target), resolution=config.resolution, seed=config.seed,
                               max_samples=config.shard_size, progress=True)
     for split, n in config.person_splits.items():
         target = person_shard_dir(out, split)
-        if (target / "index.json").exists():
+        if (target / "index.json").exists() or (split == "train" and not needs_train):
             continue
         log(f"toy world: writing {n} {split} person scenes to {target}")
         world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
                           family=PERSONS, max_samples=config.shard_size, progress=True)
-    dirs, data = pretrain_data(out, config)
-    ldm = ldm_dir(out)
-    if (ldm / "model_index.json").exists() and not shipped and shipped_files.is_shipped_copy(ldm):
-        log(f"toy world: replacing the shipped LDM copied into {ldm} by one pretrained here (rebuild)")
-        shutil.rmtree(ldm)
     if (ldm / "model_index.json").exists():
         check_pretrain_config(ldm, config.pretrain, data)
-    elif shipped and is_shipped_config(config):
+    elif install:
         shipped_files.install_ldm(ldm)
         log(f"toy world: copied the shipped toy LDM ({shipped_files.shipped_ldm()}) to {ldm}; "
             "`python -m gligen.toy build --rebuild` pretrains it here instead")
