@@ -104,6 +104,8 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
          f"{provenance['num_images']} layouts per cell, seeds {sorted({r['seed'] for r in rows})}, "
          f"sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}."),
         "",
+        f"Checkpoint: `{provenance.get('ckpt', config.get('ckpt'))}` on base `{config.get('pretrained')}`.",
+        "",
         f"Grounding metric{modality}: {grounding} (plotted against FID in ap_fid_vs_tau.png).",
         "",
         "Mean ± std over seeds:",
