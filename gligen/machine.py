@@ -73,13 +73,14 @@ def native_bf16(device: str | torch.device = "cpu", flags: list[str] | None = No
             and isa_cap not in _BELOW_BF16_ISAS)
 
 
-def processor_class(flags: list[str] | None = None, capability: str | None = None) -> str:
+def processor_class(flags: list[str] | None = None, capability: str | None = None,
+                    environ: dict | None = None) -> str:
     """A short label for timings: "avx512+bf16", "avx512", "avx2" or "other" (what torch may use, not only what the
     processor has: ATEN_CPU_CAPABILITY=avx2 on an AVX-512 processor gives "avx2")."""
     flags = cpu_flags() if flags is None else flags
     capability = (torch_cpu_capability() if capability is None else capability).upper()
     if "avx512f" in flags and capability.startswith("AVX512"):
-        return "avx512+bf16" if native_bf16("cpu", flags, capability) else "avx512"
+        return "avx512+bf16" if native_bf16("cpu", flags, capability, environ) else "avx512"
     if "avx2" in flags and capability in ("AVX2", "AVX512", "AVX512_BF16"):
         return "avx2"
     return "other"
