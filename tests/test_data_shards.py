@@ -275,6 +275,16 @@ def test_unreadable_shard_counted(tmp_path):
     assert skips.summary() == {"unreadable_shard": 1}
 
 
+def test_a_missing_shard_directory_is_an_error_when_resolved(tmp_path):
+    """A spec naming a local directory that is not there (e.g. train shards never written) fails at once with the
+    path, instead of becoming a shard url that every loader worker then counts as unreadable."""
+    from gligen.data.shards import resolve_shards
+
+    with pytest.raises(FileNotFoundError, match="train-grounding: no shard directory"):
+        resolve_shards(str(tmp_path / "train-grounding"))
+    assert resolve_shards("pipe:cat x.tar") == ["pipe:cat x.tar"]  # not a local path: left to the reader
+
+
 def test_duplicate_member_is_damage(tmp_path):
     import tarfile
     path = tmp_path / "dup.tar"

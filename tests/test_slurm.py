@@ -127,7 +127,9 @@ def test_usr1_saves_requeues_and_resumes_at_the_exact_step(slurm, tiny_pretraine
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
 
-    info = wait_for(lambda i: i["Restarts"] == "1", 300, "requeue", job, log)
+    # wait past REQUEUED / COMPLETING: only a PENDING job can be released (checking earlier left it held ~2 min)
+    info = wait_for(lambda i: i["Restarts"] == "1" and i["JobState"] in ("PENDING", "RUNNING", "COMPLETED"), 300,
+                    "requeue", job, log)
     if info["JobState"] == "PENDING":  # Slurm holds a requeued job ~2 min (BeginTime); release it now
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_for(lambda i: i["JobState"] == "COMPLETED" and i["Restarts"] == "1", 600, "COMPLETED after requeue", job,

@@ -287,6 +287,11 @@ def resolve_shards(spec: str) -> list[str]:
     urls = expand_urls(spec)
     if not urls:
         raise ValueError(f"no shards match {spec!r}")
+    remote = "://" in spec or spec.startswith("pipe:")
+    if urls == [spec] and not remote and not os.path.exists(spec):
+        # a plain local path that is not there: say so now, not as unreadable shards inside a loader worker
+        raise FileNotFoundError(f"{spec}: no shard directory or tar file there (was it written? the toy world's "
+                                "train shards: python -m gligen.toy build)")
     return urls
 
 
