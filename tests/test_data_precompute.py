@@ -174,3 +174,13 @@ def test_samples_with_latents_keep_them_and_get_fresh_embeddings(tmp_path, tiny_
     torch.testing.assert_close(torch.from_numpy(out.arrays["caption_embeds.npy"]),
                                ldm.encode_captions(["a red circle"])[0], atol=TOL, rtol=0)
     assert out.arrays["phrase_embeds.npy"].shape == (1, ldm.text_encoder.config.hidden_size)
+
+
+def test_precompute_refuses_to_write_over_its_input(tmp_path):
+    """--out equal to --shards would truncate the input; refused before any model loads, input untouched."""
+    write_shards([make_sample("a", width=16, height=16, boxes=[(0.1, 0.1, 0.5, 0.5)])], tmp_path / "src",
+                 progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    with pytest.raises(ValueError, match=r"--out .*src holds the input shards"):
+        precompute_shards("no-model-needed", str(tmp_path / "src"), str(tmp_path / "src"), PrecomputeConfig(16))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == before

@@ -247,6 +247,13 @@ def precompute_shards(pretrained: str, shards: str, out_dir: str, cfg: Precomput
     ``clip``: CLIP directory for entity images (default: ``<pretrained>/clip`` when it exists)."""
     if cfg.image not in ("crop", "drop"):
         raise ValueError(f"image must be 'crop' or 'drop', got {cfg.image!r}")
+    urls = resolve_shards(shards)
+    out_real = os.path.realpath(out_dir)
+    inside = [u for u in urls if "://" not in u and not u.startswith("pipe:")
+              and os.path.realpath(u).startswith(out_real + os.sep)]
+    if inside:  # writing there would truncate shards before (or while) they are read
+        raise ValueError(f"--out {out_dir} holds the input shards ({inside[0]}{' ...' if len(inside) > 1 else ''}): "
+                         "write the precomputed set to another directory")
     if ldm is None:
         from gligen.ldm import FrozenLDM  # heavy import, only when the command runs
 
@@ -255,7 +262,7 @@ def precompute_shards(pretrained: str, shards: str, out_dir: str, cfg: Precomput
         ldm.set_clip(clip)
     skips = SkipCounter(strict=False)
     stats: Counter = Counter()
-    index = write_shards(precomputed_samples(ldm, resolve_shards(shards), cfg, skips, stats), out_dir,
+    index = write_shards(precomputed_samples(ldm, urls, cfg, skips, stats), out_dir,
                          prefix=prefix, max_samples=max_samples, progress=progress)
     if stats["entity_images_without_clip"]:
         log.warning("%d samples have entity images but no CLIP directory was found (--clip, default "
