@@ -380,6 +380,11 @@ def load_official(path: str | Path) -> dict:
     return checkpoint
 
 
+# top-level entries of the official trainer's snapshots besides the weights (iteration, optimizer, LR schedule,
+# EMA copy of the model)
+OFFICIAL_TRAINER_KEYS = ("iters", "opt", "scheduler", "ema")
+
+
 def check_official_layout(checkpoint, name: str = "checkpoint") -> dict:
     if not isinstance(checkpoint, dict):
         raise InteropError(
@@ -403,11 +408,17 @@ def check_official_layout(checkpoint, name: str = "checkpoint") -> dict:
             raise InteropError(
                 f"{name}: '{part}' should be a state dict (name -> tensor), found {type(value).__name__}"
             )
-    # released files have exactly these parts; training snapshots (opt, scheduler, iters, ema) are not converted
-    extra = sorted(set(map(str, checkpoint)) - set(OFFICIAL_PARTS))
+    # released files have exactly these parts; the official trainer's snapshots add its training state, which
+    # official inference ignores too (it loads 'model'): ignored here, and named
+    extra = sorted(set(map(str, checkpoint)) - set(OFFICIAL_PARTS) - set(OFFICIAL_TRAINER_KEYS))
     if extra:
-        raise InteropError(f"{name}: unexpected top-level keys {extra}; expected only {list(OFFICIAL_PARTS)}")
-    return checkpoint
+        raise InteropError(f"{name}: unexpected top-level keys {extra}; expected only {list(OFFICIAL_PARTS)} "
+                           f"(and the trainer's {list(OFFICIAL_TRAINER_KEYS)})")
+    ignored = [k for k in OFFICIAL_TRAINER_KEYS if k in checkpoint]
+    if ignored:
+        log.warning("%s: ignoring the official trainer's %s (training state; the weights imported are 'model')",
+                    name, ignored)
+    return {k: v for k, v in checkpoint.items() if k not in OFFICIAL_TRAINER_KEYS}
 
 
 class _Consumed:

@@ -268,8 +268,8 @@ def test_unknown_layout_is_refused(tmp_path):
     with pytest.raises(InteropError, match=r"expected an official GLIGEN checkpoint with keys \['model'.*missing"):
         load_official(tmp_path / "sd.ckpt")
     parts = {k: {} for k in ("model", "autoencoder", "text_encoder", "diffusion")}
-    torch.save({**parts, "ema": {}}, tmp_path / "e.pth")
-    with pytest.raises(InteropError, match=r"unexpected top-level keys \['ema'\]"):
+    torch.save({**parts, "foo": {}}, tmp_path / "e.pth")
+    with pytest.raises(InteropError, match=r"unexpected top-level keys \['foo'\]"):
         load_official(tmp_path / "e.pth")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(InteropError, match=r"expected an official GLIGEN checkpoint.*found a list"):
@@ -347,3 +347,17 @@ def test_official_names_at_sd_size_match_the_official_unet_layout():
     prefixed = {LDM_UNET_KEY + k: v for k, v in official.items() if not k.startswith("position_net.")}
     back = convert_ldm_unet_checkpoint(prefixed, dict(unet.config))
     assert set(back) == {k for k in diffusers_sd if not k.startswith("position_net.")}
+
+
+def test_official_trainer_snapshot_keys_are_ignored_and_named(tmp_path, caplog):
+    """The official trainer saves iters / opt / scheduler / ema beside the weights; official inference loads such a
+    file (it reads 'model'), so the import does too, naming what it leaves out."""
+    parts = {k: {"w": torch.zeros(1)} for k in ("model", "autoencoder", "text_encoder", "diffusion")}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=5e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    torch.save({**parts, "iters": 7, "opt": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": {"w": torch.ones(1)}}, tmp_path / "snapshot.pth")
+    with caplog.at_level("WARNING"):
+        loaded = load_official(tmp_path / "snapshot.pth")
+    assert set(loaded) == set(parts) and torch.equal(loaded["model"]["w"], torch.zeros(1))
+    assert "['iters', 'opt', 'scheduler', 'ema']" in caplog.text and "snapshot.pth" in caplog.text
