@@ -30,12 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing too
 
-from gligen.machine import cpu_flags, cpu_name  # noqa: E402
+from gligen.machine import cpu_flags, cpu_name, processor_class, torch_cpu_capability  # noqa: E402
 from gligen.results import append_csv, git_commit  # noqa: E402
 
 ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
-CAP_CLASS = {"avx2": "avx2"}
 
 
 def readme_commands(readme: Path = ROOT / "README.md") -> dict[str, str]:
@@ -79,9 +78,10 @@ def main(argv=None) -> None:
     (clone / "output.txt").write_text(proc.stdout)
     print(proc.stdout[-3000:])
     flags = cpu_flags()
+    # the class the command ran as: the cap decides torch's kernels (the clone's own timings.json says the same)
+    capability = env.get("ATEN_CPU_CAPABILITY", torch_cpu_capability())
     row = {"command": args.which, "isa_cap": args.isa,
-           "processor_class": CAP_CLASS.get(args.isa) or ("avx512+bf16" if "avx512_bf16" in flags else
-                                                          "avx512" if "avx512f" in flags else "avx2"),
+           "processor_class": processor_class(flags, capability, environ=env),
            "wall_s": round(wall, 1), "returncode": proc.returncode, "cpu": cpu_name(), "cores": os.cpu_count(),
            "cpu_flags": " ".join(flags), "git_commit": commit, "readme_command": command}
     if args.which == "tests":

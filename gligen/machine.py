@@ -94,6 +94,7 @@ def machine_columns(device: str | torch.device = "cpu") -> dict:
         machine = torch.cuda.get_device_name(device)
     else:
         machine = f"{cpu_name()}, {os.cpu_count()} cores"
-    return {"machine": machine, "processor_class": processor_class(), "cpu_flags": " ".join(cpu_flags()),
-            "torch_cpu_capability": torch_cpu_capability(), "native_bf16": native_bf16(device),
-            "threads": torch.get_num_threads()}
+    flags, capability = cpu_flags(), torch_cpu_capability()  # /proc/cpuinfo read once per row
+    bf16 = native_bf16(device, flags, capability)
+    return {"machine": machine, "processor_class": processor_class(flags, capability), "cpu_flags": " ".join(flags),
+            "torch_cpu_capability": capability, "native_bf16": bf16, "threads": torch.get_num_threads()}
