@@ -1,4 +1,6 @@
-from .cli import main
+import sys
+
+from .cli import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -7,8 +7,9 @@ import logging
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from .checkpointing import preemption_requested
 from .evaluation import grounding_inputs, layouts_from_batch
-from .sampling import sample, tau_schedule
+from .sampling import SamplingInterrupted, sample, tau_schedule
 from .visualize import layouts_grid
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,15 @@ class SampleGrid(L.Callback):
         pl_module.eval()
         ldm = pl_module.ldm
         grounding = grounding_inputs(ldm, layouts, pl_module.hparams.max_objects, pl_module.hparams.modality)
-        images = sample(ldm, [lay["caption"] for lay in layouts], grounding, tau_schedule(self.steps, self.tau),
-                        steps=self.steps, guidance=self.guidance,
-                        seeds=[self.seed + i for i in range(len(layouts))])
-        pl_module.train(was_training)
+        try:
+            images = sample(ldm, [lay["caption"] for lay in layouts], grounding, tau_schedule(self.steps, self.tau),
+                            steps=self.steps, guidance=self.guidance,
+                            seeds=[self.seed + i for i in range(len(layouts))], interrupt=preemption_requested)
+        except SamplingInterrupted:
+            log.warning("preemption signal: sample grid of step %d abandoned", trainer.global_step)
+            return
+        finally:
+            pl_module.train(was_training)
         grid = layouts_grid(images.cpu(), layouts, nrow=4)
         experiment = trainer.logger.experiment
         if hasattr(experiment, "add_image"):
@@ -102,6 +108,7 @@ class GroundingEvaluation(L.Callback):
         self.sampler, self.max_batches, self.seed = sampler, max_batches, seed
         self._detector = None
         self.metric = None
+        self._aborted = False
 
     @property
     def detector(self):
@@ -120,6 +127,7 @@ class GroundingEvaluation(L.Callback):
         from torchmetrics.detection import MeanAveragePrecision
 
         self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(pl_module.device)
+        self._aborted = False
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking or (self.max_batches is not None and batch_idx >= self.max_batches):
@@ -130,9 +138,14 @@ class GroundingEvaluation(L.Callback):
         layouts = layouts_from_batch(batch)
         # distinct, reproducible seeds per (rank, batch): a rank's images do not depend on the others
         seed = self.seed + batch_idx * trainer.world_size + trainer.global_rank
-        images = generate(pl_module.ldm, layouts, tau_schedule(self.steps, self.tau), seed=seed,
-                          sampler=self.sampler, steps=self.steps, guidance=self.guidance, batch_size=len(layouts),
-                          progress=False, max_objects=pl_module.hparams.max_objects)
+        try:
+            images = generate(pl_module.ldm, layouts, tau_schedule(self.steps, self.tau), seed=seed,
+                              sampler=self.sampler, steps=self.steps, guidance=self.guidance,
+                              batch_size=len(layouts), progress=False, max_objects=pl_module.hparams.max_objects,
+                              interrupt=preemption_requested)
+        except SamplingInterrupted:
+            self._aborted = True  # the rest of this validation is skipped (SlurmRequeue); no AP from a part of it
+            return
         preds, targets = map_inputs(self.detector(images), layouts, stable_label_id)
         device = pl_module.device
         self.metric.update([{k: v.to(device) for k, v in p.items()} for p in preds],
@@ -141,6 +154,12 @@ class GroundingEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.metric is None or self.max_batches == 0:
             return  # every rank takes the same branch: compute() below is a collective under DDP
+        aborted = self._aborted or getattr(trainer, "gligen_validation_aborted", False)
+        if trainer.strategy.reduce_boolean_decision(aborted, all=False):  # every rank: a collective too
+            log.warning("validation cut short by a preemption signal: val/ap* not logged at step %d",
+                        trainer.global_step)
+            self.metric.reset()
+            return
         from .metrics.grounding import ap_summary
 
         for name, value in ap_summary(self.metric.compute()).items():  # compute() already syncs ranks

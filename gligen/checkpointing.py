@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -79,8 +80,9 @@ def save_safetensors_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Pa
 
 
 # ----- atomic writes ---------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to `path` so that `path` is, at every instant, either the old file or the complete new one."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike, keep: int = 1) -> None:
+    """`torch.save` to `path` so that `path` is, at every instant, either the old file or the complete new one.
+    `keep` > 1: the replaced file survives as `previous_versions(path, keep)[0]` (older ones shift down)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -89,6 +91,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        older = previous_versions(path, keep)
+        if older and path.exists():
+            for newer, older_one in reversed(list(zip(older, older[1:]))):
+                if newer.exists():
+                    os.replace(newer, older_one)
+            link = older[0].with_name(f".{older[0].name}.tmp")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)  # `path` itself stays in place until the new file replaces it
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, link)
+            os.replace(link, older[0])
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -106,13 +120,47 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         pass
 
 
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint whose weights hold NaN / inf: refused, so the previous (good) checkpoint stays in place."""
+
+
+def nonfinite_weights(state_dict: dict[str, Any]) -> list[str]:
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def previous_versions(path: str | os.PathLike, keep: int) -> list[Path]:
+    """The names older versions of `path` are kept under: `last.ckpt` -> `last.1.ckpt` (one save older), ..."""
+    path = Path(path)
+    return [path.with_name(f"{path.stem}.{i}{path.suffix}") for i in range(1, keep)]
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local writes go through a temp file + `os.replace` (remote URLs: Lightning's own)."""
+    """TorchCheckpointIO for runs that must survive anything:
+
+    - local writes go through a temp file + `os.replace` (remote URLs: Lightning's own write);
+    - a checkpoint with non-finite weights is refused (`NonFiniteCheckpointError`), never written over a good one;
+    - overwriting a file keeps its `keep - 1` previous versions (`last.ckpt` -> `last.1.ckpt`, ...), so the newest
+      checkpoint is never the only one;
+    - every load, a resume's included, is `torch.load(weights_only=True)`: a shared checkpoint passed to
+      `--ckpt_path` is never unpickled as code, whatever torch's own default."""
+
+    def __init__(self, keep: int = 2):
+        super().__init__()
+        self.keep = max(1, keep)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        bad = nonfinite_weights(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"refusing to write {path}: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''} "
+                f"(global step {checkpoint.get('global_step')}); the previous checkpoint is kept")
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, path, keep=self.keep)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 # ----- periodic last.ckpt ----------------------------------------------------------------------------------------
@@ -228,7 +276,47 @@ class RNGStateCheckpoint(L.Callback):
                 torch.empty((), dtype=torch.int64).random_()
 
 
-# ----- Slurm requeue ---------------------------------------------------------------------------------------------
+# ----- preemption: a signal -> save, requeue --------------------------------------------------------------------
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# exit status of a fit that a signal stopped and that was not requeued (outside Slurm, requeue off, or scontrol
+# failed): everything is saved and resumable, but the run is unfinished, and a grid or a script must see that
+EXIT_INTERRUPTED = 3
+
+_received: list[int] = []  # signals received since the last clear_preemption(); only the handler appends
+_previous_handlers: dict[int, Any] = {}
+
+
+def _preemption_handler(signum, frame) -> None:
+    _received.append(signum)  # nothing else: the work happens at the next safe point, on every rank together
+
+
+def install_preemption_handlers(signals=PREEMPTION_SIGNALS) -> bool:
+    """Route SIGUSR1 / SIGTERM to a flag read at safe points (step boundaries, between validation batches, between
+    sampler steps). The CLI installs them before the model loads, so a signal during loading is kept, not fatal.
+    Idempotent; returns whether this call installed any. Main thread only (Python's rule for signal handlers)."""
+    installed = False
+    for signum in signals:
+        if signum not in _previous_handlers:
+            _previous_handlers[signum] = signal.signal(signum, _preemption_handler)
+            installed = True
+    return installed
+
+
+def restore_signal_handlers() -> None:
+    for signum, previous in list(_previous_handlers.items()):
+        signal.signal(signum, previous)
+        del _previous_handlers[signum]
+
+
+def preemption_requested() -> int | None:
+    """The first preemption signal this process received since `clear_preemption()`, or None."""
+    return _received[0] if _received else None
+
+
+def clear_preemption() -> None:
+    _received.clear()
+
+
 def hpc_checkpoints(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
@@ -258,54 +346,102 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-class SlurmRequeue(L.Callback):
-    """On `signum` (default SIGUSR1), at the next training-step boundary on all ranks: save
-    `default_root_dir/hpc_ckpt_<n>.ckpt`, requeue the job (`scontrol requeue`, rank 0) and stop training.
+def requeue_slurm_job(job_id: str | None) -> str | None:
+    """`scontrol requeue <job_id>`; None when it worked, else why not (no job id, no scontrol, its error)."""
+    if not job_id:
+        return "not a Slurm job (no SLURM_JOB_ID): nothing to requeue"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"scontrol requeue {job_id} could not run: {error}"
+    if result.returncode != 0:
+        return f"scontrol requeue {job_id} failed ({result.returncode}): {result.stderr.strip()}"
+    return None
 
-    The handler only sets a flag; the ranks agree on it every step (one boolean all-reduce), so every rank saves
-    and stops after the same step. Use with `SLURMEnvironment(auto_requeue=False)` (the CLI does), so Lightning
-    does not install its own handler too. `requeue=False` (or no SLURM_JOB_ID) saves and stops without requeueing.
+
+class SlurmRequeue(L.Callback):
+    """On SIGUSR1 or SIGTERM (Slurm's time-limit warning, `scancel --signal=...`, preemption): at the next safe point
+    on all ranks together, save `default_root_dir/hpc_ckpt_<n>.ckpt`, requeue the job (`scontrol requeue`, rank 0)
+    and stop training.
+
+    The handler only sets a flag; the ranks agree on it with one boolean all-reduce per step (and per validation
+    batch), so every rank saves after the same step. Safe points: every training-step boundary; the start of
+    training (a signal that came while the model loaded); every validation batch (the rest of the validation is
+    skipped, its AP not logged) and every sampler step of `SampleGrid` / `GroundingEvaluation` (abandoned), so a
+    long evaluation cannot outlast the grace time. A signal after the final step saves nothing extra: the run ends
+    normally and writes its complete `last.ckpt`.
+
+    The outcome is `trainer.gligen_interrupted`: None (not stopped by a signal, or requeued), else the reason the
+    job was not requeued (outside Slurm, `requeue=False`, no `scontrol`, scontrol's error); `python -m gligen fit`
+    then exits with `EXIT_INTERRUPTED`. Use with `SLURMEnvironment(auto_requeue=False)` (the CLI does), so
+    Lightning does not install its own handler too. `keep`: how many hpc checkpoints stay (the newest).
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True):
-        self.signum, self.requeue = signum, requeue
-        self._received = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        self._received = True
+    def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS, requeue: bool = True, keep: int = 2):
+        self.signals, self.requeue, self.keep = tuple(signals), requeue, max(1, keep)
+        self._installed = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous is None:
-            self._previous = signal.signal(self.signum, self._handler)
+        trainer.gligen_interrupted = None
+        if stage == "fit":
+            self._installed = install_preemption_handlers(self.signals)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        if stage == "fit" and self._installed:  # only what this callback installed (the CLI restores its own)
+            restore_signal_handlers()
+            self._installed = False
+
+    def _agreed(self, trainer: L.Trainer) -> bool:
+        return bool(trainer.strategy.reduce_boolean_decision(preemption_requested() is not None, all=False))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._agreed(trainer):  # the signal came while the model and data were loading
+            self._save_and_requeue(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+        if self._agreed(trainer):
+            self._save_and_requeue(trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "fit" and self._agreed(trainer):
+            trainer.gligen_validation_aborted = True
+            log.warning("preemption signal: validation stopped at batch %d", batch_idx)
+            raise StopIteration  # Lightning's evaluation loop ends on it, as when the data runs out
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        trainer.gligen_validation_aborted = False
+
+    def _save_and_requeue(self, trainer: L.Trainer) -> None:
+        signum = preemption_requested()
+        clear_preemption()
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            # the final step is done: ending normally writes the complete last.ckpt; a requeue would only resume a
+            # finished run
+            if trainer.is_global_zero:
+                log.warning("preemption signal after the final step %d: finishing normally", trainer.global_step)
             return
-        self._received = False
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         path = trainer.strategy.broadcast(path)
         trainer.save_checkpoint(path)  # all ranks: the state dicts are collected everywhere, rank 0 writes
-        if trainer.is_global_zero:  # older requeue checkpoints are superseded by this complete one
-            for older in hpc_checkpoints(trainer.default_root_dir):
-                if older != Path(path):
-                    older.unlink(missing_ok=True)
-        if trainer.is_global_zero:
-            log.warning("requeue signal: saved %s at global step %d", path, trainer.global_step)
+        if trainer.is_global_zero:  # the newest `keep` stay: never only the one just written
+            for older in hpc_checkpoints(trainer.default_root_dir)[:-self.keep]:
+                older.unlink(missing_ok=True)
+            log.warning("preemption signal %s: saved %s at global step %d",
+                        signal.Signals(signum).name if signum else "?", path, trainer.global_step)
         trainer._gligen_requeued = True
-        job_id = slurm_job_id()
-        if trainer.is_global_zero and self.requeue and job_id:
-            result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True,
-                                    text=True)
-            if result.returncode == 0:
-                log.warning("requeued Slurm job %s", job_id)
-            else:
-                log.error("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
+        reason = "requeue disabled (SlurmRequeue(requeue=False))"
+        if self.requeue and trainer.is_global_zero:
+            reason = requeue_slurm_job(slurm_job_id())
+        reason = trainer.strategy.broadcast(reason)
+        if reason is None:
+            if trainer.is_global_zero:
+                log.warning("requeued Slurm job %s", slurm_job_id())
+        else:
+            if trainer.is_global_zero:
+                log.error("stopped by a signal at step %d and NOT requeued: %s; resume by running the same command "
+                          "again", trainer.global_step, reason)
+            trainer.gligen_interrupted = reason
         trainer.should_stop = True
 
 

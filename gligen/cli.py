@@ -6,10 +6,25 @@ a restarted or requeued job continues the same run. With a run_dir, "last" means
 `run_dir/hpc_ckpt_<n>.ckpt` (Slurm requeue, see gligen/checkpointing.py) and `run_dir/checkpoints/last.ckpt`
 (every `--checkpoint_every` steps and at the end of fit); checkpoints are written atomically (temp file +
 rename), and the RNG states travel in them so a resumed run draws the noise the uninterrupted one would have.
-Under Slurm, SIGUSR1 saves an hpc checkpoint at the next step boundary on all ranks and requeues the job.
+SIGUSR1 or SIGTERM (Slurm's time-limit warning, preemption, scancel) saves an hpc checkpoint at the next safe point on
+all ranks and requeues the job; the handlers are installed before the model loads. A run stopped by a signal and not
+requeued exits with status 3 (`EXIT_INTERRUPTED`): saved, resumable, unfinished.
+
+Trust guards (see gligen/rundir.py, gligen/nonfinite.py, gligen/checkpointing.py):
+- resuming a run_dir whose `config.yaml` differs in a key that changes training is refused, naming the keys
+  (`--allow_config_change true` overrides); every distinct config is kept in `run_dir/config_history/`;
+- `run_dir/.lock` refuses a second job on the same run_dir (stale locks of ended jobs are taken over);
+- a non-finite loss or gradient skips the step on every rank; `--max_nonfinite_steps` in a row stop the run;
+- the previous `--keep_checkpoints - 1` versions of last.ckpt (and of the hpc checkpoints) are kept, a checkpoint
+  with non-finite weights is never written, and every checkpoint load is `weights_only=True`.
 """
 
+import os
+import sys
+import threading
 from pathlib import Path
+
+import yaml
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
@@ -19,14 +34,26 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .checkpointing import (
+    EXIT_INTERRUPTED,
     AtomicCheckpointIO,
     LastCheckpoint,
     RNGStateCheckpoint,
     SlurmRequeue,
+    install_preemption_handlers,
+    preemption_requested,
+    restore_signal_handlers,
     resume_path,
     slurm_environment_plugin,
 )
 from .module import GLIGENModule
+from .nonfinite import NonFiniteGuard
+from .rundir import RunDirLock, RunDirLockedError, config_differences, describe_differences, record_config
+
+_locks: list[RunDirLock] = []  # held by this process; released when main() returns or raises
+
+
+class ConfigChangedError(ValueError):
+    """A rerun of a run_dir with a config that changes training."""
 
 
 class GLIGENCLI(LightningCLI):
@@ -44,6 +71,26 @@ class GLIGENCLI(LightningCLI):
             help="with run_dir: also write checkpoints/last.ckpt every this many optimizer steps (0: only at the "
             "end of fit); guards against a requeue signal that never gets handled",
         )
+        parser.add_argument(
+            "--keep_checkpoints",
+            type=int,
+            default=2,
+            help="versions of last.ckpt (last.ckpt, last.1.ckpt, ...) and of the hpc checkpoints kept: never fewer "
+            "than 2, so the newest is never the only one",
+        )
+        parser.add_argument(
+            "--max_nonfinite_steps",
+            type=int,
+            default=20,
+            help="stop with an error after this many consecutive optimizer steps skipped for a non-finite loss or "
+            "gradient (0: never)",
+        )
+        parser.add_argument(
+            "--allow_config_change",
+            type=bool,
+            default=False,
+            help="resume a run_dir even though its saved config.yaml differs in keys that change training",
+        )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         # `ckpt_path` exists only once the method's arguments are added, after add_arguments_to_parser
@@ -59,16 +106,50 @@ class GLIGENCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if run_dir and config.get("ckpt_path") == "last":
             config["ckpt_path"] = resume_path(run_dir)  # None: a fresh run
+        if run_dir:
+            self._guard_run_dir(Path(run_dir), resuming=config.get("ckpt_path") is not None)
+
+    def _guard_run_dir(self, run_dir: Path, resuming: bool) -> None:
+        """Refuse a rerun that would mix two configurations or two jobs in one run_dir; keep the config history."""
+        text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        saved_path = run_dir / "config.yaml"
+        if resuming and saved_path.exists() and not self._get(self.config, "allow_config_change", default=False):
+            diffs = config_differences(yaml.safe_load(saved_path.read_text()) or {}, yaml.safe_load(text))
+            if diffs:
+                raise ConfigChangedError(
+                    f"{run_dir} holds a run trained with another config; resuming it with this one would mix the "
+                    f"two. Differences: {describe_differences(diffs)}. Use a new --run_dir, or pass "
+                    "--allow_config_change true to resume with the new values (the old config stays in "
+                    f"{run_dir / 'config_history'}).")
+        if self.trainer.global_rank == 0 and int(os.environ.get("LOCAL_RANK", 0) or 0) == 0:
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+            _locks.append(lock)
+            record_config(run_dir, text)
+
+    def after_fit(self) -> None:
+        release_locks()
 
     def instantiate_trainer(self, **kwargs):
         run_dir = self._get(self.config, "run_dir")
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        keep = max(2, self._get(self.config, "keep_checkpoints", default=2) or 2)
+        callbacks = list(kwargs.get("callbacks") or trainer_config.get("callbacks") or [])
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard(self._get(self.config, "max_nonfinite_steps", default=20)))
+        kwargs["callbacks"] = callbacks
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO(keep=keep))  # weights_only loads, with or without a run_dir
+        kwargs["plugins"] = plugins
+        if not run_dir:
+            _release_early_signal_handlers()  # no requeue without a run_dir: signals act as usual again
         if run_dir:
             run_dir = Path(run_dir)
-            trainer_config = self._get(self.config_init, "trainer", default={})
             kwargs["default_root_dir"] = str(run_dir)
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = TensorBoardLogger(save_dir=str(run_dir), name="", version="")
-            callbacks = list(trainer_config.get("callbacks") or [])
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 # one `last.ckpt`, overwritten in place (no last-v1.ckpt after a resume) so a requeue finds it
                 every = self._get(self.config, "checkpoint_every", default=500) or 0
@@ -76,28 +157,60 @@ class GLIGENCLI(LightningCLI):
             if not any(isinstance(c, RNGStateCheckpoint) for c in callbacks):
                 callbacks.append(RNGStateCheckpoint())
             if not any(isinstance(c, SlurmRequeue) for c in callbacks):
-                callbacks.append(SlurmRequeue())
-            kwargs["callbacks"] = callbacks
-            plugins = trainer_config.get("plugins") or []
-            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-            if not any(isinstance(p, CheckpointIO) for p in plugins):
-                plugins.append(AtomicCheckpointIO())
+                callbacks.append(SlurmRequeue(keep=keep))
             slurm = slurm_environment_plugin()
             if slurm is not None and not any(isinstance(p, ClusterEnvironment) for p in plugins):
                 plugins.append(slurm)  # auto_requeue=False: SlurmRequeue handles SIGUSR1
-            kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
 
+def release_locks() -> None:
+    while _locks:
+        _locks.pop().release()
+
+
+def _release_early_signal_handlers() -> None:
+    """Undo main()'s early handlers; a signal that came meanwhile gets its default action now (e.g. SIGTERM ends
+    the process), as it would have without them."""
+    restore_signal_handlers()
+    signum = preemption_requested()
+    if signum is not None:
+        os.kill(os.getpid(), signum)
+
+
 def main(args=None) -> GLIGENCLI:
-    return GLIGENCLI(
-        GLIGENModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    # before anything loads: a preemption signal while a multi-GB model loads is kept (and acted on once training
+    # starts), not fatal; without a run_dir (no requeue) instantiate_trainer restores the defaults
+    early = threading.current_thread() is threading.main_thread() and install_preemption_handlers()
+    try:
+        return GLIGENCLI(
+            GLIGENModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    finally:
+        release_locks()
+        if early:
+            restore_signal_handlers()
+
+
+def run(args=None) -> int:
+    """`python -m gligen ...`: main() with exit statuses a script or a grid can act on: 0 finished (or requeued),
+    2 refused (run_dir in use, config changed), EXIT_INTERRUPTED (3) stopped by a signal and not requeued."""
+    try:
+        cli = main(args)
+    except (RunDirLockedError, ConfigChangedError) as error:
+        print(f"gligen: error: {error}", file=sys.stderr)
+        return 2
+    reason = getattr(getattr(cli, "trainer", None), "gligen_interrupted", None)
+    if reason:
+        print(f"gligen: stopped by a signal at step {cli.trainer.global_step}, not requeued ({reason}); saved in "
+              f"{cli.trainer.default_root_dir}: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
 
 
 def fit_from_config(config: str, *overrides: str) -> Path:
@@ -107,6 +220,10 @@ def fit_from_config(config: str, *overrides: str) -> Path:
     once, an interrupted one continues.
     """
     cli = main(["fit", "--config", config, *overrides])
+    reason = getattr(cli.trainer, "gligen_interrupted", None)
+    if reason:
+        raise RuntimeError(f"{config}: training was stopped by a signal at step {cli.trainer.global_step} and not "
+                           f"requeued ({reason}); run again to resume")
     checkpoint = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
     if not checkpoint.exists():
         raise FileNotFoundError(f"{config}: training finished without writing {checkpoint} (is run_dir set?)")

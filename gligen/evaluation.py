@@ -228,10 +228,12 @@ def grounding_inputs(ldm: FrozenLDM, layouts: list[dict], max_objects: int = MAX
 def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int = 0, sampler: str = "ddim",
              steps: int = 50, guidance: float = 7.5, batch_size: int = 50, progress: bool = True,
              max_objects: int = MAX_OBJECTS, modality: str | None = None,
-             init_images: list[np.ndarray] | None = None, strength: float = 1.0) -> list[np.ndarray]:
+             init_images: list[np.ndarray] | None = None, strength: float = 1.0,
+             interrupt=None) -> list[np.ndarray]:
     """One uint8 HxWx3 image per layout; image i depends only on (seed, i, layout i), not on the batching.
     modality: which grounding inputs the layouts become (default: `infer_modality`).
-    init_images, strength: SDEdit from these uint8 images (see `sample`), encoded per batch."""
+    init_images, strength: SDEdit from these uint8 images (see `sample`), encoded per batch.
+    interrupt: see `sample` (raises `SamplingInterrupted`)."""
     images = []
     starts = range(0, len(layouts), batch_size)
     for start in tqdm(starts, desc=f"sampling seed {seed}", disable=not progress, leave=False):
@@ -244,6 +246,7 @@ def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int 
             ldm, [layout["caption"] for layout in chunk], grounding_inputs(ldm, chunk, max_objects, modality), betas,
             sampler=sampler, steps=steps, guidance=guidance,
             seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))], init_latents=init, strength=strength,
+            interrupt=interrupt,
         )
         images.extend((pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return images

@@ -7,6 +7,8 @@ shorthand tau means [tau, 0, 1 - tau]. Classifier-free guidance runs the uncondi
 caption "" AND null grounding (every object masked, so only the learned null features reach the fusers).
 """
 
+from collections.abc import Callable
+
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -47,6 +49,10 @@ def make_scheduler(ldm: FrozenLDM, sampler: str):
 
 
 @torch.no_grad()
+class SamplingInterrupted(RuntimeError):
+    """`sample(..., interrupt=...)` stopped because `interrupt()` returned true."""
+
+
 def sample(
     ldm: FrozenLDM,
     prompts: list[str],
@@ -60,6 +66,7 @@ def sample(
     width: int | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    interrupt: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """Generate one image per prompt; returns pixels in [0, 1], [B, 3, H, W].
 
@@ -72,6 +79,8 @@ def sample(
             else is in the batch.
         init_latents, strength: SDEdit (image-to-image): noise these (scaled) latents to the step where a fraction
             `strength` of the schedule remains and denoise from there (ddim only); betas still index all `steps`.
+        interrupt: checked before every sampler step; when it returns true, `SamplingInterrupted` is raised (a
+            preemption signal must not wait for a whole sampling run).
     """
     batch = len(prompts)
     device = ldm.unet.device
@@ -110,6 +119,8 @@ def sample(
     try:
         step, previous = first - 1, None
         for t in scheduler.timesteps[first:]:
+            if interrupt is not None and interrupt():
+                raise SamplingInterrupted(f"sampling interrupted before step {step + 1} of {steps}")
             if t != previous:  # PLMS evaluates its second timestep twice: one sampler step, one beta
                 step, previous = step + 1, t
             set_beta(ldm.unet, betas[step])
