@@ -16,23 +16,65 @@ log = logging.getLogger(__name__)
 
 
 class SkipLogger(L.Callback):
-    """Logs the datamodule's per-reason skip counts (damaged samples) every epoch and summarises them at the end,
-    so a long run never loses data silently."""
+    """The data pipeline's counts, so a long run never loses data silently: skipped samples by reason
+    (``data_skips/train/<reason>``, ``data_skips/val/<reason>``) and objects / persons dropped from kept samples
+    (``data_drops/train/<reason>``, ...), logged to TensorBoard at every epoch end and at the end of training, and
+    printed by rank 0 at the end of fit.
 
-    def _counts(self, trainer) -> dict[str, int]:
+    Training counts are summed over DataLoader workers (batches carry them to the datamodule) and over DDP ranks
+    (gathered here: every rank takes part in the collective). Validation counts come from each rank reading the
+    whole validation set (the same on every rank), so rank 0's are taken."""
+
+    def __init__(self):
+        self.totals: dict[str, int] = {}
+
+    @staticmethod
+    def _local(trainer) -> dict[str, int]:
         datamodule = trainer.datamodule
-        return datamodule.skip_summary() if datamodule is not None and hasattr(datamodule, "skip_summary") else {}
+        out: dict[str, int] = {}
+        for prefix, method in (("data_skips", "skip_summary"), ("data_drops", "drop_summary")):
+            if datamodule is not None and hasattr(datamodule, method):
+                out.update({f"{prefix}/{k}": int(v) for k, v in getattr(datamodule, method)().items()})
+        return out
+
+    def global_counts(self, trainer) -> dict[str, int]:
+        """This process's counts, summed over ranks under DDP (a collective: call it on every rank)."""
+        import torch.distributed as dist
+
+        local = self._local(trainer)
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return local
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        names = sorted(set().union(*gathered))
+        return {name: gathered[0].get(name, 0) if name.split("/")[1] == "val" else sum(g.get(name, 0) for g in gathered)
+                for name in names}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        counts = self._counts(trainer)
-        if counts:
-            pl_module.log_dict({f"data_skips/{k}": float(v) for k, v in counts.items()}, rank_zero_only=True)
+        self.totals = self.global_counts(trainer)
+        if self.totals:
+            pl_module.log_dict({k: float(v) for k, v in self.totals.items()}, rank_zero_only=True)
 
-    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        # before the strategy's teardown (on_fit_end comes after it): the last collective happens here
+        self.totals = self.global_counts(trainer)
+        if self.totals and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in self.totals.items()}, step=trainer.global_step)
+
     def on_fit_end(self, trainer, pl_module) -> None:
-        counts = self._counts(trainer)
-        if counts:
-            log.warning("skipped samples during this run: %s", counts)
+        if trainer.is_global_zero:
+            print(format_data_counts(self.totals, trainer.world_size), flush=True)
+
+
+def format_data_counts(totals: dict[str, int], world_size: int = 1) -> str:
+    """``SkipLogger.totals`` as the end-of-fit summary."""
+    if not totals:
+        return "data: no sample skipped, no object dropped"
+    ranks = f" (summed over {world_size} ranks and their loader workers)" if world_size > 1 else ""
+    lines = [f"data: skipped samples and dropped objects by reason{ranks}:"]
+    lines += [f"  {name.replace('data_', '', 1)}: {n}" for name, n in sorted(totals.items())]
+    return "\n".join(lines)
 
 
 class SampleGrid(L.Callback):

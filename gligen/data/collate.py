@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 # optional tensors: present in the batch only when every example has them (the module then prefers them)
@@ -52,3 +54,47 @@ def stack_where_any(batch: dict, examples: list[dict], *names: str) -> None:
         for name in names:
             zeros = torch.zeros_like(having[0][name])
             batch[name] = torch.stack([e.get(name, zeros) for e in examples])
+
+
+# ----------------------------------------------------------------------------------- shapes a batch can stack
+FORMS = {"image form": "image_form_mismatch", "entity form": "image_form_mismatch"}
+
+
+def example_signature(example: dict) -> dict:
+    """What must agree across a batch for ``collate_batch`` to stack it: every tensor's shape, the image form
+    (latents or pixels) and the entity form (precomputed embeddings or images)."""
+    sig: dict = {name: tuple(v.shape) for name, v in example.items() if isinstance(v, torch.Tensor)}
+    sig["image form"] = "latents" if "latent_mean" in example else "pixels"
+    if "entity_embeds" in example or "entity_pixel_values" in example:
+        sig["entity form"] = "embeddings" if "entity_embeds" in example else "images"
+    return sig
+
+
+class BatchShapes:
+    """The expected per-example shapes of a stream's batches, checked before stacking so that one sample of
+    another shape (latents or embeddings of another size, an image-only sample in a latents source) is a counted
+    skip instead of a failed ``torch.stack``.
+
+    The expectation is the majority over the first candidates that show an entry (``settle``; ties go to the
+    first seen) and then stays fixed, so a damaged first sample cannot impose its shape on the rest."""
+
+    def __init__(self):
+        self.expected: dict = {}
+
+    def settle(self, signatures: list[dict]) -> None:
+        """Fix the expectation of entries not seen before from the majority of ``signatures``."""
+        votes: dict[str, Counter] = {}
+        for sig in signatures:
+            for name, value in sig.items():
+                if name not in self.expected:
+                    votes.setdefault(name, Counter())[value] += 1
+        for name, counter in votes.items():
+            self.expected[name] = counter.most_common(1)[0][0]
+
+    def mismatch(self, signature: dict) -> tuple[str, str] | None:
+        """``(reason, message)`` when ``signature`` disagrees with the expectation, else None."""
+        for name, value in signature.items():
+            want = self.expected.get(name)
+            if want is not None and value != want:
+                return FORMS.get(name, "shape_mismatch"), f"{name} is {value}, the batch's is {want}"
+        return None

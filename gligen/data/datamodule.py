@@ -12,13 +12,21 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from gligen.data.collate import collate_batch
+from gligen.data.collate import BatchShapes, collate_batch, example_signature
 from gligen.data.schema import DecodedSample
-from gligen.data.shards import SkipCounter, decode_or_skip, decode_sample, iter_raw_samples, resolve_shards
-from gligen.data.transforms import MAX_OBJECTS, MAX_PERSONS, TransformConfig, transform_sample
+from gligen.data.shards import (
+    DataLimits,
+    SkipCounter,
+    decode_or_skip,
+    decode_sample,
+    iter_raw_samples,
+    resolve_shards,
+)
+from gligen.data.transforms import MAX_OBJECTS, MAX_PERSONS, TransformConfig, transform_or_skip, transform_sample
 
-# Batches carry the skip counts their worker added since its previous batch under this key; the DataModule's
-# on_before_batch_transfer pops it, so counts from every worker process reach the main process.
+# Batches carry what their worker counted since its previous batch (``SkipCounter.since``: skipped samples and
+# dropped objects by reason) under this key; the DataModule's on_before_batch_transfer pops it, so counts from
+# every worker process reach the main process.
 SKIPS_KEY = "_skips"
 MAX_CONSECUTIVE_DAMAGED = 1000  # a source this broken is misconfigured, not unlucky
 
@@ -34,7 +42,7 @@ class MixedShardStream(IterableDataset):
     def __init__(self, sources: dict[str, list[str]], ratios: dict[str, float], cfg: TransformConfig,
                  batch_size: int, batches_per_epoch: int, resampled: bool = True, seed: int = 0,
                  strict: bool = False, shuffle_buffer: int = 256, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, limits: DataLimits | dict | None = None):
         super().__init__()
         if set(ratios) != set(sources):
             raise ValueError(f"ratios {sorted(ratios)} must name exactly the train sources {sorted(sources)}")
@@ -46,6 +54,7 @@ class MixedShardStream(IterableDataset):
         self.probs /= self.probs.sum()
         self.cfg, self.batch_size, self.batches_per_epoch = cfg, batch_size, batches_per_epoch
         self.resampled, self.seed, self.strict, self.shuffle_buffer = resampled, seed, strict, shuffle_buffer
+        self.limits = DataLimits.of(limits)
         self._iterations = 0  # distinguishes epochs should a caller keep workers persistent (fixed worker seed)
         # Rank is read here, in the main process: a worker process may not see the process group (spawn start).
         detected_rank, detected_world, _, _ = wds.utils.pytorch_worker_info()
@@ -72,7 +81,7 @@ class MixedShardStream(IterableDataset):
         barren = 0  # consecutive shards that gave nothing: unreadable data must fail, not spin forever
         for url in self._shard_urls(urls, seed):
             found = False
-            for raw in iter_raw_samples(url, skips):
+            for raw in iter_raw_samples(url, skips, self.limits):
                 found = True
                 yield raw
             barren = 0 if found else barren + 1
@@ -80,21 +89,46 @@ class MixedShardStream(IterableDataset):
                 raise RuntimeError(f"source {name!r}: {barren} shards in a row gave no sample; "
                                    f"skips so far: {skips.summary()}")
 
-    def _samples(self, name: str, seed: int, skips: SkipCounter) -> Iterator[dict]:
-        """Transformed examples of one source. Shuffling happens on raw bytes (cheap to buffer), decoding after."""
+    def _samples(self, name: str, seed: int, skips: SkipCounter) -> Iterator[tuple[dict, str]]:
+        """(example, shard url) of one source. Shuffling happens on raw bytes (cheap to buffer), decoding after;
+        decoding and transforming a sample both sit inside the skip accounting."""
         rng = np.random.default_rng(seed)
         raw = self._raw_samples(name, seed, skips)
         failures = 0
         for item in wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64),
                                         rng=random.Random(seed))(raw):
-            sample = decode_or_skip(item, skips)
-            if sample is None:
+            sample = decode_or_skip(item, skips, self.limits)
+            example = None if sample is None else transform_or_skip(sample, self.cfg, rng, skips)
+            if example is None:
                 failures += 1
                 if failures > MAX_CONSECUTIVE_DAMAGED:
                     raise RuntimeError(f"source {name!r}: {failures} damaged samples in a row; {skips.summary()}")
                 continue
             failures = 0
-            yield transform_sample(sample, self.cfg, rng)
+            yield example, sample.url
+
+    def _batch(self, streams: list, mix_rng: np.random.Generator, shapes: BatchShapes, skips: SkipCounter
+               ) -> list[dict]:
+        """``batch_size`` examples whose shapes stack (``BatchShapes``); a sample that does not fit is a counted
+        skip and is replaced by the next draw."""
+        examples: list[dict] = []
+        rejected = 0
+        while len(examples) < self.batch_size:
+            choices = mix_rng.choice(len(streams), size=self.batch_size - len(examples), p=self.probs)
+            candidates = [next(streams[i]) for i in choices]
+            signatures = [example_signature(example) for example, _ in candidates]
+            shapes.settle(signatures)
+            for (example, url), signature in zip(candidates, signatures):
+                problem = shapes.mismatch(signature)
+                if problem is None:
+                    examples.append(example)
+                    continue
+                skips.record(problem[0], url, example["key"], problem[1])
+                rejected += 1
+                if rejected > MAX_CONSECUTIVE_DAMAGED:
+                    raise RuntimeError(f"{rejected} samples in a row did not fit the batch's shapes "
+                                       f"{shapes.expected}; {skips.summary()}")
+        return examples
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -107,33 +141,48 @@ class MixedShardStream(IterableDataset):
         streams = [self._samples(n, s, skips) for n, s in zip(self.names, source_seeds)]
         mix_rng = np.random.default_rng(mix_seed)
         quota = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
-        reported: Counter[str] = Counter()
+        shapes = BatchShapes()
+        reported = skips.state()
         for _ in range(quota):
-            choices = mix_rng.choice(len(streams), size=self.batch_size, p=self.probs)
-            batch = collate_batch([next(streams[i]) for i in choices])
-            batch[SKIPS_KEY] = dict(skips.counts - reported)
-            reported = Counter(skips.counts)
+            batch = collate_batch(self._batch(streams, mix_rng, shapes, skips))
+            batch[SKIPS_KEY] = skips.since(reported)
+            reported = skips.state()
             yield batch
 
 
 class InMemoryShardDataset(Dataset):
     """Map-style dataset over shards read into memory once (raw member bytes of the valid samples); items are
-    decoded and transformed deterministically (centre crop, no flip). Lightning adds its DistributedSampler."""
+    decoded and transformed deterministically (centre crop, no flip). Lightning adds its DistributedSampler.
 
-    def __init__(self, urls: list[str], cfg: TransformConfig, skips: SkipCounter):
-        self.cfg = cfg
-        self.raw: list[dict] = []
+    Every sample is decoded, transformed and shape-checked (``BatchShapes`` over the whole set) once here, inside
+    the skip accounting, so items cannot fail later; dropped objects are counted here too."""
+
+    def __init__(self, urls: list[str], cfg: TransformConfig, skips: SkipCounter,
+                 limits: DataLimits | dict | None = None):
+        self.cfg, self.limits = cfg, DataLimits.of(limits)
+        candidates: list[tuple[dict, dict]] = []
         for url in urls:
-            for raw in iter_raw_samples(url, skips):
-                if decode_or_skip(raw, skips) is not None:  # decoded again per item: memory holds bytes only
-                    self.raw.append(raw)
+            for raw in iter_raw_samples(url, skips, self.limits):
+                sample = decode_or_skip(raw, skips, self.limits)
+                example = None if sample is None else transform_or_skip(sample, cfg, None, skips)
+                if example is not None:  # decoded again per item: memory holds bytes only
+                    candidates.append((raw, example_signature(example)))
+        shapes = BatchShapes()
+        shapes.settle([signature for _, signature in candidates])
+        self.raw: list[dict] = []
+        for raw, signature in candidates:
+            problem = shapes.mismatch(signature)
+            if problem is None:
+                self.raw.append(raw)
+            else:
+                skips.record(problem[0], raw["__url__"], raw["__key__"], problem[1])
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def decoded(self, index: int) -> DecodedSample:
         raw = self.raw[index]
-        return decode_sample(raw, raw["__url__"])
+        return decode_sample(raw, raw["__url__"], self.limits)
 
     def __getitem__(self, index: int) -> dict:
         return transform_sample(self.decoded(index), self.cfg, rng=None)
@@ -168,6 +217,7 @@ class GroundingDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         entity_images: bool = False,
         entity_resolution: int | None = None,
+        limits: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -181,13 +231,15 @@ class GroundingDataModule(L.LightningDataModule):
                                          entity_images, entity_resolution)
         self.val_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, False, False, entity_images,
                                        entity_resolution)
+        self.limits = DataLimits.of(limits)  # per-sample resource limits (docs/data.md), e.g. {max_image_pixels: ...}
         self.train_skips = SkipCounter(strict=strict)  # merged from the batches' SKIPS_KEY
         self.val_skips = SkipCounter(strict=strict)
         self.val_dataset: InMemoryShardDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_shards and self.val_dataset is None and stage in (None, "fit", "validate"):
-            self.val_dataset = InMemoryShardDataset(resolve_shards(self.val_shards), self.val_cfg, self.val_skips)
+            self.val_dataset = InMemoryShardDataset(resolve_shards(self.val_shards), self.val_cfg, self.val_skips,
+                                                    self.limits)
 
     def train_stream(self) -> MixedShardStream:
         if not self.train_shards:
@@ -201,7 +253,8 @@ class GroundingDataModule(L.LightningDataModule):
                     raise ValueError(f"source {name!r}: {len(urls)} shards cannot feed {readers} readers "
                                      f"(ranks x workers) without resampling; use resampled=True")
         return MixedShardStream(sources, self.ratios, self.train_cfg, self.batch_size, self.batches_per_epoch,
-                                self.resampled, self.seed, self.strict, self.shuffle_buffer, rank, world_size)
+                                self.resampled, self.seed, self.strict, self.shuffle_buffer, rank, world_size,
+                                self.limits)
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the stream yields whole batches (mixing and fixed epoch length happen per worker).
@@ -221,11 +274,19 @@ class GroundingDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         # Lightning calls this unless the LightningModule overrides the same hook; then SKIPS_KEY stays in the batch
         if isinstance(batch, dict) and SKIPS_KEY in batch:
-            self.train_skips.merge(batch.pop(SKIPS_KEY))
+            self.train_skips.merge_state(batch.pop(SKIPS_KEY))
         return batch
 
     def skip_summary(self) -> dict[str, int]:
-        """Skipped-sample counts so far, flat for logging: ``{"train/<reason>": n, "val/<reason>": n}``."""
+        """Skipped-sample counts so far (this process: every DataLoader worker's, not other ranks'; SkipLogger
+        sums ranks), flat for logging: ``{"train/<reason>": n, "val/<reason>": n}``."""
         out = {f"train/{r}": n for r, n in self.train_skips.summary().items()}
         out.update({f"val/{r}": n for r, n in self.val_skips.summary().items()})
+        return out
+
+    def drop_summary(self) -> dict[str, int]:
+        """Objects and persons left out of kept samples (cap, area filter, outside the crop), like
+        ``skip_summary``: ``{"train/<reason>": n, "val/<reason>": n}``."""
+        out = {f"train/{r}": n for r, n in sorted(self.train_skips.dropped.items())}
+        out.update({f"val/{r}": n for r, n in sorted(self.val_skips.dropped.items())})
         return out

@@ -112,10 +112,26 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_SIDE = 2**31 - 1  # width / height must fit an int32
+
+
+def _float32(x: int | float, where: str, field: str) -> float:
+    """A JSON number as the float it becomes in training (float32); NaN and inf pass (the callers name them).
+    Raises ``number_out_of_range`` for finite numbers float32 cannot hold (hundreds of digits, 1e300)."""
+    try:
+        value = float(x)
+    except OverflowError:
+        _fail("number_out_of_range", where, field, f"a {x.bit_length()}-bit integer does not fit float32")
+    if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        _fail("number_out_of_range", where, field, f"{value!r} does not fit float32")
+    return value
+
+
 def _validate_box(box: Any, where: str, field: str) -> tuple[float, float, float, float]:
     if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_number(c) for c in box):
         _fail("bad_box", where, field, f"expected 4 numbers, got {box!r}")
-    x0, y0, x1, y1 = (float(c) for c in box)
+    x0, y0, x1, y1 = (_float32(c, where, field) for c in box)
     if not all(math.isfinite(c) for c in (x0, y0, x1, y1)):
         _fail("box_nan", where, field, f"non-finite coordinate in {box!r}")
     if min(x0, y0, x1, y1) < 0.0 or max(x0, y0, x1, y1) > 1.0:
@@ -152,7 +168,7 @@ def _validate_person(person: Any, where: str, field: str) -> PersonAnnotation:
         f = f"{field}.keypoints[{k}]"
         if not isinstance(kp, (list, tuple)) or len(kp) != 3 or not all(_number(c) for c in kp):
             _fail("bad_keypoint", where, f, f"expected [x, y, v], got {kp!r}")
-        x, y, v = kp
+        x, y, v = _float32(kp[0], where, f), _float32(kp[1], where, f), kp[2]
         if not (math.isfinite(x) and math.isfinite(y)):
             _fail("bad_keypoint", where, f, f"non-finite coordinate in {kp!r}")
         if v not in (0, 1, 2):
@@ -182,6 +198,8 @@ def validate_annotation(obj: Any, where: str) -> Annotation:
         value = obj.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             _fail("bad_field", where, name, f"expected a positive integer, got {value!r}")
+        if value > MAX_SIDE:
+            _fail("number_out_of_range", where, name, f"a {value.bit_length()}-bit size")
     objects = obj.get("objects")
     if not isinstance(objects, list):
         _fail("bad_field", where, "objects", f"expected a list, got {type(objects).__name__}")

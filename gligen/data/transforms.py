@@ -6,6 +6,7 @@ resize + crop is one affine map per axis, ``x' = x * scale + shift`` (see ``crop
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,10 +74,11 @@ def flip_boxes(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def filter_boxes(boxes: np.ndarray, min_area: float = 0.01, max_objects: int = MAX_OBJECTS
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def filter_boxes(boxes: np.ndarray, min_area: float = 0.01, max_objects: int = MAX_OBJECTS,
+                 drops: Counter | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Drop boxes fully outside [0, 1]^2, clip the rest, drop those with area < ``min_area`` (fraction of the
-    image), keep the ``max_objects`` largest (largest first, ties in input order).
+    image), keep the ``max_objects`` largest (largest first, ties in input order). ``drops`` (optional) counts
+    the dropped ones: ``object_outside_crop``, ``object_below_min_area``, ``object_over_cap``.
 
     Returns the kept boxes and their indices into the input, so per-object data (phrases, embeddings) follows."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -86,7 +88,15 @@ def filter_boxes(boxes: np.ndarray, min_area: float = 0.01, max_objects: int = M
     candidates = np.flatnonzero(inside & (area >= min_area))
     order = np.argsort(-area[candidates], kind="stable")[:max_objects]
     kept = candidates[order]
+    if drops is not None:
+        _count(drops, object_outside_crop=int((~inside).sum()),
+               object_below_min_area=int((inside & (area < min_area)).sum()),
+               object_over_cap=len(candidates) - len(kept))
     return clipped[kept], kept
+
+
+def _count(drops: Counter, **counts: int) -> None:
+    drops.update({reason: n for reason, n in counts.items() if n})
 
 
 def crop_keypoints(keypoints: np.ndarray, crop: Crop) -> np.ndarray:
@@ -129,12 +139,15 @@ def pad_rows(rows: np.ndarray, max_rows: int) -> torch.Tensor:
     return out
 
 
-def pad_keypoints(keypoints: np.ndarray, max_persons: int = MAX_PERSONS) -> dict:
+def pad_keypoints(keypoints: np.ndarray, max_persons: int = MAX_PERSONS, drops: Counter | None = None) -> dict:
     """Keep the ``max_persons`` persons with most present keypoints and pad: ``keypoints`` float32
-    [max_persons, 17, 2], ``keypoint_masks`` float32 [max_persons, 17] (1 where visibility is 2)."""
+    [max_persons, 17, 2], ``keypoint_masks`` float32 [max_persons, 17] (1 where visibility is 2). ``drops``
+    (optional) counts persons with present keypoints left out by the cap (``person_over_cap``)."""
     keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     present = keypoints[..., 2] == VISIBLE
     order = np.argsort(-present.sum(1), kind="stable")[:max_persons]
+    if drops is not None:
+        _count(drops, person_over_cap=int(present.any(1).sum() - present[order].any(1).sum()))
     xy = torch.zeros(max_persons, NUM_KEYPOINTS, 2)
     masks = torch.zeros(max_persons, NUM_KEYPOINTS)
     n = len(order)
@@ -192,11 +205,14 @@ class TransformConfig:
     entity_resolution: int | None = None  # side of entity_pixel_values; None = resolution
 
 
-def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random.Generator | None = None) -> dict:
+def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random.Generator | None = None,
+                     drops: Counter | None = None) -> dict:
     """Decoded sample -> one training example (the per-sample part of the batch contract).
 
     ``rng`` None means deterministic (validation): centre crop, no flip. With latents the geometry is fixed at
     encoding time: the boxes refer to the encoded image and only the flip remains (it needs the ``_flip`` latents).
+    ``drops`` (optional) counts the objects and persons left out, by reason (``filter_boxes``, ``pad_keypoints``;
+    ``person_outside_crop``: a person whose visible keypoints all fell outside the crop).
     """
     ann = sample.annotation
     flip_coin = rng is not None and cfg.random_flip and bool(rng.random() < 0.5)
@@ -218,7 +234,7 @@ def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random
         out["pixel_values"] = image_to_tensor(image)
 
     boxes = crop_boxes(np.array([o.box for o in ann.objects], dtype=np.float64).reshape(-1, 4), crop)
-    boxes, kept = filter_boxes(flip_boxes(boxes) if flip else boxes, cfg.min_area, cfg.max_objects)
+    boxes, kept = filter_boxes(flip_boxes(boxes) if flip else boxes, cfg.min_area, cfg.max_objects, drops)
     out.update(pad_grounding(boxes, [ann.objects[i].phrase for i in kept], cfg.max_objects))
     # class names travel along for evaluation (detectors report classes, not free phrases); "" where unknown
     out["categories"] = [ann.objects[i].category or "" for i in kept] + [""] * (cfg.max_objects - len(kept))
@@ -238,6 +254,24 @@ def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random
 
     if ann.persons is not None:
         kps = np.stack([p.keypoints for p in ann.persons]) if ann.persons else np.zeros((0, NUM_KEYPOINTS, 3))
-        kps = crop_keypoints(kps, crop)
-        out.update(pad_keypoints(flip_keypoints(kps) if flip else kps, cfg.max_persons))
+        cropped = crop_keypoints(kps, crop)
+        if drops is not None:
+            visible = (kps[..., 2] == VISIBLE).any(1)
+            _count(drops, person_outside_crop=int((visible & ~(cropped[..., 2] == VISIBLE).any(1)).sum()))
+        out.update(pad_keypoints(flip_keypoints(cropped) if flip else cropped, cfg.max_persons, drops))
     return out
+
+
+def transform_or_skip(sample: DecodedSample, cfg: TransformConfig, rng: np.random.Generator | None,
+                      skips) -> dict | None:
+    """``transform_sample`` inside the skip accounting: any exception becomes a counted ``transform_error``
+    naming shard and key (raised in strict mode); drops are counted in ``skips.dropped``. ``skips``: a
+    ``gligen.data.shards.SkipCounter``."""
+    drops: Counter = Counter()
+    try:
+        example = transform_sample(sample, cfg, rng, drops)
+    except Exception as exn:  # one sample's failure, whatever its kind, must not end the run
+        skips.record("transform_error", sample.url, sample.key, f"{type(exn).__name__}: {exn}")
+        return None
+    skips.dropped.update(drops)
+    return example

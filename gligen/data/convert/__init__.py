@@ -9,7 +9,6 @@ few occurrences named (file and key / row) in a ``ConvertReport``, which is prin
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -20,10 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from PIL import Image
-
 from gligen.data.schema import SchemaError
-from gligen.data.shards import PIL_FORMATS, encode_sample, write_shards
+from gligen.data.shards import PIL_FORMATS, DataLimits, encode_sample, load_rgb, open_image, write_shards
 
 REPORT_FILE = "convert_report.json"
 MAX_EXAMPLES = 5  # named occurrences kept per reason; the rest are only counted
@@ -127,22 +124,19 @@ def phrase_from_spans(caption: str, spans: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- images
-def image_member(data: bytes) -> tuple[str, bytes, tuple[int, int]]:
-    """Check encoded image bytes decode fully; return (member name, bytes, (width, height)).
+def image_member(data: bytes, limits: DataLimits | None = None) -> tuple[str, bytes, tuple[int, int]]:
+    """Check encoded image bytes decode fully, exactly as the shard reader will; return (member name, bytes,
+    (width, height)). The bytes are stored as they are (no re-encoding loss).
 
-    JPEG, PNG and WebP are stored as they are (no re-encoding loss); any other format PIL reads is stored as PNG.
-    Raises ConvertError ``bad_image``."""
+    Only JPEG, PNG and WebP are opened: PIL would otherwise try every plugin it has (EPS runs Ghostscript where
+    installed). Raises ConvertError ``bad_image`` (includes any other format), ``image_too_large``,
+    ``extreme_aspect`` or ``unsupported_image_mode`` (``shards.DataLimits``)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # a truncated file fails here, at conversion, not in a training worker
-    except Exception as exn:  # PIL raises many types
-        raise ConvertError("bad_image", f"cannot decode image: {exn}") from None
-    ext = _EXT_OF_FORMAT.get(img.format or "")
-    if ext is None:
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="PNG")
-        ext, data = "png", buf.getvalue()
-    return ext, data, img.size
+        img = open_image(data, PIL_FORMATS.values(), DataLimits.of(limits), "", "image")
+        load_rgb(img, "", "image")  # a truncated file fails here, at conversion, not in a training worker
+    except SchemaError as exn:
+        raise ConvertError(exn.reason, str(exn).split(": ", 2)[-1]) from None
+    return _EXT_OF_FORMAT[img.format], data, img.size
 
 
 def read_image_file(path: str, width: int | None = None, height: int | None = None) -> tuple[str, bytes]:

@@ -35,6 +35,7 @@ from gligen.data.convert import (
     write_converted,
 )
 from gligen.data.schema import SCHEMA_VERSION
+from gligen.data.shards import PIL_FORMATS
 
 ENTITY_SIZE = 224  # CLIP ViT-L/14's input size
 # padding colour of the square entity crops: CLIP's mean colour, i.e. zero after CLIP's normalisation
@@ -147,7 +148,7 @@ def entity_crop(image: Image.Image, box: list[float], size: int) -> Image.Image:
 def add_entity_crops(sample_members: dict, objects: list[dict], data: bytes, size: int) -> list[dict]:
     """Crop every object's box out of the encoded image ``data``: adds ``entity<i>.png`` to ``sample_members`` and
     returns the objects with ``entity_image`` set."""
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=list(PIL_FORMATS.values())) as image:  # checked by image_member
         image.load()
         out = []
         for i, obj in enumerate(objects):
