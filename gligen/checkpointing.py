@@ -221,7 +221,8 @@ class RNGStateCheckpoint(L.Callback):
     """Every rank's RNG states in the checkpoint; each rank gets its own back on resume (rank 0's if the world size
     changed: all ranks are seeded alike by `seed_everything`).
 
-    Restored when the checkpoint is loaded and again right before the first resumed step, so the global RNG stream
+    Validation during fit is RNG-neutral: the state at the end of the training step before it is put back when it
+    ends. Restored when the checkpoint is loaded and again right before the first resumed step, so the global RNG stream
     (noise, timesteps, CFG dropout, later epochs' DataLoader seeds) continues exactly as in the uninterrupted run,
     for DataLoaders whose new iterator draws one seed from the global RNG in the main process (torch's default;
     GroundingDataModule with num_workers >= 1). The data position is not restored: after a mid-epoch resume a plain
@@ -232,6 +233,7 @@ class RNGStateCheckpoint(L.Callback):
         self._trainer = None
         self._to_load = None
         self._epoch_end = False
+        self._before_validation = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -261,6 +263,17 @@ class RNGStateCheckpoint(L.Callback):
     def _restore(self, trainer: L.Trainer) -> None:
         states = self._to_load
         set_rng_states(states[trainer.global_rank] if len(states) == trainer.world_size else states[0])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._before_validation = collect_rng_states()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # validation inside fit leaves the training RNG stream as it found it (its DataLoader iterator draws a seed
+        # from the global RNG, samplers may draw more): so a validation cut short by a signal, or not rerun after a
+        # resume from a checkpoint saved just before it, cannot change the steps that follow
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._before_validation is not None:
+            set_rng_states(self._before_validation)
+            self._before_validation = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         # right before the first resumed step: whatever drew from the RNG since the restore in load_state_dict
@@ -381,9 +394,12 @@ class SlurmRequeue(L.Callback):
     def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS, requeue: bool = True, keep: int = 2):
         self.signals, self.requeue, self.keep = tuple(signals), requeue, max(1, keep)
         self._installed = False
+        self._stopping = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         trainer.gligen_interrupted = None
+        trainer.gligen_aborted_validations = []  # (global step, batch index) of each validation a signal cut short
+        self._stopping = False
         if stage == "fit":
             self._installed = install_preemption_handlers(self.signals)
 
@@ -404,9 +420,13 @@ class SlurmRequeue(L.Callback):
             self._save_and_requeue(trainer)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.state.fn == "fit" and self._agreed(trainer):
+        # once stopping (every rank alike), no validation at all: Lightning validates when training stops early
+        if trainer.state.fn == "fit" and (self._stopping or self._agreed(trainer)):
             trainer.gligen_validation_aborted = True
-            log.warning("preemption signal: validation stopped at batch %d", batch_idx)
+            trainer.gligen_aborted_validations.append((trainer.global_step, batch_idx))
+            if trainer.is_global_zero:
+                log.warning("preemption signal: validation at step %d stopped before batch %d", trainer.global_step,
+                            batch_idx)
             raise StopIteration  # Lightning's evaluation loop ends on it, as when the data runs out
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -430,6 +450,7 @@ class SlurmRequeue(L.Callback):
             log.warning("preemption signal %s: saved %s at global step %d",
                         signal.Signals(signum).name if signum else "?", path, trainer.global_step)
         trainer._gligen_requeued = True
+        self._stopping = True
         reason = "requeue disabled (SlurmRequeue(requeue=False))"
         if self.requeue and trainer.is_global_zero:
             reason = requeue_slurm_job(slurm_job_id())

@@ -97,6 +97,10 @@ class GLIGENCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "fit":
             parser.set_defaults(ckpt_path="last")
+            try:  # Lightning >= 2.5 asks; AtomicCheckpointIO loads weights_only=True whatever this says
+                parser.set_defaults(weights_only=True)
+            except KeyError:
+                pass
         return parser
 
     def before_fit(self) -> None:
@@ -161,7 +165,12 @@ class GLIGENCLI(LightningCLI):
             slurm = slurm_environment_plugin()
             if slurm is not None and not any(isinstance(p, ClusterEnvironment) for p in plugins):
                 plugins.append(slurm)  # auto_requeue=False: SlurmRequeue handles SIGUSR1
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if run_dir:
+            # SlurmRequeue owns SIGTERM: Lightning's own handler would kill DDP children and run a collective from
+            # inside the signal handler, then raise SIGTERMException at the next step without saving anything
+            trainer._signal_connector.register_signal_handlers = lambda: None
+        return trainer
 
 
 def release_locks() -> None:

@@ -303,6 +303,23 @@ class GLIGENModule(L.LightningModule):
         scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """A resume restores learning rates and weight decay from the checkpoint's optimizer and schedule; a run
+        resumed on purpose with other values (`--allow_config_change`) must train with the configured ones."""
+        hp = self.hparams
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler, groups = config.scheduler, config.scheduler.optimizer.param_groups
+            wanted = [hp.learning_rate, hp.gate_learning_rate or hp.learning_rate][:len(groups)]
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas is None or list(scheduler.base_lrs) == wanted:
+                continue
+            scheduler.base_lrs = wanted
+            for group, base, factor in zip(groups, wanted, lambdas):
+                group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["weight_decay"] = hp.weight_decay
+
     def configure_callbacks(self):
         return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
