@@ -9,6 +9,7 @@
 # marker); a hand-written slurm.conf is left alone. Logs: /var/log/slurm/slurm{ctld,d}.log, /var/log/munge/.
 # The node is NodeName=$(hostname) CPUs=$(nproc) in partition `debug` (the default); it takes jobs with up to
 # $(nproc) tasks x cpus. Stop it with: scontrol shutdown; pkill -u munge munged   (or reboot the container).
+# A second, two-node cluster (each node a network namespace) for multi-node jobs: slurm/local_cluster_2node.sh.
 set -euo pipefail
 
 MARKER="# written by gligen slurm/local_cluster.sh"
@@ -16,12 +17,10 @@ CONF=/etc/slurm/slurm.conf
 HOST=$(hostname -s)
 CPUS=$(nproc)
 
-log() { echo "[local_cluster] $*" >&2; }
-
-if [ "$(id -u)" -ne 0 ]; then
-    log "must run as root (it installs packages and starts munged/slurmctld/slurmd)"
-    exit 1
-fi
+LOG_TAG=local_cluster
+# shellcheck source=slurm/cluster_common.sh
+. "$(dirname "$0")/cluster_common.sh"  # log, require_root, ensure_packages, ensure_munge
+require_root
 
 node_ready() {
     # one line per node state; ready when this node is usable (idle, mixed or allocated; trailing flags allowed)
@@ -38,15 +37,7 @@ if node_ready; then
 fi
 
 # ----- packages ------------------------------------------------------------------------------------------------
-missing=()
-command -v munged >/dev/null 2>&1 || missing+=(munge)
-{ command -v slurmctld && command -v slurmd && command -v sinfo; } >/dev/null 2>&1 || missing+=(slurm-wlm)
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]} with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" munge
-fi
+ensure_packages
 
 # slurmctld/slurmd must resolve this host's name (bare CI containers may lack it in /etc/hosts)
 if ! getent hosts "$HOST" >/dev/null 2>&1; then
@@ -55,48 +46,19 @@ if ! getent hosts "$HOST" >/dev/null 2>&1; then
 fi
 
 # ----- munge ---------------------------------------------------------------------------------------------------
-id munge >/dev/null 2>&1 || { log "user munge missing after install"; exit 1; }
-install -d -o munge -g munge -m 0700 /etc/munge
-install -d -o munge -g munge -m 0755 /run/munge
-install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
-if [ ! -s /etc/munge/munge.key ]; then
-    log "creating /etc/munge/munge.key"
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-fi
-chown munge:munge /etc/munge/munge.key
-chmod 0400 /etc/munge/munge.key
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    log "starting munged"
-    if [ -f /run/munge/munged.pid ] && ! kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
-        rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    fi
-    runuser -u munge -- /usr/sbin/munged
-    for _ in $(seq 1 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
-fi
-credential=$(munge -n | unmunge 2>&1 || true)
-grep -q 'STATUS: *Success' <<<"$credential" || { log "munge -n | unmunge does not say Success: $credential"; exit 1; }
+ensure_munge
 
 # ----- slurm.conf ----------------------------------------------------------------------------------------------
 install -d -m 0755 /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/slurm
 if [ ! -e "$CONF" ] || head -n1 "$CONF" | grep -qF "$MARKER"; then
-    cat >"$CONF" <<EOF
+    {
+        cat <<EOF
 $MARKER (single node, for tests and local runs)
 ClusterName=gligen
 SlurmctldHost=$HOST
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-SwitchType=switch/none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-ReturnToService=2
-JobRequeue=1
-MinJobAge=600
+EOF
+        common_slurm_conf
+        cat <<EOF
 KillWait=30
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
@@ -104,12 +66,10 @@ SlurmctldPidFile=/run/slurm/slurmctld.pid
 SlurmdPidFile=/run/slurm/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
 NodeName=$HOST CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
+    } >"$CONF"
     log "wrote $CONF"
 else
     log "keeping existing $CONF (not written by this script)"

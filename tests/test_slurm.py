@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from tests.slurm_helpers import skip_or_fail
 from tests.test_experiments import build_tiny_toy_world, tiny_grid_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +41,7 @@ def slurm_problem() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm():
-    problem = slurm_problem()
-    if problem:
-        if os.environ.get("GLIGEN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"GLIGEN_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
+    skip_or_fail(slurm_problem())
 
 
 def job_info(job_id: str) -> dict[str, str]:
