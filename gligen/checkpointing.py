@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -66,6 +67,31 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     checkpoint = json.loads(metadata[SAFETENSORS_KEY])
     checkpoint["state_dict"] = safetensors.torch.load_file(str(path), device=str(map_location))
     return checkpoint
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """Short hash of a checkpoint's weights (names, dtypes, shapes, bytes): which model a result came from, and
+    whether a checkpoint changed since (trained further, replaced)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key]
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        value = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (the gates) have no byte view
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What a result must name about the checkpoint it came from: `global_step`, the run's `max_steps` when the
+    checkpoint was written (None: unknown, e.g. converted or older checkpoints), `complete` (step >= max_steps;
+    None when unknown) and `weights_hash`."""
+    checkpoint = read_checkpoint(path)
+    step = checkpoint.get("global_step")
+    max_steps = (checkpoint.get("gligen") or {}).get("max_steps")
+    max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+    return {"global_step": step, "max_steps": max_steps,
+            "complete": None if max_steps is None or step is None else step >= max_steps,
+            "weights_hash": weights_hash(checkpoint["state_dict"])}
 
 
 def save_safetensors_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:

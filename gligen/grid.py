@@ -32,6 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]  # configs and run directories are relative to the checkout
 
 from gligen.results import config_hash, git_commit, read_csv, write_csv
+from gligen.rundir import is_trained, max_steps_of, trained_step
 
 DEFAULTS = REPO / "experiments" / "configs" / "grid.yaml"
 MERGED = ("base_configs", "sweep", "overrides")  # dict-valued keys: a --config file updates them key by key
@@ -172,37 +173,6 @@ def submit(grid: dict, sbatch_args: list[str]) -> str:
     return job
 
 
-def max_steps_of(config_path: str | Path, fit_args: list[str] = ()) -> int | None:
-    """trainer.max_steps of a training config, after `--trainer.max_steps N` in fit_args (None when unset / -1)."""
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
-    steps = (config.get("trainer") or {}).get("max_steps")
-    args = list(fit_args)
-    for i, arg in enumerate(args):
-        if arg == "--trainer.max_steps" and i + 1 < len(args):
-            steps = args[i + 1]
-        elif arg.startswith("--trainer.max_steps="):
-            steps = arg.split("=", 1)[1]
-    steps = int(steps) if steps is not None else None
-    return steps if steps is not None and steps >= 0 else None
-
-
-def trained_step(config_path: str | Path) -> int | None:
-    """global_step of the cell's checkpoints/last.ckpt (None when there is none)."""
-    import torch
-
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
-    last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
-    if not last.exists():
-        return None
-    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
-
-
-def is_trained(config_path: str | Path, fit_args: list[str] = ()) -> bool:
-    """True when the cell's last.ckpt reached trainer.max_steps (unknown max_steps: False, and fit decides)."""
-    steps, step = max_steps_of(config_path, fit_args), trained_step(config_path)
-    return steps is not None and step is not None and step >= steps
-
-
 def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None:
     """The tau sweep of one trained cell, once: skipped when the cell has no sweep config, when its training is
     not finished (e.g. a Slurm task whose fit was just requeued), or when the sweep is already done. Under Slurm,
@@ -290,15 +260,22 @@ def _number(text: str | None) -> float | None:
 
 
 def training_summary(cell: dict, commit: str) -> dict:
-    """One cell's training: status, final step, losses and gate values (from its checkpoint + TensorBoard)."""
-    import torch
+    """One cell's training: status (done / partial / missing), final step, weights hash, losses and gate values
+    (from its checkpoint + TensorBoard)."""
+    from gligen.checkpointing import checkpoint_identity
 
     run_dir = cell["run_dir"]
     row = {k: cell[k] for k in ("cell", "gamma_init", "modality", "seed")}
     last = run_dir / "checkpoints" / "last.ckpt"
-    row["status"] = "done" if last.exists() else "missing"
-    row["global_step"] = torch.load(last, map_location="cpu", weights_only=True)["global_step"] \
-        if last.exists() else None
+    identity = checkpoint_identity(last) if last.exists() else {}
+    target = (cell["config"].get("trainer") or {}).get("max_steps")
+    step = identity.get("global_step")
+    # done only at the cell's own max_steps: a checkpoint of a run still going (or cut short) is "partial"
+    row["status"] = "missing" if step is None else "done" if target is None or target < 0 or step >= target \
+        else "partial"
+    row["global_step"] = step
+    row["max_steps"] = target
+    row["weights_hash"] = identity.get("weights_hash")
     series = scalars(run_dir) if run_dir.exists() else {}
     row["train_loss_last10"] = mean_last(series.get("train/loss", []))
     row["val_loss_last"] = mean_last(series.get("val/loss", []), 1)
@@ -328,7 +305,9 @@ def collect(grid: dict) -> Path:
         train = training_summary(cell, commit)
         done += train["status"] == "done"
         out = Path(cell["sweep"]["out"])
-        sweep_rows = read_csv(out / "metrics.csv") if sweep_done(out) and (out / "metrics.csv").exists() else []
+        # a sweep counts only if it scored these very weights (not an earlier checkpoint of a cell trained on since)
+        current = train["status"] == "done" and sweep_done(out, identity={"weights_hash": train["weights_hash"]})
+        sweep_rows = read_csv(out / "metrics.csv") if current and (out / "metrics.csv").exists() else []
         swept += bool(sweep_rows)
         base = {**{k: train[k] for k in ("cell", "gamma_init", "modality", "seed")}, "tau": None,
                 "sample_seed": None, "sweep_status": "done" if sweep_rows else "missing"}

@@ -35,6 +35,7 @@ from gligen.evaluation import MODALITIES, generate, load_layouts, modality_metri
 from gligen.module import GLIGENModule
 from gligen.reporting import command_line
 from gligen.results import config_hash, git_commit, mean_std_table, write_csv
+from gligen.rundir import is_trained
 from gligen.sampling import tau_schedule
 from gligen.visualize import layouts_grid
 
@@ -86,9 +87,10 @@ def checkpoint_for(modality: str, config: dict) -> str:
                          f"<file> or --train-config {modality} <yaml>")
     run_dir = (yaml.safe_load(Path(train_config).read_text()) or {}).get("run_dir")
     last = Path(run_dir) / "checkpoints" / "last.ckpt" if run_dir else None
-    if last is not None and last.exists():
+    if last is not None and last.exists() and is_trained(train_config):
         return str(last)
-    print(f"{modality}: training {train_config}")
+    # none yet, or half-trained (a run cut short): fit resumes it to its max_steps; never scored half-way
+    print(f"{modality}: training {train_config}" + (" (resuming a half-trained run)" if last and last.exists() else ""))
     return str(fit_from_config(train_config))
 
 

@@ -7,6 +7,8 @@
   may change freely: `--trainer.max_steps` higher is how a run is trained further.
 - `record_config`: every fit start whose config differs from the last recorded one is kept as
   `config_history/<n>.yaml` (never overwritten), next to Lightning's `config.yaml` (the current one).
+- `max_steps_of` / `trained_step` / `is_trained`: whether a training config's run reached its max_steps (what a
+  sweep, the modality ablation and `grid collect` check before scoring a checkpoint).
 - `RunDirLock`: `run_dir/.lock` (host, pid, Slurm job) held by global rank 0 for the whole fit, so a second job on
   the same run_dir is refused. A lock is stale when its holder is gone: the same Slurm job (a requeue: the previous
   attempt has ended), a dead pid on this host, or a Slurm job that `squeue` no longer lists as running.
@@ -84,6 +86,39 @@ def record_config(run_dir: str | os.PathLike, text: str) -> Path | None:
     return path
 
 
+# ----- is a run finished? ---------------------------------------------------------------------------------------
+def max_steps_of(config_path: str | Path, fit_args: list[str] = ()) -> int | None:
+    """trainer.max_steps of a training config, after `--trainer.max_steps N` in fit_args (None when unset / -1)."""
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    steps = (config.get("trainer") or {}).get("max_steps")
+    args = list(fit_args)
+    for i, arg in enumerate(args):
+        if arg == "--trainer.max_steps" and i + 1 < len(args):
+            steps = args[i + 1]
+        elif arg.startswith("--trainer.max_steps="):
+            steps = arg.split("=", 1)[1]
+    steps = int(steps) if steps is not None else None
+    return steps if steps is not None and steps >= 0 else None
+
+
+def trained_step(config_path: str | Path) -> int | None:
+    """global_step of the run's checkpoints/last.ckpt (None when there is none)."""
+    import torch
+
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+
+
+def is_trained(config_path: str | Path, fit_args: list[str] = ()) -> bool:
+    """True when the run's last.ckpt reached trainer.max_steps (unknown max_steps: False, and fit decides)."""
+    steps, step = max_steps_of(config_path, fit_args), trained_step(config_path)
+    return steps is not None and step is not None and step >= steps
+
+
+# ----- one job at a time -----------------------------------------------------------------------------------------
 class RunDirLockedError(RuntimeError):
     """Another live job holds the run directory."""
 

@@ -48,11 +48,11 @@ def make_scheduler(ldm: FrozenLDM, sampler: str):
     return cls.from_config({**ldm.scheduler_config, **overrides})
 
 
-@torch.no_grad()
 class SamplingInterrupted(RuntimeError):
     """`sample(..., interrupt=...)` stopped because `interrupt()` returned true."""
 
 
+@torch.no_grad()
 def sample(
     ldm: FrozenLDM,
     prompts: list[str],

@@ -17,16 +17,19 @@ from pathlib import Path
 DONE = "sweep_done.json"
 
 
-def sweep_done(out: str | Path, config: dict | None = None) -> bool:
-    """True when `out` holds a finished sweep (of `config`, when given: same config hash)."""
+def sweep_done(out: str | Path, config: dict | None = None, identity: dict | None = None) -> bool:
+    """True when `out` holds a finished sweep (of `config`, when given: same config hash; of the checkpoint whose
+    `checkpoint_identity` is `identity`, when given: same weights, so a checkpoint trained further since is swept
+    again)."""
     from .results import config_hash
 
     marker = Path(out) / DONE
     if not marker.exists():
         return False
-    if config is None:
-        return True
-    return json.loads(marker.read_text()).get("config_hash") == config_hash(config)
+    done = json.loads(marker.read_text())
+    if config is not None and done.get("config_hash") != config_hash(config):
+        return False
+    return identity is None or done.get("weights_hash") == identity["weights_hash"]
 
 
 def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | None = None) -> Path:
@@ -45,18 +48,22 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     """
 
     from . import reporting
-    from .checkpointing import read_checkpoint
+    from .checkpointing import checkpoint_identity
     from .evaluation import beta_sweep, has_entity, load_layouts
     from .metrics.grounding import ToyDetector, TransformersDetector
     from .module import GLIGENModule
     from .results import config_hash, git_commit
 
     out = Path(config["out"])
-    if resume and sweep_done(out, config):
-        print(f"sweep already done: {out} ({DONE}); not redone")
-        return out
     if not config.get("ckpt") or not config.get("val_shards"):
         raise SystemExit("--ckpt and --val-shards are required outside the toy world")
+    identity = checkpoint_identity(config["ckpt"])
+    if resume and sweep_done(out, config, identity):
+        print(f"sweep already done: {out} ({DONE}, same config and checkpoint weights); not redone")
+        return out
+    if identity["complete"] is False:
+        print(f"warning: {config['ckpt']} is half-trained (step {identity['global_step']} of "
+              f"{identity['max_steps']}); its rows say so (ckpt_complete False)")
     (out / DONE).unlink(missing_ok=True)  # a changed config is swept again
 
     module = GLIGENModule.from_checkpoint(config["ckpt"], config["pretrained"])
@@ -81,13 +88,16 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
         batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None, modality=modality,
     )
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
-              "ckpt": config["ckpt"], **({} if modality == "box" else {"modality": modality}), **(provenance or {})}
+              "ckpt": config["ckpt"], "ckpt_step": identity["global_step"], "ckpt_max_steps": identity["max_steps"],
+              "ckpt_complete": identity["complete"], "ckpt_weights_hash": identity["weights_hash"],
+              **({} if modality == "box" else {"modality": modality}), **(provenance or {})}
     rows = [{**row, **common} for row in rows]
     reporting.write_beta_sweep(out, rows, grids, layouts, config)
     if resume:
-        step = read_checkpoint(config["ckpt"]).get("global_step")
         (out / DONE).write_text(json.dumps({"config_hash": config_hash(config), "ckpt": str(config["ckpt"]),
-                                            "global_step": step, "git_commit": rows[0]["git_commit"]}, indent=1))
+                                            "global_step": identity["global_step"],
+                                            "weights_hash": identity["weights_hash"],
+                                            "git_commit": rows[0]["git_commit"]}, indent=1))
     return out
 
 
