@@ -78,7 +78,11 @@ stop() {
     kill_pidfile "$RUN/slurmctld.pid"
     for node in "${NODES[@]}"; do ip link del "gl2v${node#gl2n}" 2>/dev/null || true; done
     ip link del "$BRIDGE" 2>/dev/null || true
-    sed -i "/ $HOSTS_MARK\$/d" /etc/hosts
+    if grep -q " $HOSTS_MARK\$" /etc/hosts; then  # rewritten in place: /etc/hosts may be a bind mount
+        local kept
+        kept=$(grep -v " $HOSTS_MARK\$" /etc/hosts || true)
+        printf '%s\n' "$kept" >/etc/hosts
+    fi
     if [ -f "$RUN/munged.started" ]; then  # this script started munged: stop it unless the other cluster runs
         if [ -f /run/slurm/slurmctld.pid ] && kill -0 "$(cat /run/slurm/slurmctld.pid)" 2>/dev/null; then
             log "leaving munged running (the single-node cluster uses it)"
