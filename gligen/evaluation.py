@@ -131,8 +131,15 @@ def _entity_pil(image):
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
+        from .data.shards import PIL_FORMATS
+
+        # JPEG / PNG / WebP only, as in the shards: PIL would otherwise open any format it knows (EPS runs
+        # Ghostscript where installed)
+        try:
+            with Image.open(image, formats=list(PIL_FORMATS.values())) as opened:
+                return opened.convert("RGB")
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"entity_image {image!r}: not a JPEG, PNG or WebP image") from None
     array = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"entity_image arrays must be uint8 HxWx3, got {array.dtype} {array.shape}")

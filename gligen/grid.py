@@ -176,7 +176,7 @@ def submit(grid: dict, sbatch_args: list[str]) -> str:
 def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None:
     """The tau sweep of one trained cell, once: skipped when the cell has no sweep config, when its training is
     not finished (e.g. a Slurm task whose fit was just requeued), or when the sweep is already done. Under Slurm,
-    SIGUSR1 (time limit) requeues the task, and the requeued task redoes the unfinished sweep."""
+    SIGUSR1 / SIGTERM (time limit, preemption) requeue the task, and the requeued task redoes the unfinished sweep."""
     from gligen.sweep import sweep_checkpoint
 
     sweep = sweep_path(config_path)
@@ -187,29 +187,36 @@ def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None
         print(f"[grid] {config_path}: training not finished (step {trained_step(config_path)} of "
               f"{max_steps_of(config_path, fit_args)}); no sweep yet")
         return None
-    _requeue_on_usr1()
+    _requeue_on_signal()
     config = yaml.safe_load(sweep.read_text())
     provenance = {"cell": config["cell"]["cell"], "gamma_init": config["cell"]["gamma_init"],
                   "modality": config["cell"]["modality"], "train_seed": config["cell"]["seed"]}
     return sweep_checkpoint(config, resume=True, provenance=provenance)
 
 
-def _requeue_on_usr1() -> None:
+def _requeue_on_signal() -> None:
+    """During a cell's sweep (no checkpoint to save: a sweep is redone as a whole), SIGUSR1 or SIGTERM requeue the
+    task at once; a requeue that cannot happen exits EXIT_INTERRUPTED naming the reason."""
     import os
     import signal
 
-    from gligen.checkpointing import slurm_job_id
+    from gligen.checkpointing import EXIT_INTERRUPTED, PREEMPTION_SIGNALS, requeue_slurm_job, slurm_job_id
 
     job = slurm_job_id()
-    if not job or not hasattr(signal, "SIGUSR1"):
+    if not job:
         return
 
     def handler(signum, frame):
-        print(f"[grid] SIGUSR1 during the sweep: requeueing {job}; the sweep is redone when it restarts", flush=True)
-        subprocess.run(["scontrol", "requeue", job], check=False)
-        os._exit(0)
+        name = signal.Signals(signum).name
+        reason = requeue_slurm_job(job)
+        if reason is None:
+            print(f"[grid] {name} during the sweep: requeued {job}; the sweep is redone when it restarts", flush=True)
+            os._exit(0)
+        print(f"[grid] {name} during the sweep and NOT requeued ({reason}); run the cell again", flush=True)
+        os._exit(EXIT_INTERRUPTED)
 
-    signal.signal(signal.SIGUSR1, handler)
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def run_local(grid: dict, sweep: bool | None = None) -> list[Path]:

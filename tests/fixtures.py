@@ -28,15 +28,16 @@ def collate(samples):
 
 
 class RandomBoxDataModule(L.LightningDataModule):
-    def __init__(self, length: int = 8, batch_size: int = 2, image_size: int = 16):
+    def __init__(self, length: int = 8, batch_size: int = 2, image_size: int = 16, val_length: int = 4):
         super().__init__()
         self.length, self.batch_size, self.image_size = length, batch_size, image_size
+        self.val_length = val_length
 
     def train_dataloader(self):
         return DataLoader(RandomBoxDataset(self.length, self.image_size), self.batch_size, collate_fn=collate)
 
     def val_dataloader(self):
-        return DataLoader(RandomBoxDataset(4, self.image_size), self.batch_size, collate_fn=collate)
+        return DataLoader(RandomBoxDataset(self.val_length, self.image_size), self.batch_size, collate_fn=collate)
 
 
 def add_clip(root, projection_dim: int, image_size: int = 24, seed: int = 1) -> str:

@@ -36,6 +36,45 @@ class RankProbe(L.Callback):
         self._write(trainer, event="batch", step=trainer.global_step, keys=list(batch["keys"]))
 
 
+class PauseForSignal(L.Callback):
+    """In the first attempt only, at one moment of the run: write `<marker>.rank<r>` and wait (up to `timeout` s)
+    until this process received a preemption signal, so a test can `scancel --signal=...` at exactly that moment.
+    where: "train" (after optimizer step `step`), "validation" (after batch 0 of the validation at step `step`;
+    batch 1 follows) or "final" (after the last step, `step` = max_steps)."""
+
+    def __init__(self, step: int, where: str, marker: str, timeout: float = 180):
+        self.step, self.where, self.marker, self.timeout = step, where, marker, timeout
+
+    def _pause(self, trainer: L.Trainer) -> None:
+        from gligen.checkpointing import preemption_requested
+
+        if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+            return
+        Path(f"{self.marker}.rank{trainer.global_rank}").write_text(str(trainer.global_step))
+        deadline = time.time() + self.timeout
+        while preemption_requested() is None and time.time() < deadline:
+            time.sleep(0.05)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.where in ("train", "final") and trainer.global_step == self.step:
+            self._pause(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        if self.where == "validation" and not trainer.sanity_checking and trainer.global_step == self.step \
+                and batch_idx == 0:
+            self._pause(trainer)
+
+
+def wait_for_markers(marker: Path, ranks: int, timeout: float, alive) -> None:
+    """Until every rank wrote `<marker>.rank<r>` (PauseForSignal); `alive()` asserts the job still runs."""
+    deadline = time.time() + timeout
+    while not all(Path(f"{marker}.rank{r}").exists() for r in range(ranks)):
+        assert time.time() < deadline, f"not every rank reached {marker.name} in {timeout:.0f} s"
+        alive()
+        time.sleep(0.2)
+
+
 def read_probe(directory: Path) -> list[dict]:
     """Every record RankProbe wrote, rank 0's file first."""
     paths = sorted(directory.glob("rank*.jsonl"))

@@ -233,3 +233,60 @@ def test_ddp_grounding_evaluation_gathers_all_ranks(tiny_pretrained, tmp_path):
     assert whole < 0.9
     for result in ranks:
         assert result["metrics"]["val/ap50_tau1"] == pytest.approx(whole, abs=1e-6)
+
+
+SKIP_SCRIPT = COMMON + '''
+from gligen.callbacks import SkipLogger
+from gligen.data.datamodule import GroundingDataModule
+
+SPEC = sys.argv[2]
+
+
+class Recorder(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch["boxes"].sum()).sum()
+
+    def on_train_end(self):  # after SkipLogger's on_train_end (callbacks first): its summed totals
+        logger = next(c for c in self.trainer.callbacks if isinstance(c, SkipLogger))
+        local = {k: v for k, v in self.trainer.datamodule.skip_summary().items()}
+        (OUT / f"skips-rank{self.global_rank}.json").write_text(json.dumps({"totals": logger.totals,
+                                                                           "local": local}))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+L.seed_everything(0)
+dm = GroundingDataModule(train_shards={"grounding": SPEC}, resolution=16, batch_size=2, num_workers=0,
+                         batches_per_epoch=2, resampled=False, shuffle_buffer=1, random_flip=False)
+t = trainer(max_epochs=1, callbacks=[SkipLogger()])
+t.fit(Recorder(), datamodule=dm)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+def test_ddp_skip_counts_are_summed_over_ranks(tmp_path, chaos_outcome):
+    """Each rank reads its own damaged shards (shard i -> rank i % 2, each read exactly once): every rank ends with
+    the sum of both ranks' skips, by reason, while its own datamodule holds only its share."""
+    from gligen.data.damage import DAMAGE, write_kind
+
+    kinds = ["syntax_error_json", "pickle_member", "list_json", "deeply_nested_json"]  # shard i holds kinds[i]
+    root = tmp_path / "shards"
+    root.mkdir()
+    # rank 0: 3 + 1 valid samples, rank 1: 3 + 1; the damaged one sits before the last valid one of its shard
+    paths = [write_kind(str(root / f"s{i}.tar"), kind, size=16, lead=2 if i < 2 else 0, tail=1)
+             for i, kind in enumerate(kinds)]
+    ranks = _run(tmp_path, "skips", SKIP_SCRIPT, "::".join(paths))
+    expected = Counter(DAMAGE[k].reason for k in kinds)
+    own = [Counter(DAMAGE[k].reason for k in kinds[r::2]) for r in (0, 1)]
+    for rank, result in enumerate(ranks):
+        assert Counter({k.split("/", 1)[1]: v for k, v in result["local"].items()}) == own[rank]
+        assert {k: v for k, v in result["totals"].items() if k.startswith("data_skips/")} == \
+            {f"data_skips/train/{reason}": n for reason, n in expected.items()}
+    chaos_outcome("data", "damaged samples on 2 DDP ranks", "counted skip",
+                  "SkipLogger sums every rank's counts by reason")

@@ -6,6 +6,7 @@ Skipped when there is no working Slurm (`sinfo`), unless GLIGEN_REQUIRE_SLURM=1 
 
 import csv
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -63,7 +64,10 @@ def wait_for(predicate, timeout: float, what: str, job_id: str, log: Path):
     pytest.fail(f"job {job_id}: {what} not reached, state {info['JobState']}; log tail:\n{tail}")
 
 
-def submit(tmp_path: Path, pretrained: str, max_steps: int, *extra: str) -> tuple[str, Path, Path, Path]:
+def submit(tmp_path: Path, pretrained: str, max_steps: int, *extra: str, trainer: dict | None = None,
+           callbacks: list | None = None, data: dict | None = None) -> tuple[str, Path, Path, Path]:
+    """sbatch slurm/train.sh with 2 CPU ranks on the tiny pipeline; `trainer` / `data` update the config's
+    trainer section / data init_args, `callbacks` are added to StepTrace."""
     run_dir, trace, log = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "slurm.out"
     config = {
         "seed_everything": 0,
@@ -80,6 +84,9 @@ def submit(tmp_path: Path, pretrained: str, max_steps: int, *extra: str) -> tupl
         "model": {"pretrained": pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
         "data": {"class_path": "tests.fixtures.RandomBoxDataModule", "init_args": {"length": 8, "batch_size": 2}},
     }
+    config["trainer"].update(trainer or {})
+    config["trainer"]["callbacks"] += callbacks or []
+    config["data"]["init_args"].update(data or {})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "CONFIG": str(config_path), "RUN_DIR": str(run_dir), "PYTHON": sys.executable}
@@ -147,6 +154,76 @@ def test_usr1_saves_requeues_and_resumes_at_the_exact_step(slurm, tiny_pretraine
     restored = {run_dir / "hpc_ckpt_1.ckpt"} | ({run_dir / "checkpoints" / "last.ckpt"} if saved % 5 == 0 else set())
     assert any(f"Restored all states from the checkpoint at {path}\n" in text for path in restored), text[-4000:]
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == max_steps
+
+
+# ----- preemption at awkward moments, exactly ---------------------------------------------------------------------
+# One sample per rank and epoch (length 4, batch 2, 2 ranks): every step is an epoch boundary, so a resumed run must
+# equal the uninterrupted one bit for bit. Validation every 4 steps, 2 batches per rank.
+EXACT = {"trainer": {"limit_val_batches": 2, "check_val_every_n_epoch": 4, "num_sanity_val_steps": 0},
+         "data": {"length": 4, "val_length": 8}}
+EXACT_STEPS = 8
+
+
+def release_when_requeued(job: str, log: Path) -> None:
+    """Wait past REQUEUED / COMPLETING; Slurm holds a requeued job ~2 min (BeginTime): release it."""
+    info = wait_for(lambda i: i["Restarts"] == "1" and i["JobState"] in ("PENDING", "RUNNING", "COMPLETED"), 300,
+                    "requeue", job, log)
+    if info["JobState"] == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+@pytest.fixture(scope="module")
+def exact_reference(slurm, tiny_pretrained, tmp_path_factory) -> dict:
+    """The uninterrupted run's last.ckpt."""
+    tmp = tmp_path_factory.mktemp("exact_reference")
+    job, run_dir, _, log = submit(tmp, tiny_pretrained, EXACT_STEPS, "--checkpoint_every", "4", **EXACT)
+    wait_for(lambda i: i["JobState"] == "COMPLETED", 600, "COMPLETED", job, log)
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("signame,where", [("TERM", "train"), ("TERM", "validation"), ("USR1", "validation"),
+                                           ("TERM", "final"), ("USR1", "final")])
+def test_a_signal_at_an_awkward_moment_ends_in_the_uninterrupted_runs_weights(
+        slurm, tiny_pretrained, exact_reference, tmp_path, signame, where, chaos_outcome):
+    from tests.slurm_helpers import wait_for_markers
+
+    step = {"train": random.randint(1, EXACT_STEPS - 1), "validation": 4, "final": EXACT_STEPS}[where]
+    marker = tmp_path / "paused"
+    pause = {"class_path": "tests.slurm_helpers.PauseForSignal",
+             "init_args": {"step": step, "where": where, "marker": str(marker)}}
+    job, run_dir, trace, log = submit(tmp_path, tiny_pretrained, EXACT_STEPS, "--checkpoint_every", "4",
+                                      callbacks=[pause], **EXACT)
+
+    def alive():
+        assert job_info(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+
+    wait_for_markers(marker, 2, 300, alive)
+    subprocess.run(["scancel", f"--signal={signame}", job], check=True)
+    if where == "final":  # nothing left to do: no requeue, a complete run
+        info = wait_for(lambda i: i["JobState"] == "COMPLETED", 300, "COMPLETED", job, log)
+        assert info["Restarts"] == "0" and not list(run_dir.glob("hpc_ckpt_*.ckpt"))
+        outcome, detail = "completed", "finished normally, last.ckpt at max_steps, no requeue"
+    else:
+        release_when_requeued(job, log)
+        wait_for(lambda i: i["JobState"] == "COMPLETED" and i["Restarts"] == "1", 600, "COMPLETED after requeue",
+                 job, log)
+        saved = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"]
+        # train: right after the step it came at; validation: the step boundary after the cut-short validation
+        assert saved == (step if where == "train" else step + 1), saved
+        steps = read_trace(trace)
+        for rank in (0, 1):
+            assert steps[(0, rank)] + steps[(1, rank)] == list(range(1, EXACT_STEPS + 1))  # each step once
+        if where == "validation":
+            assert "validation at step 4 stopped before batch 1" in log.read_text()
+        outcome, detail = "resumed exactly", f"requeued; saved at step {saved}; final weights torch.equal"
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == EXACT_STEPS
+    assert final["state_dict"].keys() == exact_reference["state_dict"].keys()
+    for key, value in final["state_dict"].items():
+        assert torch.equal(value, exact_reference["state_dict"][key]), key
+    chaos_outcome("slurm 1-node", f"SIG{signame} {'at a random step' if where == 'train' else where}"
+                  + (" (after the last step)" if where == "final" else ""), outcome, detail)
 
 
 @pytest.fixture(scope="module")

@@ -372,7 +372,7 @@ def toy_layouts(modality: str, num: int, resolution: int | None = None, split: s
         for obj in ann["objects"]:
             entry = {"box": obj["box"], "phrase": obj["phrase"], "category": obj["category"]}
             if obj.get("entity_image") and obj["entity_image"] in sample:
-                with Image.open(_io.BytesIO(sample[obj["entity_image"]])) as image:
+                with Image.open(_io.BytesIO(sample[obj["entity_image"]]), formats=["JPEG", "PNG", "WEBP"]) as image:
                     entry["entity_image"] = image.convert("RGB")
             objects.append(entry)
         layout = {"key": sample["__key__"], "caption": sample["txt"], "width": ann["width"],
@@ -380,6 +380,6 @@ def toy_layouts(modality: str, num: int, resolution: int | None = None, split: s
         if ann.get("persons"):
             layout["persons"] = ann["persons"]
         layouts.append(layout)
-        with Image.open(_io.BytesIO(sample["png"])) as image:
+        with Image.open(_io.BytesIO(sample["png"]), formats=["PNG"]) as image:
             references.append(np.asarray(image.convert("RGB")))
     return layouts, references
