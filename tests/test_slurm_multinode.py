@@ -69,26 +69,31 @@ def shards(tmp_path_factory) -> Path:
     keys = ["r0-a", "r0-b", "r1-a", "r1-b"]
     samples = (make_sample(k, width=16, height=16, seed=i, boxes=[(0.1, 0.1, 0.6, 0.7)]) for i, k in enumerate(keys))
     write_shards(samples, root, prefix="shard", max_samples=2, progress=False)
+    # validation: 8 samples, 4 per rank, 2 batches each (so a signal can land between them)
+    val = (make_sample(f"v{i}", width=16, height=16, seed=10 + i, boxes=[(0.2, 0.2, 0.7, 0.8)]) for i in range(8))
+    write_shards(val, root / "val", prefix="val", max_samples=8, progress=False)
     return root
 
 
 class Job:
-    def __init__(self, tmp_path: Path, pretrained: str, shards: Path, max_steps: int):
+    def __init__(self, tmp_path: Path, pretrained: str, shards: Path, max_steps: int, callbacks: list = ()):
         self.run_dir, self.trace, self.probe = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "probe"
         self.log = tmp_path / "slurm.out"
         config = {
             "seed_everything": 0,
             "trainer": {
                 "accelerator": "cpu", "strategy": "ddp", "max_steps": max_steps, "log_every_n_steps": 1,
-                "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False,
+                "limit_val_batches": 2, "val_check_interval": EVERY, "check_val_every_n_epoch": None,
+                "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
                 "callbacks": [
                     {"class_path": "gligen.checkpointing.StepTrace", "init_args": {"path": str(self.trace)}},
                     {"class_path": "tests.slurm_helpers.RankProbe", "init_args": {"directory": str(self.probe)}},
+                    *callbacks,
                 ],
             },
             "model": {"pretrained": pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
             "data": {"class_path": "gligen.data.datamodule.GroundingDataModule", "init_args": {
-                "train_shards": {"grounding": str(shards)}, "resolution": 16, "batch_size": 2, "num_workers": 0,
+                "train_shards": {"grounding": str(shards)}, "val_shards": str(shards / "val"), "resolution": 16, "batch_size": 2, "num_workers": 0,
                 "batches_per_epoch": 1000, "resampled": False, "shuffle_buffer": 1, "random_flip": False}},
         }
         config_path = tmp_path / "config.yaml"
@@ -150,14 +155,36 @@ def test_two_node_job_trains_one_rank_per_node_each_on_its_own_shard(uninterrupt
     print(f"two-node uninterrupted run: {job.seconds:.0f} s")
 
 
-def requeue_and_compare(sig: str, uninterrupted: Job, tiny_pretrained, shards, tmp_path) -> int:
+def requeue_and_compare(sig: str, uninterrupted: Job, tiny_pretrained, shards, tmp_path,
+                        where: str | None = None) -> int:
     """Signal the running two-node job with `sig` once both ranks finished step 2 (early: a fast machine runs the
-    few steps in seconds); it must save, requeue itself, resume on both nodes and end on the uninterrupted run's
-    weights. Returns the step it saved at."""
-    job = Job(tmp_path, tiny_pretrained, shards, MAX_STEPS)
-    job.wait_steps(0, 2)
-    job.wait_steps(1, 2)
+    few steps in seconds), or, with `where`, once both paused there (PauseForSignal: "validation" = between the
+    2 batches of the validation at step EVERY, "final" = after the last step); it must save, requeue itself, resume
+    on both nodes and end on the uninterrupted run's weights ("final": finish without a requeue). Returns the step
+    it saved at (MAX_STEPS for "final")."""
+    from tests.slurm_helpers import wait_for_markers
+
+    marker = tmp_path / "paused"
+    pause = [{"class_path": "tests.slurm_helpers.PauseForSignal",
+              "init_args": {"step": EVERY if where == "validation" else MAX_STEPS, "where": where,
+                            "marker": str(marker)}}] if where else []
+    job = Job(tmp_path, tiny_pretrained, shards, MAX_STEPS, callbacks=pause)
+    if where:
+        def alive():
+            assert job_info(job.id)["JobState"] in ("PENDING", "RUNNING"), job.tail()
+
+        wait_for_markers(marker, 2, 300, alive)
+    else:
+        job.wait_steps(0, 2)
+        job.wait_steps(1, 2)
     subprocess.run(["scancel", f"--signal={sig}", job.id], check=True)
+    reference = state_dict(uninterrupted.run_dir / "checkpoints" / "last.ckpt")
+    if where == "final":
+        info = job.wait(lambda i: i["JobState"] == "COMPLETED", 300, "COMPLETED")
+        assert info["Restarts"] == "0" and not list(job.run_dir.glob("hpc_ckpt_*.ckpt")), job.tail()
+        resumed = state_dict(job.run_dir / "checkpoints" / "last.ckpt")
+        assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+        return MAX_STEPS
     # wait past REQUEUED / COMPLETING: only a PENDING job can be released
     info = job.wait(lambda i: i["Restarts"] == "1" and i["JobState"] in ("PENDING", "RUNNING", "COMPLETED"), 300,
                     "requeue")
@@ -166,7 +193,9 @@ def requeue_and_compare(sig: str, uninterrupted: Job, tiny_pretrained, shards, t
     job.wait(lambda i: i["JobState"] == "COMPLETED" and i["Restarts"] == "1", 600, "COMPLETED after requeue")
 
     saved = torch.load(job.run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"]
-    assert 2 <= saved < MAX_STEPS
+    assert saved == EVERY + 1 if where == "validation" else 2 <= saved < MAX_STEPS
+    if where == "validation":
+        assert f"validation at step {EVERY} stopped before batch 1" in job.log.read_text(), job.tail()
     steps = read_trace(job.trace)
     for rank in (0, 1):  # both ranks in both attempts, every step exactly once
         assert steps[(0, rank)] == list(range(1, saved + 1)), job.tail()
@@ -176,7 +205,6 @@ def requeue_and_compare(sig: str, uninterrupted: Job, tiny_pretrained, shards, t
     assert "requeued Slurm job" in job.log.read_text()
     final = job.run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(final, weights_only=True)["global_step"] == MAX_STEPS
-    reference = state_dict(uninterrupted.run_dir / "checkpoints" / "last.ckpt")
     resumed = state_dict(final)
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference), \
@@ -193,6 +221,21 @@ def test_a_signal_requeues_the_two_node_job_and_it_resumes_to_the_same_weights(s
     chaos_outcome(AREA, f"SIG{sig} to both ranks mid-run (scancel --signal={sig})", "resumed exactly",
                   "both ranks save at the same step boundary, the job requeues itself and resumes on both nodes; "
                   "every step once, final weights equal the uninterrupted run's")
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("sig,where", [("TERM", "validation"), ("USR1", "final")])
+def test_a_signal_during_validation_or_after_the_last_step_of_a_two_node_job(sig, where, uninterrupted,
+                                                                            tiny_pretrained, shards, tmp_path,
+                                                                            chaos_outcome):
+    saved = requeue_and_compare(sig, uninterrupted, tiny_pretrained, shards, tmp_path, where=where)
+    if where == "final":
+        chaos_outcome(AREA, f"SIG{sig} after the last step", "completed",
+                      "finished normally on both nodes, no requeue; weights equal the uninterrupted run's")
+    else:
+        chaos_outcome(AREA, f"SIG{sig} during validation", "resumed exactly",
+                      f"validation stopped between its batches on both ranks, saved at step {saved}, requeued; "
+                      "final weights equal the uninterrupted run's")
 
 
 def rank_pid(job: Job, rank: int) -> int:
