@@ -16,9 +16,14 @@
 # Logs: slurm/logs/<job name>-<job id>.out/.err (appended across requeues). Run: RUN_DIR/ holds TensorBoard events,
 # config.yaml, checkpoints/last.ckpt (every --checkpoint_every steps, default 500, and at the end) and
 # hpc_ckpt_<n>.ckpt (written on requeue).
-# Requeue: Slurm sends SIGUSR1 90 s before the time limit (or `scancel --signal=USR1 <jobid>`); at the next step
-# every rank saves RUN_DIR/hpc_ckpt_<n>.ckpt, rank 0 runs `scontrol requeue`, and the requeued job (same job id,
-# SLURM_RESTART_COUNT+1) resumes from the newest of hpc_ckpt_<n>.ckpt and last.ckpt at the exact global step.
+# Requeue: Slurm sends SIGUSR1 90 s before the time limit (or `scancel --signal=USR1 <jobid>`; SIGTERM, what
+# preemption sends, does the same); at the next safe point (step boundary, validation batch, sampler step) every rank
+# saves RUN_DIR/hpc_ckpt_<n>.ckpt, rank 0 runs `scontrol requeue`, and the requeued job (same job id,
+# SLURM_RESTART_COUNT+1) resumes from the newest of hpc_ckpt_<n>.ckpt and last.ckpt at the exact global step. A job
+# that could not be requeued exits 3 (saved, unfinished). Lead time: an SD-1.x GLIGEN checkpoint (209 M trainable
+# weights + AdamW moments, 2.3 GiB) saved in 5.6-9.1 s on a 2-core EPYC's virtual disk
+# (experiments/bench_checkpoint.py -> results/bench/checkpoint_save.csv); 90 s leaves room for a shared file system
+# several times slower, the rest of a step and the requeue. Raise it if your file system writes under ~50 MB/s.
 #SBATCH --job-name=gligen
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
