@@ -222,8 +222,8 @@ def test_a_signal_at_an_awkward_moment_ends_in_the_uninterrupted_runs_weights(
     assert final["state_dict"].keys() == exact_reference["state_dict"].keys()
     for key, value in final["state_dict"].items():
         assert torch.equal(value, exact_reference["state_dict"][key]), key
-    chaos_outcome("slurm 1-node", f"SIG{signame} {'at a random step' if where == 'train' else where}"
-                  + (" (after the last step)" if where == "final" else ""), outcome, detail)
+    moment = {"train": "at a random step", "validation": "during validation", "final": "after the last step"}[where]
+    chaos_outcome("slurm 1-node", f"SIG{signame} {moment}", outcome, detail)
 
 
 @pytest.fixture(scope="module")
