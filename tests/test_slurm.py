@@ -182,8 +182,8 @@ def exact_reference(slurm, tiny_pretrained, tmp_path_factory) -> dict:
 
 
 @pytest.mark.chaos
-@pytest.mark.parametrize("signame,where", [("TERM", "train"), ("TERM", "validation"), ("USR1", "validation"),
-                                           ("TERM", "final"), ("USR1", "final")])
+@pytest.mark.parametrize("signame,where", [("TERM", "train"), ("USR1", "train"), ("TERM", "validation"),
+                                           ("USR1", "validation"), ("TERM", "final"), ("USR1", "final")])
 def test_a_signal_at_an_awkward_moment_ends_in_the_uninterrupted_runs_weights(
         slurm, tiny_pretrained, exact_reference, tmp_path, signame, where, chaos_outcome):
     from tests.slurm_helpers import wait_for_markers

@@ -224,7 +224,8 @@ def test_a_signal_requeues_the_two_node_job_and_it_resumes_to_the_same_weights(s
 
 
 @pytest.mark.chaos
-@pytest.mark.parametrize("sig,where", [("TERM", "validation"), ("USR1", "final")])
+@pytest.mark.parametrize("sig,where", [("TERM", "validation"), ("USR1", "validation"), ("TERM", "final"),
+                                       ("USR1", "final")])
 def test_a_signal_during_validation_or_after_the_last_step_of_a_two_node_job(sig, where, uninterrupted,
                                                                             tiny_pretrained, shards, tmp_path,
                                                                             chaos_outcome):
