@@ -35,7 +35,8 @@ def random_box_batch(batch_size=2, num_objects=30, image_size=16, seed=0, valid=
 
 
 # ----- fault-injection outcomes (pytest -m chaos) -----------------------------------------------------------------
-# Each chaos test records what happened to its scenario; `--chaos-report PATH` writes them as the table in
+# Each chaos test records what happened to its scenario; `--chaos-report=PATH` (with "=": pytest reads a separate,
+# existing PATH as a test path before this conftest defines the option) writes them as the table in
 # docs/reliability.md, so the documented outcomes are the suite's own output, never hand-written.
 CHAOS_OUTCOMES = ("counted skip", "clear error", "resumed exactly", "step skipped", "refused", "redone", "completed")
 
@@ -79,7 +80,7 @@ def pytest_sessionfinish(session, exitstatus):
     lines = [
         "# Reliability: what happens to a run when things go wrong",
         "",
-        "Written by the fault-injection suite itself (`python -m pytest -m chaos --chaos-report docs/reliability.md`);",
+        "Written by the fault-injection suite itself (`python -m pytest -m chaos --chaos-report=docs/reliability.md`);",
         "each row is a scenario a test injected and the outcome the test asserted. Do not edit by hand.",
         "",
         f"Commit {commit}, Python {platform.python_version()}, {len(_chaos_rows)} scenarios, "

@@ -1,6 +1,6 @@
 """Fault injection on training (#17): NaN batches, preemption signals at awkward moments, careless reruns, a
 second job on the same run_dir, a pickled checkpoint. Each test injects the fault, asserts the outcome and records
-it for docs/reliability.md (`pytest -m chaos --chaos-report docs/reliability.md`).
+it for docs/reliability.md (`pytest -m chaos --chaos-report=docs/reliability.md`).
 
 Exactness as in tests/test_resume.py: RandomBoxDataModule(length=2, batch_size=2) gives every step the same batch,
 so an interrupted and resumed run must equal the uninterrupted one bit for bit."""
