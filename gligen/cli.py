@@ -1,5 +1,7 @@
 """`python -m gligen fit | validate --config <yaml>`: LightningCLI with a fixed, named run directory.
 
+`validate` scores the run's newest checkpoint unless `--ckpt_path` names another (and says which it scored).
+
 `--run_dir runs/<name>` puts the TensorBoard run (no auto-incremented versions), `config.yaml` and
 `checkpoints/` (with `last.ckpt`) in one place, and `fit` resumes when it can (`ckpt_path: last`, the default), so
 a restarted or requeued job continues the same run. With a run_dir, "last" means the most recently written of
@@ -30,7 +32,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .checkpointing import (
@@ -57,6 +59,12 @@ class ConfigChangedError(ValueError):
 
 
 class GLIGENCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate only: GLIGENModule implements no test_step / predict_step (sampling and scoring are
+        `python -m gligen.sample` and the experiments)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--run_dir",
@@ -95,13 +103,32 @@ class GLIGENCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         # `ckpt_path` exists only once the method's arguments are added, after add_arguments_to_parser
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":
+        if subcommand in ("fit", "validate"):
             parser.set_defaults(ckpt_path="last")
             try:  # Lightning >= 2.5 asks; AtomicCheckpointIO loads weights_only=True whatever this says
                 parser.set_defaults(weights_only=True)
             except KeyError:
                 pass
         return parser
+
+    def before_validate(self) -> None:
+        """`validate` scores the run's newest checkpoint (hpc or last.ckpt) by default, and says which; a run_dir
+        without one is an error (it would score untrained grounding layers into the run's TensorBoard)."""
+        run_dir = self._get(self.config, "run_dir")
+        config = self.config_init[self.subcommand]
+        # run_dir/config.yaml stays the training config (a resume compares against it)
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+        if config.get("ckpt_path") == "last":
+            if not run_dir:
+                config["ckpt_path"] = None
+                print("gligen validate: no --run_dir and no --ckpt_path: scoring the model as configured (untrained "
+                      "grounding layers)", file=sys.stderr)
+                return
+            config["ckpt_path"] = resume_path(run_dir)
+            if config["ckpt_path"] is None:
+                raise FileNotFoundError(f"gligen validate: {run_dir} holds no checkpoint (checkpoints/last.ckpt or "
+                                        "hpc_ckpt_<n>.ckpt): train it first, or pass --ckpt_path")
+        print(f"gligen validate: scoring {config['ckpt_path']}", file=sys.stderr)
 
     def before_fit(self) -> None:
         """`ckpt_path: last` with a run_dir -> the newest of the hpc (requeue) checkpoint and last.ckpt; Lightning's

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -46,3 +47,28 @@ def test_fit_writes_a_fixed_run_directory_and_resumes_from_it(tiny_pretrained, t
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2]
+
+
+def test_validate_scores_the_runs_newest_checkpoint_and_says_which(tiny_pretrained, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", tiny_pretrained, max_steps=2)
+    main(["fit", "--config", str(config), "--run_dir", str(run_dir)])
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    capsys.readouterr()
+    cli = main(["validate", "--config", str(config), "--run_dir", str(run_dir), "--trainer.limit_val_batches", "1"])
+    assert f"scoring {run_dir / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
+    weights = cli.model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in trained.items())  # the trained weights, not fresh ones
+    # the run's config.yaml is still the training one: training on resumes without a "changed config" refusal
+    assert main(["fit", "--config", str(config), "--run_dir", str(run_dir), "--trainer.max_steps", "3"]
+                ).trainer.global_step == 3
+
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        main(["validate", "--config", str(config), "--run_dir", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_unimplemented_subcommands_do_not_exist(subcommand, capsys):
+    with pytest.raises(SystemExit) as error:
+        main([subcommand, "--help"])
+    assert error.value.code != 0 and "invalid choice" in capsys.readouterr().err
