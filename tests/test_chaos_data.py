@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from types import SimpleNamespace
 
@@ -196,6 +197,29 @@ def test_sample_and_member_byte_limits(tmp_path, chaos_outcome):
     with pytest.raises(ValueError, match="unknown data limits"):
         DataLimits.of({"max_pixels": 1})
     chaos_outcome("data", "sample over the byte limits", "counted skip", "sample_too_large, member_too_large")
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("name", ["symlink", "hard link", "fifo", "character device"])
+def test_link_device_and_fifo_members_are_counted_skips(tmp_path, name, chaos_outcome):
+    """A sample carrying a link / device / fifo member is skipped as special_member (never followed or opened);
+    the samples around it are read."""
+    kind = {"symlink": tarfile.SYMTYPE, "hard link": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
+            "character device": tarfile.CHRTYPE}[name]
+    write_shards([make_sample("a"), make_sample("b"), make_sample("c")], str(tmp_path / "src"), progress=False)
+    (src,) = resolve_shards(str(tmp_path / "src"))
+    shard = tmp_path / "special.tar"
+    with tarfile.open(src) as tin, tarfile.open(shard, "w") as tout:
+        for info in tin.getmembers():
+            tout.addfile(info, tin.extractfile(info))
+            if info.name.startswith("b."):
+                special = tarfile.TarInfo("b.png" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else "b.dev")
+                special.type, special.linkname = kind, "/etc/passwd"
+                tout.addfile(special)
+    skips = SkipCounter()
+    assert [s.key for s in iter_samples([str(shard)], skips)] == ["a", "c"]
+    assert skips.summary() == {"special_member": 1}
+    chaos_outcome("data", f"{name} member in a shard", "counted skip", "special_member; never followed or opened")
 
 
 @pytest.mark.chaos
