@@ -176,7 +176,7 @@ class GLIGENCLI(LightningCLI):
         kwargs["plugins"] = plugins
         if not run_dir:
             _release_early_signal_handlers()  # no requeue without a run_dir: signals act as usual again
-        if run_dir:
+        else:
             run_dir = Path(run_dir)
             kwargs["default_root_dir"] = str(run_dir)
             if trainer_config.get("logger") in (None, True):

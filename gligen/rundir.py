@@ -103,13 +103,13 @@ def max_steps_of(config_path: str | Path, fit_args: list[str] = ()) -> int | Non
 
 def trained_step(config_path: str | Path) -> int | None:
     """global_step of the run's checkpoints/last.ckpt (None when there is none)."""
-    import torch
+    from .checkpointing import read_checkpoint
 
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
-    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    return int(read_checkpoint(last)["global_step"])
 
 
 def is_trained(config_path: str | Path, fit_args: list[str] = ()) -> bool:

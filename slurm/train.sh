@@ -21,7 +21,7 @@
 # saves RUN_DIR/hpc_ckpt_<n>.ckpt, rank 0 runs `scontrol requeue`, and the requeued job (same job id,
 # SLURM_RESTART_COUNT+1) resumes from the newest of hpc_ckpt_<n>.ckpt and last.ckpt at the exact global step. A job
 # that could not be requeued exits 3 (saved, unfinished). Lead time: an SD-1.x GLIGEN checkpoint (209 M trainable
-# weights + AdamW moments, 2.3 GiB) saved in 5.6-9.1 s on a 2-core EPYC's virtual disk
+# weights + AdamW moments, 2.3 GiB) saved in 5.6-9.1 s on a 2-core AVX-512 (+bf16) AMD EPYC's virtual disk
 # (experiments/bench_checkpoint.py -> results/bench/checkpoint_save.csv); 90 s leaves room for a shared file system
 # several times slower, the rest of a step and the requeue. Raise it if your file system writes under ~50 MB/s.
 #SBATCH --job-name=gligen
