@@ -1,103 +1,12 @@
-"""Data-loading throughput: image path vs precomputed-latent path through GroundingDataModule.
+"""Data-loading throughput: image path vs precomputed latents (logic: gligen/experiments/bench_data.py).
 
-    python experiments/bench_data.py [--workers 0 1 2] [--train-samples-per-s 40] [--out results/bench/data.csv]
-    python experiments/bench_data.py --shards data/coco --latent-shards data/coco_pre --resolution 512
+    python experiments/bench_data.py --workers [0,1,2] --train_samples_per_s 40 --out results/bench/data.csv
 
-Without --shards it writes toy shards (gligen.toy.world.write_split, 32 px) and, without --latent-shards,
-precomputes them with a tiny random pipeline, all in a temporary directory. Prints samples/s, samples/s per
-worker, and the ratio to the training consumption rate (--train-samples-per-s = batch_size / step time):
-a ratio below 1 means the GPU would wait for data. With --out, one CSV row per (path, workers) with the machine,
-torch version, git commit and command.
+Every experiment: `--help`, `--print_config`, `--config FILE` (repeatable), flags and dotted overrides
+(gligen/experiments/config.py).
 """
 
-from __future__ import annotations
-
-import argparse
-import tempfile
-import time
-from pathlib import Path
-
-import torch
-
-from gligen.data.convert.precompute import PrecomputeConfig, precompute_shards
-from gligen.data.datamodule import GroundingDataModule
-from gligen.machine import machine_columns
-from gligen.reporting import command_line
-from gligen.results import append_csv, git_commit
-
-
-def toy_shards(root: Path, n: int, resolution: int) -> str:
-    from gligen.toy.world import write_split
-
-    write_split("train", "grounding", n, str(root / "images"), resolution=resolution, max_samples=64,
-                with_entities=False)
-    return str(root / "images")
-
-
-def toy_latent_shards(root: Path, image_spec: str, resolution: int, pretrained: str | None) -> str:
-    if pretrained is None:
-        from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
-
-        pretrained = str(build_tiny_pipeline(root / "ldm", TinyPipelineConfig(image_size=resolution)))
-    precompute_shards(pretrained, image_spec, str(root / "latents"), PrecomputeConfig(resolution, flip=True),
-                      max_samples=64, progress=False)
-    return str(root / "latents")
-
-
-def samples_per_s(spec: str, resolution: int, batch_size: int, workers: int, batches: int) -> float:
-    """Steady-state rate: the first batch (worker start-up, first shard open) is not timed."""
-    dm = GroundingDataModule(train_shards={"bench": spec}, resolution=resolution, batch_size=batch_size,
-                             num_workers=workers, batches_per_epoch=batches + 1)
-    loader = iter(dm.train_dataloader())
-    next(loader)
-    start = time.perf_counter()
-    count = sum(len(batch["keys"]) for batch in loader)
-    return count / (time.perf_counter() - start)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", default=None, help="image-path shard spec (default: toy shards)")
-    parser.add_argument("--latent-shards", default=None, help="precomputed shard spec (default: precompute --shards)")
-    parser.add_argument("--pretrained", default=None, help="for precomputing (default: a tiny random pipeline)")
-    parser.add_argument("--toy-samples", type=int, default=256)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-samples-per-s", type=float, default=None,
-                        help="what training consumes: batch_size / measured step time")
-    parser.add_argument("--out", default=None, help="CSV to append one row per measurement to")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # one thread per loader process, as in training
-
-    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        root = Path(tmp)
-        image_spec = args.shards or toy_shards(root, args.toy_samples, args.resolution)
-        latent_spec = args.latent_shards or toy_latent_shards(root, image_spec, args.resolution, args.pretrained)
-        print(f"resolution {args.resolution}, batch size {args.batch_size}, {args.batches} timed batches")
-        header = f"{'path':<8} {'workers':>7} {'samples/s':>10} {'per worker':>10}"
-        if args.train_samples_per_s:
-            header += f" {'x training':>10}"
-        print(header)
-        rows = []
-        for name, spec in (("image", image_spec), ("latent", latent_spec)):
-            for workers in args.workers:
-                rate = samples_per_s(spec, args.resolution, args.batch_size, workers, args.batches)
-                line = f"{name:<8} {workers:>7} {rate:>10.1f} {rate / max(1, workers):>10.1f}"
-                ratio = rate / args.train_samples_per_s if args.train_samples_per_s else None
-                if ratio is not None:
-                    line += f" {ratio:>10.2f}"
-                print(line, flush=True)
-                rows.append({"path": name, "workers": workers, "samples_per_s": rate,
-                             "samples_per_s_per_worker": rate / max(1, workers),
-                             "train_samples_per_s": args.train_samples_per_s or "", "x_training": ratio or "",
-                             "resolution": args.resolution, "batch_size": args.batch_size,
-                             "shards": args.shards or "toy", **machine_columns(), "torch": torch.__version__})
-    if args.out:
-        commit, command = git_commit(), command_line()
-        append_csv([{**row, "git_commit": commit, "command": command} for row in rows], args.out)
-
+from gligen.experiments.entry import main
 
 if __name__ == "__main__":
-    main()
+    main("bench_data")

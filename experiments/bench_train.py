@@ -1,75 +1,12 @@
-"""Training-step cost: this project's step vs an official-style step vs the machine's FLOP limit.
+"""Training-step cost: ours vs an official-style step vs the FLOP limit (logic: gligen/experiments/bench_train.py).
 
-    python experiments/bench_train.py --sizes toy sd --repeats 3 --out results/bench/train.csv
-    python experiments/bench_train.py --sizes sd --precision bf16 --channels-last --compile   # "ours" optimised
-    python experiments/bench_train.py --sizes sd --image-size 512 --batch-size 8 --device cuda --precision bf16
+    python experiments/bench_train.py --sizes [toy,sd] --repeats 3 --out results/bench/train.csv
 
-On one model and batch per size: (a) ours = precomputed latents and text features, no gradients for frozen
-weights; (b) official-style = VAE encode + text encoder every step, gradients for all UNet weights (only the
-grounding weights are updated), fp32; (c) the limit = the step's FLOPs (FlopCounterMode) / dense fp32 matmul
-throughput measured in the same run (in ours' precision: bf16 runs are measured against the bf16 peak where the
-device computes bf16 natively; where it emulates bf16, e.g. an AVX2-only CPU, no bf16 peak or MFU is reported).
-Every row records the processor class, its ISA flags (AVX2 / AVX-512 / AVX512-BF16 / AMX) and native_bf16. Times are medians of alternating a, b, a, b, ... steps after one warm-up
-each. Memory: CUDA max_memory_allocated on GPU; on CPU a fresh subprocess per variant reading its peak RSS
-(details in gligen/bench.py). Prints the a/b time ratio, MFU of (a) and the a/b memory ratio per size and
-appends one row per size to --out (machine, torch version, git commit, command).
+Every experiment: `--help`, `--print_config`, `--config FILE` (repeatable), flags and dotted overrides
+(gligen/experiments/config.py).
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
-
-import torch
-
-from gligen.bench import PRECISIONS, SIZES, StepOptions, bench_size, summary
-from gligen.reporting import command_line
-from gligen.results import append_csv, git_commit
-
-
-def make_size(name: str, image_size: int | None = None, batch_size: int | None = None):
-    size = SIZES[name]()
-    if image_size:
-        size = dataclasses.replace(size, pipeline=dataclasses.replace(size.pipeline, image_size=image_size))
-    if batch_size:
-        size = dataclasses.replace(size, batch_size=batch_size)
-    return size
-
-
-def run(sizes: list[str], repeats: int, device: str, memory: bool = True, out: str | None = None,
-        command: str | None = None, options: StepOptions | None = None, image_size: int | None = None,
-        batch_size: int | None = None, peak_size: int | None = None, log=print) -> list[dict]:
-    rows = []
-    commit = git_commit()
-    for name in sizes:
-        row = bench_size(make_size(name, image_size, batch_size), repeats=repeats, device=device, memory=memory,
-                         options=options, peak_size=peak_size, log=log)
-        row.update({"git_commit": commit, "command": command or ""})
-        log(summary(row))
-        rows.append(row)
-        if out:
-            append_csv([row], out)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["toy", "sd"], choices=sorted(SIZES))
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (alternating)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    parser.add_argument("--out", default="results/bench/train.csv", help="CSV to append to ('' = none)")
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="ours: autocast dtype")
-    parser.add_argument("--channels-last", action="store_true", help="ours: channels-last UNet and latents")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet")
-    parser.add_argument("--image-size", type=int, help="override the size's image side (px)")
-    parser.add_argument("--batch-size", type=int, help="override the size's batch size")
-    args = parser.parse_args(argv)
-    command = command_line(argv, program="experiments/bench_train.py")
-    options = StepOptions(args.precision, args.channels_last, args.compile)
-    return run(args.sizes, args.repeats, args.device, memory=not args.no_memory, out=args.out or None,
-               command=command, options=options, image_size=args.image_size, batch_size=args.batch_size)
-
+from gligen.experiments.entry import main
 
 if __name__ == "__main__":
-    main()
+    main("bench_train")

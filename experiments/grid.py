@@ -2,14 +2,12 @@
 
     python experiments/grid.py expand | submit [-- sbatch args] | run-local | collect
     python experiments/grid.py trained CONFIG | sweep-cell CONFIG     # used by slurm/grid.sh
+
+Every experiment: `--help`, `--print_config`, `--config FILE` (repeatable), flags and dotted overrides
+(gligen/experiments/config.py).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing too
-
-from gligen.grid import main
+from gligen.experiments.entry import main
 
 if __name__ == "__main__":
-    main()
+    main("grid")

@@ -13,7 +13,6 @@ import time
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .evaluation import grounding_inputs
 from .interop import StableDiffusionGLIGENPipeline, export_to_diffusers
 from .module import GLIGENModule
 from .sampling import sample, tau_schedule
@@ -29,7 +28,7 @@ def bench_sampler(ckpt: str, layout: dict, *, pretrained: str | None = None, ste
     betas = tau_schedule(steps, tau)
 
     def ours() -> torch.Tensor:  # phrase encoding included, as the pipeline encodes them per call too
-        grounding = grounding_inputs(ldm, [{"objects": objects}], module.hparams.max_objects)
+        grounding = module.modality.layout_inputs(ldm, [{"objects": objects}], module.hparams.max_objects)
         return sample(ldm, [layout["prompt"]], grounding, betas, "ddim", steps, guidance, [seed])
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from .checkpointing import preemption_requested
-from .evaluation import grounding_inputs, layouts_from_batch
+from .evaluation import generate, layouts_from_batch
+from .metrics.detectors import make_detector
+from .metrics.grounding import ap_summary, map_inputs, stable_label_id
 from .sampling import SamplingInterrupted, sample, tau_schedule
 from .visualize import layouts_grid
 
@@ -112,7 +114,7 @@ class SampleGrid(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         ldm = pl_module.ldm
-        grounding = grounding_inputs(ldm, layouts, pl_module.hparams.max_objects, pl_module.hparams.modality)
+        grounding = pl_module.modality.layout_inputs(ldm, layouts, pl_module.hparams.max_objects)
         try:
             images = sample(ldm, [lay["caption"] for lay in layouts], grounding, tau_schedule(self.steps, self.tau),
                             steps=self.steps, guidance=self.guidance,
@@ -155,14 +157,8 @@ class GroundingEvaluation(L.Callback):
     @property
     def detector(self):
         if self._detector is None:
-            from .metrics.grounding import ToyDetector, TransformersDetector
-
-            if callable(self.detector_name):  # any Detector (images -> detections), e.g. from Python
-                self._detector = self.detector_name
-            elif self.detector_name == "toy":
-                self._detector = ToyDetector()
-            else:
-                self._detector = TransformersDetector(self.detector_name)
+            # a registered name ("toy"), a Detector (images -> detections) from Python, or a transformers model
+            self._detector = make_detector(self.detector_name)
         return self._detector
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -174,9 +170,6 @@ class GroundingEvaluation(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking or (self.max_batches is not None and batch_idx >= self.max_batches):
             return
-        from .evaluation import generate
-        from .metrics.grounding import map_inputs, stable_label_id
-
         layouts = layouts_from_batch(batch)
         # distinct, reproducible seeds per (rank, batch): a rank's images do not depend on the others
         seed = self.seed + batch_idx * trainer.world_size + trainer.global_rank
@@ -202,7 +195,6 @@ class GroundingEvaluation(L.Callback):
                         trainer.global_step)
             self.metric.reset()
             return
-        from .metrics.grounding import ap_summary
 
         for name, value in ap_summary(self.metric.compute()).items():  # compute() already syncs ranks
             pl_module.log(f"val/{name}_tau{self.tau:g}", value, sync_dist=False)

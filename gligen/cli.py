@@ -1,6 +1,9 @@
 """`python -m gligen fit | validate --config <yaml>`: LightningCLI with a fixed, named run directory.
 
 `validate` scores the run's newest checkpoint unless `--ckpt_path` names another (and says which it scored).
+`--config` may be repeated: the toy configs are `toy_base.yaml` plus one modality's file. The data settings that
+must agree with the model's (`max_objects`, `max_persons`, and `entity_images` from `modality`) are linked: set on
+the model, they follow on the data (`LINKS`).
 
 `--run_dir runs/<name>` puts the TensorBoard run (no auto-incremented versions), `config.yaml` and
 `checkpoints/` (with `last.ckpt`) in one place, and `fit` resumes when it can (`ckpt_path: last`, the default), so
@@ -47,11 +50,37 @@ from .checkpointing import (
     resume_path,
     slurm_environment_plugin,
 )
+from .modalities import get_modality, modality_names
 from .module import GLIGENModule
 from .nonfinite import NonFiniteGuard
-from .rundir import RunDirLock, RunDirLockedError, config_differences, describe_differences, record_config
+from .rundir import (
+    RESUME_SAFE_KEYS,
+    RunDirLock,
+    RunDirLockedError,
+    TrainConfig,
+    config_args,
+    config_differences,
+    describe_config,
+    describe_differences,
+    record_config,
+)
 
 _locks: list[RunDirLock] = []  # held by this process; released when main() returns or raises
+
+
+def _uses_entity_images(modality: str) -> bool:
+    """Whether a modality's batches carry entity images (data.init_args.entity_images), as its registry entry says;
+    an unknown name is left for GLIGENModule to refuse."""
+    return modality in modality_names() and get_modality(modality).entity_images
+
+
+# (model key, data key, compute): linked in GLIGENCLI's parser, so a config cannot make them disagree
+LINKS = (
+    ("model.max_objects", "data.init_args.max_objects", None),
+    ("model.max_persons", "data.init_args.max_persons", None),
+    ("model.modality", "data.init_args.entity_images", _uses_entity_images),
+)
+LINKED_KEYS = tuple(target for _, target, _ in LINKS)  # derived: not compared when a run_dir is resumed
 
 
 class ConfigChangedError(ValueError):
@@ -99,6 +128,10 @@ class GLIGENCLI(LightningCLI):
             default=False,
             help="resume a run_dir even though its saved config.yaml differs in keys that change training",
         )
+        # data settings that must agree with the model's: set once, on the model (a value given for the data is
+        # replaced by the model's); the dumped config.yaml lists them under model only
+        for source, target, compute in LINKS:
+            parser.link_arguments(source, target, compute_fn=compute)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         # `ckpt_path` exists only once the method's arguments are added, after add_arguments_to_parser
@@ -145,7 +178,9 @@ class GLIGENCLI(LightningCLI):
         text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
         saved_path = run_dir / "config.yaml"
         if resuming and saved_path.exists() and not self._get(self.config, "allow_config_change", default=False):
-            diffs = config_differences(yaml.safe_load(saved_path.read_text()) or {}, yaml.safe_load(text))
+            # a config.yaml saved before the links listed the linked data keys; they follow the model keys compared
+            diffs = config_differences(yaml.safe_load(saved_path.read_text()) or {}, yaml.safe_load(text),
+                                       safe=(*RESUME_SAFE_KEYS, *LINKED_KEYS))
             if diffs:
                 raise ConfigChangedError(
                     f"{run_dir} holds a run trained with another config; resuming it with this one would mix the "
@@ -249,13 +284,15 @@ def run(args=None) -> int:
     return 0
 
 
-def fit_from_config(config: str, *overrides: str) -> Path:
+def fit_from_config(config: TrainConfig, *overrides: str) -> Path:
     """Train (or resume, or find already finished) the run a YAML config describes; returns its last checkpoint.
+    `config`: one file, or a list of files composed in order (`--config A --config B`, e.g. the toy configs).
 
     Experiments call this instead of re-implementing training: a finished run resumes at max_steps and stops at
     once, an interrupted one continues.
     """
-    cli = main(["fit", "--config", config, *overrides])
+    cli = main(["fit", *config_args(config), *overrides])
+    config = describe_config(config)
     reason = getattr(cli.trainer, "gligen_interrupted", None)
     if reason:
         raise RuntimeError(f"{config}: training was stopped by a signal at step {cli.trainer.global_step} and not "

@@ -8,9 +8,9 @@ Layouts (the data schema's annotation, plus evaluation-only fields) drive every 
                   "entity_embed": [D] precomputed image-entity feature (optional, wins over the images),
                   "entity_category": str (optional: the reference image's class when it is not `category`)}],
      "persons": [{"keypoints": [[x, y, v] x 17]}]   (normalised; only v = 2 counts as present)}
-`grounding_inputs(ldm, layouts, modality=...)` turns them into the position net's keyword arguments for the
-modality (box | keypoint | image | text_image; default: inferred from the UNet's position net) and
-`modality_metrics` scores generated images with that modality's own metric.
+The modality (gligen.modalities; default: the one the grounded LDM was built for, `modality_of`) turns them into
+the position net's keyword arguments (`Modality.layout_inputs`) and scores generated images with its own metric
+(`Modality.metrics`).
 
 The paper's protocol, made pluggable: generate one image per validation layout (its caption and boxes), run a
 detector on the generated images and score COCO AP / AP50 / AP75 of its detections against the input layout (the
@@ -28,11 +28,11 @@ from .data.collate import collate_batch
 from .data.datamodule import InMemoryShardDataset
 from .data.shards import SkipCounter, resolve_shards
 from .data.transforms import TransformConfig
+from .constants import MAX_OBJECTS, NUM_KEYPOINTS
 from .ldm import FrozenLDM
-from .nn.tokenizers import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
-from .sampling import sample
-
-MODALITIES = ("box", "keypoint", "image", "text_image")  # as gligen.module.MODALITIES
+from .metrics.quality import quality_metrics
+from .modalities import Modality, get_modality, modality_of
+from .sampling import sample, tau_schedule
 
 SEED_STRIDE = 1_000_003  # image i of seed s uses generator seed s * SEED_STRIDE + i: independent of batching
 
@@ -91,156 +91,19 @@ def load_layouts(spec: str, resolution: int, limit: int | None = None, max_objec
     return layouts_from_batch(batch), from_pixels(batch["pixel_values"])
 
 
-def layout_tensors(layouts: list[dict], max_objects: int = MAX_OBJECTS):
-    """Layouts (schema objects: box + phrase) -> boxes [B, N, 4], masks [B, N], phrases (B lists of N, "" padded).
-
-    An object without a phrase (image-only entities) gets "" (box grounding rejects that: check_box_grounding)."""
-    boxes = torch.zeros(len(layouts), max_objects, 4)
-    masks = torch.zeros(len(layouts), max_objects)
-    phrases = [[""] * max_objects for _ in layouts]
-    for i, layout in enumerate(layouts):
-        for j, obj in enumerate(layout.get("objects", [])[:max_objects]):
-            boxes[i, j] = torch.tensor([float(v) for v in obj["box"]])
-            masks[i, j] = 1
-            phrases[i][j] = str(obj.get("phrase") or "")
-    return boxes, masks, phrases
-
-
-def keypoint_tensors(layouts: list[dict], max_persons: int = MAX_PERSONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layouts' persons -> points [B, max_persons, 17, 2] and masks [B, max_persons, 17] (1 where v = 2), as the
-    data pipeline pads them (gligen.data.transforms.pad_keypoints: the persons with most present joints first)."""
-    from .data.transforms import pad_keypoints
-
-    points = torch.zeros(len(layouts), max_persons, NUM_KEYPOINTS, 2)
-    masks = torch.zeros(len(layouts), max_persons, NUM_KEYPOINTS)
-    for i, layout in enumerate(layouts):
-        persons = layout.get("persons") or []
-        kps = np.array([p["keypoints"] for p in persons], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
-        padded = pad_keypoints(kps, max_persons)
-        points[i], masks[i] = padded["keypoints"], padded["keypoint_masks"]
-    return points, masks
-
-
-def has_entity(obj: dict) -> bool:
-    return any(obj.get(k) is not None for k in ("entity_embed", "entity_pixels", "entity_image"))
-
-
-def _entity_pil(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        from .data.shards import PIL_FORMATS
-
-        # JPEG / PNG / WebP only, as in the shards: PIL would otherwise open any format it knows (EPS runs
-        # Ghostscript where installed)
-        try:
-            with Image.open(image, formats=list(PIL_FORMATS.values())) as opened:
-                return opened.convert("RGB")
-        except Image.UnidentifiedImageError:
-            raise ValueError(f"entity_image {image!r}: not a JPEG, PNG or WebP image") from None
-    array = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"entity_image arrays must be uint8 HxWx3, got {array.dtype} {array.shape}")
-    return Image.fromarray(array[..., :3])
-
-
-def entity_tensors(ldm: FrozenLDM, layouts: list[dict], max_objects: int = MAX_OBJECTS
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-entity features [B, N, D] (ldm.encode_entity_images, in text-feature space) and has-image [B, N].
-
-    Per object: `entity_embed` (precomputed, used as is), `entity_pixels` (float [3, H, W] in [-1, 1]) or
-    `entity_image` (path / PIL / uint8 array), images encoded in one batch per kind; objects with none of them get a
-    zero row and has-image 0."""
-    width = ldm.text_encoder.config.hidden_size
-    embeds = torch.zeros(len(layouts), max_objects, width)
-    has_image = torch.zeros(len(layouts), max_objects)
-    pending, slots = [], []
-    tensors, tensor_slots = [], []
-    for i, layout in enumerate(layouts):
-        for j, obj in enumerate(layout.get("objects", [])[:max_objects]):
-            if obj.get("entity_embed") is not None:
-                row = torch.as_tensor(np.asarray(obj["entity_embed"], dtype=np.float32)).flatten()
-                if row.numel() != width:
-                    raise ValueError(f"layout {i} object {j}: entity_embed has {row.numel()} values, expected {width}")
-                embeds[i, j], has_image[i, j] = row, 1
-            elif obj.get("entity_pixels") is not None:
-                tensors.append(torch.as_tensor(obj["entity_pixels"]).float().cpu())
-                tensor_slots.append((i, j))
-            elif obj.get("entity_image") is not None:
-                pending.append(_entity_pil(obj["entity_image"]))
-                slots.append((i, j))
-    for images, where in ((pending, slots), (torch.stack(tensors) if tensors else [], tensor_slots)):
-        if len(where):
-            features = ldm.encode_entity_images(images).float().cpu()
-            for (i, j), feature in zip(where, features):
-                embeds[i, j], has_image[i, j] = feature, 1
-    return embeds, has_image
-
-
-def infer_modality(ldm: FrozenLDM) -> str:
-    """The modality the UNet's position net serves: `ldm.grounding_modality` when set, else from its type
-    (a TextImageBoxTokenizer reads as text_image: pass modality="image" for image-only models)."""
-    from .nn.tokenizers import KeypointTokenizer, TextImageBoxTokenizer
-
-    explicit = getattr(ldm, "grounding_modality", None)
-    if explicit:
-        return explicit
-    net = getattr(ldm.unet, "position_net", None)
-    if isinstance(net, KeypointTokenizer):
-        return "keypoint"
-    if isinstance(net, TextImageBoxTokenizer):
-        return "text_image"
-    return "box"
-
-
-def grounding_inputs(ldm: FrozenLDM, layouts: list[dict], max_objects: int = MAX_OBJECTS,
-                     modality: str | None = None, max_persons: int | None = None) -> dict:
-    """The position net's keyword arguments (`cross_attention_kwargs["gligen"]`) for a list of layouts.
-
-    modality (default: `infer_modality`):
-      box:        {"boxes", "masks", "positive_embeddings"}
-      keypoint:   {"points" [B, P, 17, 2], "masks" [B, P, 17]} (P = max_persons, default the position net's)
-      image:      {"boxes", "masks", "phrases_masks" (all 0), "image_masks", "phrases_embeddings" (0),
-                   "image_embeddings"}
-      text_image: the same with phrases_masks = 1 for objects with a phrase (an object may have text, image or both)
-    """
-    modality = modality or infer_modality(ldm)
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    device = ldm.unet.device
-    if modality == "keypoint":
-        if max_persons is None:
-            max_persons = getattr(getattr(ldm.unet, "position_net", None), "max_persons", MAX_PERSONS)
-        points, masks = keypoint_tensors(layouts, max_persons)
-        return {"points": points.to(device), "masks": masks.to(device)}
-    boxes, masks, phrases = layout_tensors(layouts, max_objects)
-    if modality == "box":
-        return {"boxes": boxes.to(device), "masks": masks.to(device),
-                "positive_embeddings": ldm.encode_phrases(phrases)}
-    images, has_image = entity_tensors(ldm, layouts, max_objects)
-    image_masks = masks * has_image
-    if modality == "text_image":
-        phrases_masks = masks * torch.tensor([[1.0 if p else 0.0 for p in row] for row in phrases])
-        texts = ldm.encode_phrases(phrases).float()
-    else:
-        phrases_masks, texts = torch.zeros_like(masks), torch.zeros_like(images)
-    dtype = ldm.unet.dtype
-    return {"boxes": boxes.to(device), "masks": masks.to(device), "phrases_masks": phrases_masks.to(device),
-            "image_masks": image_masks.to(device), "phrases_embeddings": texts.to(device, dtype),
-            "image_embeddings": images.to(device, dtype)}
-
-
 def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int = 0, sampler: str = "ddim",
              steps: int = 50, guidance: float = 7.5, batch_size: int = 50, progress: bool = True,
-             max_objects: int = MAX_OBJECTS, modality: str | None = None,
+             max_objects: int = MAX_OBJECTS, modality: str | Modality | None = None,
              init_images: list[np.ndarray] | None = None, strength: float = 1.0,
              interrupt=None) -> list[np.ndarray]:
     """One uint8 HxWx3 image per layout; image i depends only on (seed, i, layout i), not on the batching.
-    modality: which grounding inputs the layouts become (default: `infer_modality`).
+    modality: which grounding inputs the layouts become (default: the LDM's, `modality_of`); an LDM without
+    grounding layers (the frozen base) samples from the captions alone.
     init_images, strength: SDEdit from these uint8 images (see `sample`), encoded per batch.
     interrupt: see `sample` (raises `SamplingInterrupted`)."""
+    grounded = getattr(ldm.unet, "position_net", None) is not None  # else a base LDM: layouts give captions only
+    if grounded:
+        modality = get_modality(modality) if modality is not None else modality_of(ldm)
     images = []
     starts = range(0, len(layouts), batch_size)
     for start in tqdm(starts, desc=f"sampling seed {seed}", disable=not progress, leave=False):
@@ -250,7 +113,7 @@ def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int 
             init = ldm.encode_images(to_pixels(init_images[start:start + batch_size]).to(ldm.vae.device),
                                      torch.Generator().manual_seed(seed + start))
         pixels = sample(
-            ldm, [layout["caption"] for layout in chunk], grounding_inputs(ldm, chunk, max_objects, modality), betas,
+            ldm, [layout["caption"] for layout in chunk], modality.layout_inputs(ldm, chunk, max_objects) if grounded else None, betas,
             sampler=sampler, steps=steps, guidance=guidance,
             seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))], init_latents=init, strength=strength,
             interrupt=interrupt,
@@ -270,72 +133,25 @@ def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0, batch_s
     return out
 
 
-def grounding_metrics(images: list[np.ndarray], layouts: list[dict], detector) -> dict[str, float]:
-    """AP / AP50 / AP75 and mIoU of the detector's findings on `images` against their input layouts; with a
-    detector that has `coarse_label` (the toy's: colour), also coarse_ap50 / coarse_miou on coarse labels."""
-    from .metrics.grounding import coarse_grounding_metrics, grounding_ap, miou
-
-    detections = detector(images)
-    metrics = {**grounding_ap(detections, layouts), "miou": miou(detections, layouts)}
-    if hasattr(detector, "coarse_label"):
-        metrics.update(coarse_grounding_metrics(detections, layouts, detector.coarse_label))
-    return metrics
-
-
-def modality_metrics(images: list[np.ndarray], layouts: list[dict], modality: str, detector=None
-                     ) -> dict[str, float]:
-    """The modality's own grounding metric of generated `images` against the layouts they were asked for.
-
-    box:               AP / AP50 / AP75 / mIoU of `detector` (a gligen.metrics.grounding.Detector) vs the boxes,
-                       label = category (else phrase)
-    keypoint:          pck (PCK@0.1), oks_ap / oks_ap50 / oks_ap75 of `detector` (a PoseDetector) vs the persons,
-                       and person_ap50 / person_miou (figure placement, joints ignored; toy: ToyPersonDetector,
-                       else the box of each detected person's joints)
-    image, text_image: entity AP / AP50 / AP75 / mIoU: the detector must find, in each box, the class of the object's
-                       reference image (`entity_label`: entity_category, else category, else phrase)
-    detector None: the toy world's exact read-back (ToyDetector / ToyPoseDetector).
-    """
-    from .metrics.grounding import (
-        ToyDetector,
-        ToyPersonDetector,
-        ToyPoseDetector,
-        entity_grounding_metrics,
-        keypoint_metrics,
-    )
-
-    if modality == "keypoint":
-        if detector is None:
-            return keypoint_metrics(images, layouts, ToyPoseDetector(), person_detector=ToyPersonDetector())
-        return keypoint_metrics(images, layouts, detector)
-    if modality in ("image", "text_image"):
-        return entity_grounding_metrics(images, layouts, detector or ToyDetector())
-    if modality == "box":
-        return grounding_metrics(images, layouts, detector or ToyDetector())
-    raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-
-
 def beta_sweep(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray], taus: list[float],
                seeds: list[int], detector, *, sampler: str = "ddim", steps: int = 50, guidance: float = 7.5,
                batch_size: int = 50, clip_dir: str | None = None, inception_weights: str | None = None,
-               grid_size: int = 8, progress: bool = True, modality: str | None = None
+               grid_size: int = 8, progress: bool = True, modality: str | Modality | None = None
                ) -> tuple[list[dict], dict[float, list[np.ndarray]]]:
     """Grounding accuracy and quality for every (tau, seed): rows of metrics, and the first `grid_size` images
     of seed `seeds[0]` per tau (for sample grids).
 
-    The layouts are sampled and scored as `modality` (default: `infer_modality`) asks, with that modality's own
-    metric (`modality_metrics`: box ap / ap50 / ap75 / miou (+ coarse_*), keypoint pck / oks_ap*, image and
+    The layouts are sampled and scored as `modality` (default: the LDM's, `modality_of`) asks, with that modality's
+    own metric (`Modality.metrics`: box ap / ap50 / ap75 / miou (+ coarse_*), keypoint pck / oks_ap*, image and
     text_image entity_ap* / entity_miou); `detector` is the modality's detector (a PoseDetector for keypoint),
     None for the toy world's exact read-back."""
-    from .metrics.quality import quality_metrics
-    from .sampling import tau_schedule
-
-    modality = modality or infer_modality(ldm)
+    modality = get_modality(modality) if modality is not None else modality_of(ldm)
     rows, grids = [], {}
     for tau in taus:
         for seed in seeds:
             images = generate(ldm, layouts, tau_schedule(steps, tau), seed=seed, sampler=sampler, steps=steps,
                               guidance=guidance, batch_size=batch_size, progress=progress, modality=modality)
-            row = {"tau": tau, "seed": seed, **modality_metrics(images, layouts, modality, detector)}
+            row = {"tau": tau, "seed": seed, **modality.metrics(images, layouts, detector)}
             row.update(quality_metrics(_to_tensor(images), _to_tensor(references), clip_dir=clip_dir,
                                        inception_weights=inception_weights))
             rows.append(row)

@@ -8,11 +8,12 @@ cell trains, then sweeps tau on its checkpoint (the sweep of experiments/ablate_
     python experiments/grid.py trained CONFIG         # exit 0 when the cell of CONFIG finished training (grid.sh)
     python experiments/grid.py sweep-cell CONFIG      # the tau sweep of that cell, once (grid.sh, run-local)
 
-Defaults: experiments/configs/grid.yaml (--config FILE overrides it, flags override both). Each modality trains from
-its own base config (`base_configs:`; `--base-config` uses one file for every modality). A cell is named
-`gamma<g>_<modality>_seed<s>` and trains into `<out>/<cell>` (TensorBoard events, config.yaml, checkpoints/), its
-sweep goes to `<out>/<cell>/sweep/` (metrics.csv, summary.md, plots, tensorboard/, sweep_done.json). Every modality
-sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap, image / text_image entity_ap50;
+Settings: GridConfig (gligen/experiments/config.py), defaults experiments/configs/grid.yaml; `--config FILE`
+(repeatable) overrides it, flags override both, `--print_config` shows the result. Each modality trains from its own
+base config (`base_configs:`, one YAML or YAMLs composed in order; `--base_config` uses one for every modality). A
+cell is named `gamma<g>_<modality>_seed<s>` and trains into `<out>/<cell>` (TensorBoard events, config.yaml,
+checkpoints/), its sweep goes to `<out>/<cell>/sweep/` (metrics.csv, summary.md, plots, tensorboard/,
+sweep_done.json). Every modality sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap, image / text_image entity_ap50;
 gligen.evaluation.modality_metrics); summary.csv has every metric column, empty where a cell's modality does not
 measure it. A cell that is submitted or run again skips finished training and a finished sweep, and continues an
 interrupted run.
@@ -20,7 +21,6 @@ interrupted run.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import math
@@ -29,23 +29,22 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]  # configs and run directories are relative to the checkout
-
+from gligen.experiments.config import GridConfig, parse, to_dict
 from gligen.results import config_hash, git_commit, read_csv, write_csv
-from gligen.rundir import is_trained, max_steps_of, trained_step
+from gligen.rundir import config_paths, describe_config, is_trained, load_config, max_steps_of, trained_step
+from gligen.toy.build import ensure_toy_world
 
-DEFAULTS = REPO / "experiments" / "configs" / "grid.yaml"
-MERGED = ("base_configs", "sweep", "overrides")  # dict-valued keys: a --config file updates them key by key
+OPTIONAL_SWEEP_KEYS = ("pose_detector", "entity_resolution")  # left out of a cell's sweep config when unset
 
 
-def load_grid(config: str | None = None, **overrides) -> dict:
-    grid = yaml.safe_load(DEFAULTS.read_text())
-    if config:
-        for key, value in (yaml.safe_load(Path(config).read_text()) or {}).items():
-            if key in MERGED and isinstance(value, dict):
-                grid[key] = {**(grid.get(key) or {}), **value}
-            else:
-                grid[key] = value
+def load_grid(config: str | None = None, argv: list[str] | None = None, cls=GridConfig, name: str = "grid",
+              description: str | None = None, **overrides) -> dict:
+    """The grid's settings as the mapping the functions here read: GridConfig's defaults,
+    experiments/configs/<name>.yaml, the `config` file, `argv` (flags, more --config; None: none, not sys.argv),
+    then `overrides` (not None)."""
+    args = (["--config", str(config)] if config else []) + list(argv or [])
+    grid = to_dict(parse(cls, args, name=name, description=description or __doc__))
+    grid["sweep"] = {k: v for k, v in grid["sweep"].items() if v is not None or k not in OPTIONAL_SWEEP_KEYS}
     grid.update({k: v for k, v in overrides.items() if v is not None})
     return grid
 
@@ -62,20 +61,22 @@ def set_dotted(config: dict, key: str, value) -> None:
     node[leaf] = value
 
 
-def base_config(grid: dict, modality: str) -> Path:
-    """The training config a modality's cells start from: `base_config` for all when set, else `base_configs`."""
+def base_config(grid: dict, modality: str) -> list[Path]:
+    """The training config a modality's cells start from (its files, composed in order): `base_config` for all when
+    set, else `base_configs`."""
     if grid.get("base_config"):
-        path = Path(grid["base_config"])
+        paths = config_paths(grid["base_config"])
     else:
         configs = grid.get("base_configs") or {}
         if modality not in configs:
             raise SystemExit(f"modality {modality!r} has no base config: add it to base_configs in "
                              f"experiments/configs/grid.yaml (known: {sorted(configs)})")
-        path = Path(configs[modality])
-    if not path.exists():
-        raise SystemExit(f"modality {modality!r}: its base config {path} does not exist (yet); write it, or drop "
-                         f"{modality!r} from the grid's modality list")
-    return path
+        paths = config_paths(configs[modality])
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"modality {modality!r}: its base config {path} does not exist (yet); write it, or "
+                             f"drop {modality!r} from the grid's modality list")
+    return paths
 
 
 def sweep_config(grid: dict, cell: dict) -> dict:
@@ -99,7 +100,7 @@ def sweep_config(grid: dict, cell: dict) -> dict:
 
 def cells(grid: dict) -> list[dict]:
     """Every cell: name, its axis values, its run dir, its full training config and its sweep config."""
-    bases = {modality: yaml.safe_load(base_config(grid, modality).read_text()) for modality in grid["modality"]}
+    bases = {modality: load_config(base_config(grid, modality)) for modality in grid["modality"]}
     out = []
     for gamma, modality, seed in itertools.product(grid["gamma_init"], grid["modality"], grid["seeds"]):
         name = cell_name(gamma, modality, seed)
@@ -113,7 +114,7 @@ def cells(grid: dict) -> list[dict]:
         run_dir = Path(grid["out"]) / name
         config["run_dir"] = str(run_dir)
         cell = {"cell": name, "gamma_init": float(gamma), "modality": modality, "seed": int(seed),
-                "run_dir": run_dir, "config": config, "base_config": str(base_config(grid, modality))}
+                "run_dir": run_dir, "config": config, "base_config": describe_config(base_config(grid, modality))}
         cell["sweep"] = sweep_config(grid, cell)
         out.append(cell)
     return out
@@ -152,21 +153,22 @@ def expand(grid: dict) -> list[Path]:
 
 
 def build_toy_world_if_used(grid: dict) -> None:
-    toy_cache = grid.get("toy_cache")
+    """The toy world, built when the cells train on it (gligen.toy.build.is_toy_world: their base LDM and shards
+    are in toy_cache)."""
+    locations = []
     for modality in dict.fromkeys(grid["modality"]):
-        base = yaml.safe_load(base_config(grid, modality).read_text())
-        if toy_cache and str((base.get("model") or {}).get("pretrained", "")).startswith(str(toy_cache)):
-            from gligen.toy.build import ToyBuildConfig, build
-
-            build(toy_cache, ToyBuildConfig.from_yaml(grid["toy_config"]))
-            return
+        base = load_config(base_config(grid, modality))
+        data = (base.get("data") or {}).get("init_args") or {}
+        locations += [(base.get("model") or {}).get("pretrained"), data.get("train_shards"), data.get("val_shards")]
+    if grid.get("toy_cache"):
+        ensure_toy_world(grid["toy_cache"], grid.get("toy_config"), locations)
 
 
 def submit(grid: dict, sbatch_args: list[str]) -> str:
     paths = expand(grid)
     cells_file = Path(grid["out"]) / "cells.txt"
     command = ["sbatch", "--parsable", f"--array=0-{len(paths) - 1}", *sbatch_args,
-               str(REPO / "slurm" / "grid.sh"), str(cells_file)]
+               str(grid.get("slurm_script") or "slurm/grid.sh"), str(cells_file)]
     print(" ".join(command))
     job = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
     print(f"submitted array job {job}: {len(paths)} cells -> {grid['out']}/<cell>")
@@ -323,7 +325,7 @@ def collect(grid: dict) -> Path:
         if not sweep_rows:
             rows.append({**base, **training, **provenance})
             continue
-        metrics = [m for m in reporting.BETA_METRICS if m in sweep_rows[0]]  # the cell's modality's metrics
+        metrics = [m for m in reporting.beta_metrics() if m in sweep_rows[0]]  # the cell's modality's metrics
         for sweep_row in sweep_rows:
             rows.append({**base, "tau": float(sweep_row["tau"]), "sample_seed": int(sweep_row["seed"]),
                          **{m: _number(sweep_row[m]) for m in metrics}, "num_images": sweep_row.get("num_images"),
@@ -331,9 +333,9 @@ def collect(grid: dict) -> Path:
                          "sweep_config_hash": sweep_row.get("config_hash"),
                          "git_commit": sweep_row.get("git_commit") or commit})
     # cells of different modalities report different metrics: every row gets every metric column (empty where
-    # its modality does not measure it), in BETA_METRICS order after the axes
+    # its modality does not measure it), in reporting.beta_metrics() order after the axes
     measured = {k for row in rows for k in row}
-    columns = [m for m in reporting.BETA_METRICS if m in measured]
+    columns = [m for m in reporting.beta_metrics() if m in measured]
     rows = [_with_metric_columns(row, columns) for row in rows]
     path = Path(grid["out"]) / "summary.csv"
     write_csv(rows, path)
@@ -354,36 +356,29 @@ def _with_metric_columns(row: dict, columns: list[str]) -> dict:
     return out
 
 
+COMMANDS = ("expand", "submit", "run-local", "collect", "trained", "sweep-cell")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("command", choices=["expand", "submit", "run-local", "collect", "trained", "sweep-cell"])
-    parser.add_argument("cell_config", nargs="?", help="trained / sweep-cell: <out>/configs/<cell>.yaml")
-    parser.add_argument("--config", help="YAML overriding experiments/configs/grid.yaml")
-    parser.add_argument("--base-config", dest="base_config", help="one base config for every modality")
-    parser.add_argument("--out")
-    parser.add_argument("--gamma-init", dest="gamma_init", type=float, nargs="+")
-    parser.add_argument("--modality", nargs="+")
-    parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--no-sweep", dest="no_sweep", action="store_true", help="train only")
-    parser.add_argument("--set", dest="overrides", nargs="+", metavar="KEY=VALUE",
-                        help="dotted overrides for every cell, e.g. trainer.max_steps=1000 (YAML values)")
-    parser.add_argument("--sweep-set", dest="sweep_overrides", nargs="+", metavar="KEY=VALUE",
-                        help="sweep settings for every cell, e.g. taus=[0,1] num_images=50 (YAML values)")
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("submit", "trained", "sweep-cell"):
-        parser.error(f"unrecognized arguments: {extra}")
-    if args.command in ("trained", "sweep-cell") and not args.cell_config:
-        parser.error(f"{args.command} needs the cell's config path")
-    grid = load_grid(args.config, base_config=args.base_config, out=args.out, gamma_init=args.gamma_init,
-                     modality=args.modality, seeds=args.seeds)
-    for key, items in (("overrides", args.overrides), ("sweep", args.sweep_overrides)):
-        if items:
-            values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
-            grid[key] = {**(grid.get(key) or {}), **values}
-    if args.no_sweep:
-        grid["sweep"] = {**(grid.get("sweep") or {}), "enabled": False}
-    return args.command, grid, [a for a in extra if a != "--"], args.cell_config
+    """`<command> [CELL_CONFIG] [settings]`: trained / sweep-cell take the cell's config and pass every argument
+    after it to fit (grid.sh's overrides); submit passes the arguments after `--` to sbatch."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else None
+    cell_config, extra = None, []
+    if command in ("trained", "sweep-cell"):
+        if not argv or argv[0].startswith("-"):
+            raise SystemExit(f"grid.py {command} needs the cell's config path (<out>/configs/<cell>.yaml)")
+        cell_config, extra, argv = argv[0], argv[1:], []
+    elif "--" in argv:
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1:]
+    grid = load_grid(argv=argv)  # --print_config / --help exit here
+    if command is None:
+        raise SystemExit(f"grid.py: give a command first: one of {', '.join(COMMANDS)}")
+    if extra and command != "submit" and cell_config is None:
+        raise SystemExit(f"grid.py {command}: unrecognized arguments: {extra}")
+    return command, grid, extra, cell_config
 
 
 def main(argv=None) -> None:

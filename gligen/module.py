@@ -15,24 +15,13 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from .checkpointing import read_checkpoint
+from .constants import MAX_OBJECTS, MAX_PERSONS
 from .ldm import FrozenLDM, weights_fingerprint
+from .modalities import DEFAULT_MODALITY, Modality, get_modality
 from .nn.fuser import FUSER_TYPES
 from .nn.grounded_unet import add_grounding, fusers
-from .nn.tokenizers import (
-    MAX_OBJECTS,
-    MAX_PERSONS,
-    GroundingInputError,
-    KeypointTokenizer,
-    TextImageBoxTokenizer,
-    check_box_grounding,
-    check_keypoint_grounding,
-    text_or_image_drop,
-)
 
 CHECKPOINT_FORMAT = 1
-# box: box + phrase; keypoint: 8 persons x 17 joints; text_image: box + phrase + image entity; image: box + image
-# entity (text_image with every text feature masked)
-MODALITIES = ("box", "keypoint", "image", "text_image")
 
 
 class GLIGENModule(L.LightningModule):
@@ -40,8 +29,8 @@ class GLIGENModule(L.LightningModule):
 
     Args:
         pretrained: hub id or local diffusers Stable Diffusion directory of the frozen LDM.
-        modality: grounding modality, one of `MODALITIES` (see docs/batch_contract.md for the batch keys each
-            needs).
+        modality: grounding modality, a name registered in `gligen.modalities` (box, keypoint, image, text_image;
+            see docs/batch_contract.md for the batch keys each needs).
         fuser_type: "gated_self_attention" (paper), "gated_cross_attention" or "ungated".
         gamma_init: start value of every fuser's alpha_attn / alpha_dense (gate = tanh(gamma)).
         learning_rate: AdamW lr of fusers and position_net (official 5e-5).
@@ -65,7 +54,7 @@ class GLIGENModule(L.LightningModule):
     def __init__(
         self,
         pretrained: str,
-        modality: str = "box",
+        modality: str = DEFAULT_MODALITY,
         fuser_type: str = "gated_self_attention",
         gamma_init: float = 0.0,
         learning_rate: float = 5e-5,
@@ -83,8 +72,7 @@ class GLIGENModule(L.LightningModule):
         max_persons: int = MAX_PERSONS,
     ):
         super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        self.modality: Modality = get_modality(modality)  # raises for an unknown name
         if fuser_type not in FUSER_TYPES:
             raise ValueError(f"fuser_type must be one of {FUSER_TYPES}, got {fuser_type!r}")
         if grounding_dropout_mode not in ("per_sample", "per_batch"):
@@ -92,8 +80,12 @@ class GLIGENModule(L.LightningModule):
         self.save_hyperparameters()
         self.ldm = FrozenLDM(pretrained)
         self.allow_other_base = False  # from_checkpoint(..., allow_other_base=True) sets it before loading
-        self.ldm.grounding_modality = modality  # samplers and sample grids read it (image and text_image share a net)
-        add_grounding(self.ldm.unet, self.make_position_net(), fuser_type=fuser_type, gamma_init=gamma_init)
+        # recorded, never guessed: samplers and sample grids read it (image and text_image share a tokenizer)
+        self.ldm.grounding_modality = modality
+        position_net = self.modality.position_net(token_dim=self.ldm.unet.config.cross_attention_dim,
+                                                  text_dim=self.ldm.text_encoder.config.hidden_size,
+                                                  max_persons=max_persons)
+        add_grounding(self.ldm.unet, position_net, fuser_type=fuser_type, gamma_init=gamma_init)
         if gradient_checkpointing:
             self.ldm.unet.enable_gradient_checkpointing()
         if channels_last:
@@ -103,18 +95,6 @@ class GLIGENModule(L.LightningModule):
         self._null_caption: torch.Tensor | None = None  # the frozen text encoder's "" features, encoded once
         # Lightning checkpoints hold only trainable weights; `on_load_checkpoint` checks they are all there
         self.strict_loading = False
-
-    def make_position_net(self) -> torch.nn.Module | None:
-        """The grounding tokenizer of `modality`; None for "box" = add_grounding's default TextBoxTokenizer (built
-        after the fusers, so box models initialise exactly as before modalities existed)."""
-        token_dim = self.ldm.unet.config.cross_attention_dim
-        text_dim = self.ldm.text_encoder.config.hidden_size  # CLIP pooled text feature width
-        modality = self.hparams.modality
-        if modality == "keypoint":
-            return KeypointTokenizer(in_dim=token_dim, out_dim=token_dim, max_persons=self.hparams.max_persons)
-        if modality in ("image", "text_image"):
-            return TextImageBoxTokenizer(in_dim=text_dim, out_dim=token_dim)
-        return None
 
     # ----- what is trained, what is frozen -------------------------------------------------------------------
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -160,78 +140,13 @@ class GLIGENModule(L.LightningModule):
 
     def batch_grounding(self, batch: dict, drop: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> dict:
-        """`cross_attention_kwargs["gligen"]` for the UNet (the position_net's keyword arguments); samples where
-        `drop` is True get null grounding (every mask of theirs zeroed)."""
-        builders = {"box": self.box_grounding, "keypoint": self.keypoint_grounding,
-                    "image": self.entity_grounding, "text_image": self.entity_grounding}
-        grounding = builders[self.hparams.modality](batch, generator)
-        if drop is not None:
-            keep = ~drop
-            grounding = {k: v * keep.view(-1, *[1] * (v.ndim - 1)).to(v.dtype) if k.endswith("masks") else v
-                         for k, v in grounding.items()}
-        return grounding
-
-    def checked_boxes(self, batch: dict, with_phrases: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        boxes, masks = batch["boxes"].float(), batch["masks"].float()
-        if self.hparams.check_inputs:
-            phrases = batch.get("phrases") if with_phrases else None
-            check_box_grounding(boxes, masks, phrases, batch.get("keys"), self.hparams.max_objects)
-        return boxes, masks
-
-    def phrase_features(self, batch: dict) -> torch.Tensor:
-        if "phrase_embeds" in batch:
-            return batch["phrase_embeds"].float()
-        return self.ldm.encode_phrases(batch["phrases"])
-
-    def box_grounding(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        boxes, masks = self.checked_boxes(batch)
-        return {"boxes": boxes, "masks": masks, "positive_embeddings": self.phrase_features(batch)}
-
-    def keypoint_grounding(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        points, masks = batch["keypoints"].float(), batch["keypoint_masks"].float()
-        if self.hparams.check_inputs:
-            check_keypoint_grounding(points, masks, batch.get("keys"), self.hparams.max_persons)
-        return {"points": points, "masks": masks}
-
-    def entity_grounding(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        """Text + image entities per box. A box has an image feature where `entity_masks` says so (default: where
-        its `entity_embeds` row is non-zero). In training, boxes with both features randomly lose one of them
-        (`text_or_image_drop`); modality "image" masks every text feature."""
-        text_too = self.hparams.modality == "text_image"
-        boxes, masks = self.checked_boxes(batch, with_phrases=text_too)
-        images = self.entity_features(batch, masks)
-        if tuple(images.shape) != (*masks.shape, self.ldm.unet.position_net.in_dim):
-            raise GroundingInputError(f"entity_embeds shape {tuple(images.shape)}, expected "
-                                      f"{(*masks.shape, self.ldm.unet.position_net.in_dim)} (boxes x text width)")
-        has_image = batch.get("entity_masks", images.abs().sum(-1) > 0)
-        image_masks = masks * has_image.to(masks.dtype)
-        if text_too:
-            texts, phrases_masks = self.phrase_features(batch), masks
-            if self.training:  # only boxes with both features can lose one; text-only boxes keep their text
-                both = image_masks
-                kept_text, image_masks = text_or_image_drop(both, generator)
-                phrases_masks = torch.where(both.bool(), kept_text, masks)
-        else:
-            texts, phrases_masks = torch.zeros_like(images), torch.zeros_like(masks)
-        return {"boxes": boxes, "masks": masks, "phrases_masks": phrases_masks, "image_masks": image_masks,
-                "phrases_embeddings": texts, "image_embeddings": images}
-
-    def entity_features(self, batch: dict, masks: torch.Tensor) -> torch.Tensor:
-        """Image-entity features [B, N, D]: the precomputed `entity_embeds` when the batch has them, else
-        `FrozenLDM.encode_entity_images` (frozen CLIP, no grad) of `entity_pixel_values` [B, N, 3, S, S], only for
-        the rows where `entity_masks` (and the box mask) is set; zero rows elsewhere."""
-        if "entity_embeds" in batch:
-            return batch["entity_embeds"].float()
-        if "entity_pixel_values" not in batch:
-            raise GroundingInputError(
-                f"modality {self.hparams.modality!r} needs `entity_embeds` or `entity_pixel_values` in the batch "
-                "(GroundingDataModule(entity_images=True), or precomputed entity_embeds)")
-        pixels = batch["entity_pixel_values"]
-        rows = (batch["entity_masks"].to(masks.device) > 0) & (masks > 0)
-        out = torch.zeros(*masks.shape, self.ldm.text_encoder.config.hidden_size, device=masks.device)
-        if rows.any():
-            out[rows] = self.ldm.encode_entity_images(pixels[rows]).to(out.device, out.dtype)
-        return out
+        """`cross_attention_kwargs["gligen"]` for the UNet (the position_net's keyword arguments, built by the
+        modality); samples where `drop` is True get null grounding."""
+        hp = self.hparams
+        grounding = self.modality.batch_inputs(self.ldm, batch, training=self.training, generator=generator,
+                                               check=hp.check_inputs, max_objects=hp.max_objects,
+                                               max_persons=hp.max_persons)
+        return grounding if drop is None else self.modality.null_grounding(grounding, drop)
 
     def dropout_masks(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance dropout: which samples lose their caption, which lose their grounding."""
@@ -353,7 +268,7 @@ class GLIGENModule(L.LightningModule):
         trainable = {n for n, _ in self.trainable_named_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
-                                "base_fingerprint": self.base_fingerprint}
+                                "base_fingerprint": self.base_fingerprint, "modality": self.modality.name}
         if self._trainer is not None and self._trainer.max_steps > 0:
             # the run's target when this was written: results can tell a finished checkpoint from a half-trained one
             checkpoint["gligen"]["max_steps"] = int(self._trainer.max_steps)

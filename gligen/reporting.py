@@ -17,27 +17,24 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
+from .modalities import DEFAULT_MODALITY, get_modality, modality_names
 from .results import mean_std_table, write_csv
 from .visualize import layouts_grid
 
-# every modality's grounding metrics (gligen.evaluation.modality_metrics: box, then keypoint, then image /
-# text_image), then quality; a sweep reports those it measured (coarse_*: the toy detector's, if measured)
-BETA_METRICS = ["ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou",
-                "pck", "oks_ap", "oks_ap50", "oks_ap75", "person_ap50", "person_miou",
-                "entity_ap", "entity_ap50", "entity_ap75", "entity_miou", "entity_coarse_ap50", "entity_coarse_miou",
-                "fid", "kid"]
-# the grounding metric a sweep is plotted / summarised by, the first one its rows have: placement where measured
-# (box coarse_ap50 on the toy, keypoint person_ap50, entity_coarse_ap50 on the toy: what grounding controls whatever
-# the base draws), else box ap50, keypoint pck, image / text_image entity_ap50
-PRIMARY_METRICS = ("coarse_ap50", "ap50", "person_ap50", "pck", "entity_coarse_ap50", "entity_ap50")
+QUALITY_METRICS = ["fid", "kid"]
+
+
+def beta_metrics() -> list[str]:
+    """Every registered modality's grounding metrics (`Modality.metric_names`, in registry order), then quality; a
+    sweep reports those it measured."""
+    return [m for name in modality_names() for m in get_modality(name).metric_names] + QUALITY_METRICS
 
 
 def primary_metric(row: dict) -> str:
-    """The grounding metric a sweep row is ranked by (see PRIMARY_METRICS)."""
-    for metric in PRIMARY_METRICS:
-        if row.get(metric) not in (None, ""):
-            return metric
-    raise ValueError(f"no grounding metric among {PRIMARY_METRICS} in {sorted(row)}")
+    """The grounding metric a sweep row is plotted and summarised by: its modality's placement metric where
+    measured (what grounding controls whatever the base draws), else its primary one (`Modality.headline_metric`).
+    Rows without a modality column are box rows (sweeps before the column existed)."""
+    return get_modality(row.get("modality") or DEFAULT_MODALITY).headline_metric(row)
 
 
 def grid_image(images: list[np.ndarray], layouts: list[dict], nrow: int = 4) -> torch.Tensor:
@@ -110,7 +107,7 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
         "",
         "Mean ± std over seeds:",
         "",
-        mean_std_table(rows, "tau", [m for m in BETA_METRICS if m in rows[0]]),
+        mean_std_table(rows, "tau", [m for m in beta_metrics() if m in rows[0]]),
         "",
         "Files: metrics.csv (every row), ap_fid_vs_tau.png, samples_tau*.png (seed 0, layout drawn), "
         "tensorboard/ (`tensorboard --logdir " + str(out / "tensorboard") + "`).",
@@ -129,7 +126,7 @@ def write_tensorboard(log_dir: Path, rows: list[dict], grids: dict, layouts: lis
             writer.add_image(f"samples/{axis}_{value:g}", grid_image(images, layouts), 0)
         for row in rows:
             hparams = {axis: float(row[axis]), "seed": int(row["seed"])}
-            metrics = {f"hp/{m}": float(row[m]) for m in BETA_METRICS if m in row}
+            metrics = {f"hp/{m}": float(row[m]) for m in beta_metrics() if m in row}
             writer.add_hparams(hparams, metrics, run_name=f"{axis}{row[axis]:g}_seed{row['seed']}")
 
 
@@ -172,6 +169,6 @@ def write_grid_report(out: str | Path, rows: list[dict]) -> None:
     with SummaryWriter(str(log_dir)) as writer:
         for row in swept:
             hparams = {k: (str(row[k]) if k == "modality" else float(row[k])) for k in GRID_AXES}
-            values = {f"hp/{m}": float(row[m]) for m in BETA_METRICS if row.get(m) is not None}
+            values = {f"hp/{m}": float(row[m]) for m in beta_metrics() if row.get(m) is not None}
             writer.add_hparams(hparams, values, run_name=f"{row['cell']}/tau{float(row['tau']):g}_seed"
                                                          f"{row['sample_seed']}")

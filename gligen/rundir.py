@@ -7,6 +7,8 @@
   may change freely: `--trainer.max_steps` higher is how a run is trained further.
 - `record_config`: every fit start whose config differs from the last recorded one is kept as
   `config_history/<n>.yaml` (never overwritten), next to Lightning's `config.yaml` (the current one).
+- `load_config` / `config_args`: a training config is one YAML file or a list of files composed in order (the
+  toy configs: `toy_base.yaml` + `toy_<modality>.yaml`), read here as `python -m gligen fit --config A --config B`.
 - `max_steps_of` / `trained_step` / `is_trained`: whether a training config's run reached its max_steps (what a
   sweep, the modality ablation and `grid collect` check before scoring a checkpoint).
 - `RunDirLock`: `run_dir/.lock` (host, pid, Slurm job) held by global rank 0 for the whole fit, so a second job on
@@ -86,10 +88,48 @@ def record_config(run_dir: str | os.PathLike, text: str) -> Path | None:
     return path
 
 
+# ----- a training config: one YAML file, or files composed in order (repeated --config) ----------------------------
+TrainConfig = str | os.PathLike | list  # a path, or a list of paths composed in order (later files win)
+
+
+def config_paths(config: TrainConfig) -> list[Path]:
+    """The files of a training config, in the order `python -m gligen fit --config A --config B` reads them."""
+    return [Path(p) for p in config] if isinstance(config, (list, tuple)) else [Path(config)]
+
+
+def config_args(config: TrainConfig) -> list[str]:
+    """`--config A --config B ...`: the LightningCLI arguments that compose `config`."""
+    return [arg for path in config_paths(config) for arg in ("--config", str(path))]
+
+
+def merge_config(base: dict, delta: dict) -> dict:
+    """`delta` over `base`, mapping by mapping (as LightningCLI applies a second --config; a list or a scalar in
+    `delta` replaces the value in `base`). The toy configs never set in a delta a dict-valued argument that their
+    base sets too (e.g. data.init_args.train_shards), so this equals what the CLI parses."""
+    out = dict(base)
+    for key, value in delta.items():
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def load_config(config: TrainConfig) -> dict:
+    """The raw YAML settings of a training config (composed when it is a list), comments and defaults aside."""
+    merged: dict = {}
+    for path in config_paths(config):
+        merged = merge_config(merged, yaml.safe_load(path.read_text()) or {})
+    return merged
+
+
+def describe_config(config: TrainConfig) -> str:
+    """`A + B` for a composed config, the path for one file (for messages and provenance)."""
+    return " + ".join(str(p) for p in config_paths(config))
+
+
 # ----- is a run finished? ---------------------------------------------------------------------------------------
-def max_steps_of(config_path: str | Path, fit_args: list[str] = ()) -> int | None:
+def max_steps_of(config_path: TrainConfig, fit_args: list[str] = ()) -> int | None:
     """trainer.max_steps of a training config, after `--trainer.max_steps N` in fit_args (None when unset / -1)."""
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    config = load_config(config_path)
     steps = (config.get("trainer") or {}).get("max_steps")
     args = list(fit_args)
     for i, arg in enumerate(args):
@@ -101,18 +141,18 @@ def max_steps_of(config_path: str | Path, fit_args: list[str] = ()) -> int | Non
     return steps if steps is not None and steps >= 0 else None
 
 
-def trained_step(config_path: str | Path) -> int | None:
+def trained_step(config_path: TrainConfig) -> int | None:
     """global_step of the run's checkpoints/last.ckpt (None when there is none)."""
     from .checkpointing import read_checkpoint
 
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    config = load_config(config_path)
     last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
     return int(read_checkpoint(last)["global_step"])
 
 
-def is_trained(config_path: str | Path, fit_args: list[str] = ()) -> bool:
+def is_trained(config_path: TrainConfig, fit_args: list[str] = ()) -> bool:
     """True when the run's last.ckpt reached trainer.max_steps (unknown max_steps: False, and fit decides)."""
     steps, step = max_steps_of(config_path, fit_args), trained_step(config_path)
     return steps is not None and step is not None and step >= steps

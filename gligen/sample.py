@@ -18,26 +18,20 @@ from pathlib import Path
 
 from torchvision.utils import save_image
 
-from .evaluation import MODALITIES, grounding_inputs, has_entity, keypoint_tensors, layout_tensors
+from .constants import MAX_OBJECTS, MAX_PERSONS
+from .modalities import DEFAULT_MODALITY, get_modality
+from .modalities.box import layout_boxes
 from .module import GLIGENModule
-from .nn.tokenizers import (
-    MAX_OBJECTS,
-    MAX_PERSONS,
-    GroundingInputError,
-    check_box_grounding,
-    check_keypoint_grounding,
-)
 from .sampling import SAMPLERS, beta_schedule, sample, tau_schedule
 from .visualize import draw_layout, layout_label
 
 
-def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str = "box",
+def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str = DEFAULT_MODALITY,
                 max_persons: int = MAX_PERSONS) -> dict:
     """Layout JSON -> {"prompt", "layout" (the objects / persons, entity_image paths resolved against the file's
-    folder), "boxes" [1, N, 4], "masks" [1, N], "phrases" [[...]], and for keypoint layouts "points"
-    [1, P, 17, 2] and "keypoint_masks" [1, P, 17]}, validated for `modality`."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    folder), "boxes" [1, N, 4], "masks" [1, N] (for drawing), "grounding" (the modality's batch keys)}, validated
+    for `modality` (`Modality.check_batch(..., user_layout=True)`)."""
+    modality = get_modality(modality)
     path = Path(path)
     try:
         layout = json.loads(path.read_text())
@@ -54,24 +48,12 @@ def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str 
         if len(persons) > max_persons:
             raise ValueError(f"{len(persons)} persons, at most {max_persons}")
         entry = {"objects": objects, "persons": persons}
-        boxes, masks, phrases = layout_tensors([entry], max_objects)
-        points, keypoint_masks = keypoint_tensors([entry], max_persons)
+        boxes, masks, _ = layout_boxes([entry], max_objects)
+        batch = {**modality.layouts_batch([entry], max_objects, max_persons), "keys": [str(path)]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: bad layout file ({type(error).__name__}: {error})") from None
-    keys = [str(path)]
-    if modality == "keypoint":
-        if not persons:
-            raise ValueError(f"{path}: a keypoint layout needs \"persons\"")
-        check_keypoint_grounding(points, keypoint_masks, keys, max_persons)
-    else:
-        check_box_grounding(boxes, masks, phrases if modality == "box" else None, keys=keys, max_objects=max_objects)
-        for j, obj in enumerate(objects):
-            if modality == "image" and not has_entity(obj):
-                raise GroundingInputError(f"{path}: object {j} has no entity_image (modality image)")
-            if modality == "text_image" and not (obj.get("phrase") or has_entity(obj)):
-                raise GroundingInputError(f"{path}: object {j} has neither a phrase nor an entity_image")
-    return {"prompt": layout.get("prompt", ""), "layout": entry, "boxes": boxes, "masks": masks, "phrases": phrases,
-            "points": points, "keypoint_masks": keypoint_masks}
+    modality.check_batch(batch, max_objects, max_persons, user_layout=True)
+    return {"prompt": layout.get("prompt", ""), "layout": entry, "boxes": boxes, "masks": masks, "grounding": batch}
 
 
 def main(argv=None) -> None:
@@ -92,14 +74,12 @@ def main(argv=None) -> None:
 
     module = GLIGENModule.from_checkpoint(args.ckpt, args.pretrained)
     hp = module.hparams
-    modality = getattr(hp, "modality", "box")
-    max_persons = getattr(hp, "max_persons", MAX_PERSONS)
-    layout = read_layout(args.layout, hp.max_objects, modality, max_persons)
+    layout = read_layout(args.layout, hp.max_objects, module.modality, hp.max_persons)
     if args.alpha_type:
         betas = beta_schedule(args.steps, tuple(args.alpha_type))
     else:
         betas = tau_schedule(args.steps, 0.3 if args.tau is None else args.tau)  # official box default
-    grounding = grounding_inputs(module.ldm, [layout["layout"]], hp.max_objects, modality, max_persons)
+    grounding = module.modality.layout_inputs(module.ldm, [layout["layout"]], hp.max_objects, hp.max_persons)
     prompt = args.prompt if args.prompt is not None else layout["prompt"]
     image = sample(module.ldm, [prompt], grounding, betas, args.sampler, args.steps, args.guidance, [args.seed])[0]
     out = Path(args.out)

@@ -14,6 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import reporting
+from .checkpointing import checkpoint_identity
+from .evaluation import beta_sweep, load_layouts
+from .module import GLIGENModule
+from .results import config_hash, git_commit
+
 DONE = "sweep_done.json"
 
 
@@ -21,8 +27,6 @@ def sweep_done(out: str | Path, config: dict | None = None, identity: dict | Non
     """True when `out` holds a finished sweep (of `config`, when given: same config hash; of the checkpoint whose
     `checkpoint_identity` is `identity`, when given: same weights, so a checkpoint trained further since is swept
     again)."""
-    from .results import config_hash
-
     marker = Path(out) / DONE
     if not marker.exists():
         return False
@@ -43,17 +47,9 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     e.g. a grid cell's axes).
 
     Every modality sweeps: the checkpoint's modality (GLIGENModule's) decides how the val layouts are read (keypoint:
-    persons; image / text_image: with their entity images), sampled, and scored (`modality_metrics`: box
+    persons; image / text_image: with their entity images), sampled, and scored (`Modality.metrics`: box
     ap / ap50 / ap75 / miou, keypoint pck / oks_ap*, image / text_image entity_ap* / entity_miou), FID / KID for all.
     """
-
-    from . import reporting
-    from .checkpointing import checkpoint_identity
-    from .evaluation import beta_sweep, has_entity, load_layouts
-    from .metrics.grounding import ToyDetector, TransformersDetector
-    from .module import GLIGENModule
-    from .results import config_hash, git_commit
-
     out = Path(config["out"])
     if not config.get("ckpt") or not config.get("val_shards"):
         raise SystemExit("--ckpt and --val-shards are required outside the toy world")
@@ -67,20 +63,15 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     (out / DONE).unlink(missing_ok=True)  # a changed config is swept again
 
     module = GLIGENModule.from_checkpoint(config["ckpt"], config["pretrained"])
-    modality = module.hparams.modality
-    entity = modality in ("image", "text_image")
+    modality = module.modality
     layouts, references = load_layouts(config["val_shards"], config["resolution"], config["num_images"],
-                                       entity_images=entity, entity_resolution=config.get("entity_resolution"))
-    if modality == "keypoint":
-        if not any(layout.get("persons") for layout in layouts):
-            raise SystemExit(f"{config['val_shards']}: no persons in these validation shards; a keypoint "
-                             f"checkpoint sweeps person shards (e.g. the toy world's val-persons)")
-        detector = pose_detector(config.get("pose_detector"))
-    else:
-        if entity and not any(has_entity(o) for layout in layouts for o in layout["objects"]):
-            raise SystemExit(f"{config['val_shards']}: no entity images in these validation shards; the {modality} "
-                             f"checkpoint needs objects with entity images")
-        detector = ToyDetector() if config["detector"] == "toy" else TransformersDetector(config["detector"])
+                                       entity_images=modality.entity_images,
+                                       entity_resolution=config.get("entity_resolution"))
+    try:
+        modality.check_layouts(layouts, config["val_shards"])
+        detector = modality.detector(config)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     clip_dir = Path(config["pretrained"]) / "clip"
     rows, grids = beta_sweep(
         module.ldm, layouts, references, config["taus"], config["seeds"], detector,
@@ -90,7 +81,7 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
               "ckpt": config["ckpt"], "ckpt_step": identity["global_step"], "ckpt_max_steps": identity["max_steps"],
               "ckpt_complete": identity["complete"], "ckpt_weights_hash": identity["weights_hash"],
-              **({} if modality == "box" else {"modality": modality}), **(provenance or {})}
+              "modality": modality.name, **(provenance or {})}
     rows = [{**row, **common} for row in rows]
     reporting.write_beta_sweep(out, rows, grids, layouts, config)
     if resume:
@@ -100,15 +91,3 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
                                             "git_commit": rows[0]["git_commit"]}, indent=1))
     return out
 
-
-def pose_detector(spec: str | None):
-    """The keypoint sweep's detector: None (the toy world's exact read-back, ToyPoseDetector) for "toy" / unset,
-    else "module:name", a PoseDetector (as experiments/ablate_modality.py's --pose-detector)."""
-    import importlib
-
-    if spec in (None, "toy"):
-        return None
-    module, _, name = str(spec).partition(":")
-    if not name:
-        raise SystemExit(f"pose_detector {spec!r}: 'toy' or 'module:callable'")
-    return getattr(importlib.import_module(module), name)

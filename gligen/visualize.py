@@ -1,5 +1,5 @@
 """Drawing layouts on images (sample grids, the sampling CLI, TensorBoard): boxes with labels, and persons'
-keypoints joined by the COCO skeleton (gligen.toy.world.SKELETON)."""
+keypoints joined by the COCO skeleton (gligen.constants.SKELETON)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,9 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from .constants import SKELETON
+
 PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
-
-
-def _skeleton() -> tuple[tuple[int, int], ...]:
-    from gligen.toy.world import SKELETON
-
-    return SKELETON
 
 
 def _to_uint8(image: torch.Tensor, upscale: int) -> torch.Tensor:
@@ -55,7 +51,7 @@ def draw_persons(pixels: torch.Tensor, persons, radius: int | None = None) -> to
         colour = PALETTE[p % len(PALETTE)]
         xy = person[:, :2] * np.array([width, height])
         present = person[:, 2] > 0
-        for a, b in _skeleton():
+        for a, b in SKELETON:
             if present[a] and present[b]:
                 draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=max(1, radius // 2))
         for k in np.nonzero(present)[0]:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Train GLIGEN under Slurm: one task per device, on 1 or N nodes, with requeue on preemption / time limit.
 #
-#   sbatch slurm/train.sh                                   # the toy box model: toy_box.yaml -> runs/toy_box
+#   sbatch slurm/train.sh                                   # the toy box model: toy_base + toy_box -> runs/toy_box
 #                                                           # (first writes what cache/toy lacks)
 #   CONFIG=experiments/configs/my.yaml RUN_DIR=runs/my sbatch slurm/train.sh [--more.cli overrides ...]
 #   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 slurm/train.sh --trainer.accelerator gpu
 #
 # Submit from the repository root (paths below are relative to it). Environment overrides (exported to the job by
-# sbatch's default --export=ALL): CONFIG (default experiments/configs/toy_box.yaml), RUN_DIR (default
+# sbatch's default --export=ALL): CONFIG (one YAML, or several separated by spaces, composed in order as repeated
+# --config; default "experiments/configs/toy_base.yaml experiments/configs/toy_box.yaml"), RUN_DIR (default
 # runs/toy_box), PYTHON (default: `python` of the active venv, else of ./.venv). Arguments after the script go to
 # `python -m gligen fit` (LightningCLI), after the ones set here, so they win.
 # Devices: --trainer.num_nodes / --trainer.devices come from SLURM_NNODES / SLURM_NTASKS_PER_NODE, so the header
@@ -40,18 +41,20 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 # shellcheck source=slurm/env.sh
 . slurm/env.sh  # PYTHON
-CONFIG=${CONFIG:-experiments/configs/toy_box.yaml}
+CONFIG=${CONFIG:-experiments/configs/toy_base.yaml experiments/configs/toy_box.yaml}
+CONFIG_ARGS=()
+for file in $CONFIG; do CONFIG_ARGS+=(--config "$file"); done
 RUN_DIR=${RUN_DIR:-runs/toy_box}
 NNODES=${SLURM_NNODES:-1}
 TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-$(( ${SLURM_NTASKS:-1} / NNODES ))}
 
 # the toy default needs the toy world + toy LDM (cache/toy); build it once, on the batch host, before the ranks start
-if [ "$CONFIG" = experiments/configs/toy_box.yaml ]; then  # idempotent: writes only what is missing
+if [[ " $CONFIG " == *" experiments/configs/toy_base.yaml "* ]]; then  # idempotent: writes only what is missing
     echo "[train.sh] building the toy world in cache/toy (python -m gligen.toy build)"
     "$PYTHON" -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml
 fi
 echo "[train.sh] $(date -u +%FT%TZ) job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0}" \
      "nodes ${NNODES} (${SLURM_JOB_NODELIST:-localhost}) tasks/node ${TASKS_PER_NODE}: ${CONFIG} -> ${RUN_DIR}"
 srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$PYTHON" -m gligen fit --config "$CONFIG" --run_dir "$RUN_DIR" \
+    "$PYTHON" -m gligen fit "${CONFIG_ARGS[@]}" --run_dir "$RUN_DIR" \
     --trainer.num_nodes "$NNODES" --trainer.devices "$TASKS_PER_NODE" "$@"

@@ -1,17 +1,9 @@
 """experiments/bench_checkpoint.py measures the save of exactly what training writes: same weights, same AdamW
 state, through the same CheckpointIO."""
 
-import importlib.util
-from pathlib import Path
 
-import torch
-
+from gligen.experiments import bench_checkpoint
 from gligen.module import GLIGENModule
-
-SPEC = importlib.util.spec_from_file_location(
-    "bench_checkpoint", Path(__file__).resolve().parents[1] / "experiments" / "bench_checkpoint.py")
-bench_checkpoint = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench_checkpoint)
 
 
 def test_the_benchmarked_checkpoint_holds_the_modules_trainable_weights_and_adam_moments(tiny_pretrained):

@@ -20,16 +20,16 @@ def oracle(shift: float):
 
 @pytest.mark.parametrize("shift, expected", [(0.0, 1.0), (0.45, 0.0)])
 def test_grounding_evaluation_logs_ap_over_the_validation_set(tiny_pretrained, tmp_path, monkeypatch, shift, expected):
-    import gligen.evaluation as evaluation
+    import gligen.callbacks as callbacks
 
     state, detect = oracle(shift)
-    real_generate = evaluation.generate
+    real_generate = callbacks.generate
 
     def generate(ldm, layouts, *args, **kwargs):
         state["layouts"] = layouts  # the oracle detector answers for exactly these layouts
         return real_generate(ldm, layouts, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "generate", generate)
+    monkeypatch.setattr(callbacks, "generate", generate)
     callback = GroundingEvaluation(detector=detect, steps=2, guidance=1.0)
     module = GLIGENModule(tiny_pretrained, warmup_steps=0)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

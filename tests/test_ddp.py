@@ -78,7 +78,7 @@ t.fit(Recorder(), datamodule=dm)
 '''
 
 EVAL_SCRIPT = COMMON + '''
-import gligen.evaluation as evaluation
+import gligen.callbacks as callbacks
 from gligen.callbacks import GroundingEvaluation
 from gligen.module import GLIGENModule
 from tests.fixtures import RandomBoxDataset, collate
@@ -99,7 +99,7 @@ class Data(L.LightningDataModule):
 
 
 state = {"keys": []}
-real_generate = evaluation.generate
+real_generate = callbacks.generate
 
 
 def generate(ldm, layouts, *args, **kwargs):
@@ -118,7 +118,7 @@ def oracle(images):
     return out
 
 
-evaluation.generate = generate  # GroundingEvaluation imports generate from gligen.evaluation at call time
+callbacks.generate = generate  # what GroundingEvaluation calls
 L.seed_everything(0)
 callback = GroundingEvaluation(detector=oracle, steps=2, guidance=1.0)
 t = trainer(max_steps=1, callbacks=[callback])

@@ -12,6 +12,8 @@ import torch
 import yaml
 
 from gligen import grid as grid_lib
+from gligen.experiments.config import toy_train_config
+from gligen.rundir import load_config
 from gligen.toy.build import ToyBuildConfig
 from tests.test_toy_build import TINY
 
@@ -30,7 +32,7 @@ def tiny_toy_config(tmp_path: Path) -> Path:
 
 
 def tiny_train_config(tmp_path: Path, cache: Path) -> Path:
-    config = yaml.safe_load((ROOT / "experiments/configs/toy_box.yaml").read_text())
+    config = load_config([ROOT / p for p in toy_train_config("box")])
     config["run_dir"] = str(tmp_path / "runs/toy_box")
     config["trainer"].update(max_steps=2, limit_val_batches=1, val_check_interval=2, log_every_n_steps=1)
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "SampleGrid" not in c["class_path"]]
@@ -111,16 +113,17 @@ def test_grid_defaults_map_each_modality_to_its_base_config():
     grid = grid_lib.load_grid()
     assert grid["gamma_init"] == [0.0, 0.25, 1.0] and grid["modality"] == ["box", "keypoint", "image"]
     assert {cell["modality"] for cell in grid_lib.cells(grid)} == {"box", "keypoint", "image"}  # every file exists
-    assert grid["base_configs"] == {"box": "experiments/configs/toy_box.yaml",
-                                    "keypoint": "experiments/configs/toy_keypoint.yaml",
-                                    "image": "experiments/configs/toy_image.yaml"}
-    assert grid_lib.base_config(grid, "box") == Path("experiments/configs/toy_box.yaml")
+    assert grid["base_configs"] == {m: ["experiments/configs/toy_base.yaml", f"experiments/configs/toy_{m}.yaml"]
+                                    for m in ("box", "keypoint", "image")}
+    assert grid_lib.base_config(grid, "box") == [Path("experiments/configs/toy_base.yaml"),
+                                                 Path("experiments/configs/toy_box.yaml")]
 
 
 def test_grid_refuses_a_modality_without_a_base_config_file(tmp_path):
     grid = grid_lib.load_grid(out=str(tmp_path), modality=["box", "keypoint"])
-    grid["base_configs"] = {"box": str(ROOT / "experiments/configs/toy_box.yaml"),
-                            "keypoint": str(tmp_path / "toy_keypoint.yaml")}
+    grid["base_configs"] = {"box": [str(ROOT / p) for p in toy_train_config("box")],
+                            "keypoint": [str(ROOT / "experiments/configs/toy_base.yaml"),
+                                         str(tmp_path / "toy_keypoint.yaml")]}
     with pytest.raises(SystemExit, match=r"modality 'keypoint': its base config .*toy_keypoint.yaml does not exist"):
         grid_lib.cells(grid)
     grid["modality"] = ["box", "text_image"]
@@ -130,7 +133,7 @@ def test_grid_refuses_a_modality_without_a_base_config_file(tmp_path):
 
 def test_grid_cell_sweep_config_follows_the_cell(tmp_path):
     grid = grid_lib.load_grid(out=str(tmp_path / "grid"), modality=["box"], gamma_init=[0.25], seeds=[1])
-    grid["base_configs"] = {"box": str(ROOT / "experiments/configs/toy_box.yaml")}
+    grid["base_configs"] = {"box": [str(ROOT / p) for p in toy_train_config("box")]}
     (path,) = grid_lib.expand(grid)
     sweep = yaml.safe_load(grid_lib.sweep_path(path).read_text())
     assert path.name == "gamma0.25_box_seed1.yaml"
@@ -204,11 +207,12 @@ def test_train_sh_without_arguments_trains_the_toy_box_config(tmp_path):
                        capture_output=True)
         lines = calls.read_text().splitlines()
         fit = lines[-1]
-        assert fit == " ".join(["python -m gligen fit --config experiments/configs/toy_box.yaml --run_dir runs/toy_box",
+        assert fit == " ".join(["python -m gligen fit --config experiments/configs/toy_base.yaml",
+                                "--config experiments/configs/toy_box.yaml --run_dir runs/toy_box",
                                 "--trainer.num_nodes 1 --trainer.devices 1", *args])
         builds = lines[:-1]  # always: the build writes only what cache/toy lacks (train shards after ablate_beta)
         assert builds == ["python -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml"]
-    toy_box = yaml.safe_load((ROOT / "experiments/configs/toy_box.yaml").read_text())
+    toy_box = load_config([ROOT / p for p in toy_train_config("box")])
     assert toy_box["run_dir"] == "runs/toy_box" and toy_box["model"]["pretrained"].startswith("cache/toy")
 
 
@@ -242,12 +246,9 @@ def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_p
 
 def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     """What experiments/time_readme.py times is the README's text, and .ci/run calls that same test command."""
-    import importlib.util
+    from gligen.experiments import time_readme as script
 
-    spec = importlib.util.spec_from_file_location("time_readme", ROOT / "experiments" / "time_readme.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    commands = script.readme_commands()
+    commands = script.readme_commands(ROOT / "README.md")
     assert commands["main"].startswith("python3 -m venv .venv") and commands["main"].endswith(
         "python experiments/ablate_beta.py")
     assert commands["tests"].endswith("python -m pytest")

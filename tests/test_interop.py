@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from gligen.convert import main as convert_main
+from gligen.interop.__main__ import main as convert_main
 from gligen.interop import InteropError, StableDiffusionGLIGENPipeline, import_official, load_official
 from gligen.module import GLIGENModule
 from gligen.sampling import sample, tau_schedule
@@ -187,7 +187,7 @@ def vae_to_official(state_dict: dict, num_blocks: int) -> dict:
 
 
 def official_schedule() -> dict:
-    from gligen.interop import ldm_schedule_buffers
+    from gligen.interop.official import ldm_schedule_buffers
 
     # LDM's make_beta_schedule("linear"): linspace of square roots in float64, squared; buffers stored as float32
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2

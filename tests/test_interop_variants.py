@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gligen.convert import main as convert_main
+from gligen.interop.__main__ import main as convert_main
 from gligen.interop import (
     InteropError,
     StableDiffusionGLIGENTextImagePipeline,

@@ -5,10 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gligen.evaluation import grounding_metrics
 from gligen.metrics.grounding import (
-    ToyDetector,
     TransformersDetector,
+    box_grounding_metrics,
     coarse_grounding_metrics,
     grounding_ap,
     label_ids,
@@ -16,6 +15,7 @@ from gligen.metrics.grounding import (
     target_label,
 )
 from gligen.toy import evaluate, world
+from gligen.toy.evaluate import ToyDetector
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -100,9 +100,9 @@ def test_coarse_metrics_score_placement_by_colour_only():
     assert coarse_grounding_metrics(swapped, layouts, ToyDetector.coarse_label)["coarse_ap50"] == 0.0
 
 
-def test_grounding_metrics_adds_coarse_metrics_for_the_toy_detector(toy_set):
+def test_box_grounding_metrics_adds_coarse_metrics_for_the_toy_detector(toy_set):
     images, layouts = toy_set
-    metrics = grounding_metrics(images, layouts, ToyDetector())
+    metrics = box_grounding_metrics(images, layouts, ToyDetector())
     assert metrics["coarse_ap50"] >= metrics["ap50"] >= 0.95
 
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from gligen.evaluation import grounding_inputs, infer_modality, keypoint_tensors, modality_metrics
+from gligen.modalities import get_modality, modality_of
+from gligen.modalities.keypoint import layout_keypoints
 from gligen.ldm import FrozenLDM
 from gligen.metrics.grounding import entity_grounding_metrics, entity_label, keypoint_metrics
 from gligen.module import GLIGENModule
@@ -40,15 +41,15 @@ def clip_pretrained(tmp_path_factory) -> str:
 def test_keypoint_layouts_become_points_and_masks(tiny_pretrained):
     layouts = [{"caption": "two people", "objects": [], "persons": [person(missing=(3, 4)), person(0.3)]},
                {"caption": "nobody", "objects": []}]
-    points, masks = keypoint_tensors(layouts, max_persons=8)
+    points, masks = layout_keypoints(layouts, max_persons=8)
     assert points.shape == (2, 8, 17, 2) and masks.shape == (2, 8, 17)
     # persons with most present joints first (as the data pipeline pads them): the full one, then the one missing 2
     assert masks[0, 0].sum() == 17 and masks[0, 1].sum() == 15 and masks[0, 1, 3] == 0 and masks[0, 2:].sum() == 0
     assert torch.allclose(points[0, 0, 0], torch.tensor([0.5, 0.1])) and points[0, 1, 3].abs().sum() == 0
     assert masks[1].sum() == 0 and points[1].abs().sum() == 0  # null rows
     module = GLIGENModule(tiny_pretrained, modality="keypoint", max_persons=8)
-    assert infer_modality(module.ldm) == "keypoint"
-    grounding = grounding_inputs(module.ldm, layouts)  # modality inferred from the position net
+    assert modality_of(module.ldm) is get_modality("keypoint")  # recorded by the module, not guessed
+    grounding = modality_of(module.ldm).layout_inputs(module.ldm, layouts)
     assert set(grounding) == {"points", "masks"} and torch.equal(grounding["masks"], masks)
     tokens = module.ldm.unet.position_net(**grounding)
     assert tokens.shape == (2, 8 * 17, module.ldm.unet.config.cross_attention_dim)
@@ -65,7 +66,7 @@ def test_entity_layouts_become_text_image_inputs(clip_pretrained, tmp_path):
         {"box": [0.2, 0.5, 0.4, 0.9], "entity_image": np.full((16, 16, 3), 40, np.uint8)},  # image only
         {"box": [0.6, 0.1, 0.9, 0.3], "phrase": "x", "entity_embed": embed.tolist()}]},  # precomputed
         {"caption": "b", "objects": []}]
-    g = grounding_inputs(ldm, layouts, max_objects=6, modality="text_image")
+    g = get_modality("text_image").layout_inputs(ldm, layouts, max_objects=6)
     assert set(g) == {"boxes", "masks", "phrases_masks", "image_masks", "phrases_embeddings", "image_embeddings"}
     assert g["boxes"].shape == (2, 6, 4) and g["image_embeddings"].shape == (2, 6, 32)
     assert g["masks"][0].tolist() == [1, 1, 1, 1, 0, 0] and g["masks"][1].sum() == 0
@@ -75,21 +76,21 @@ def test_entity_layouts_become_text_image_inputs(clip_pretrained, tmp_path):
     torch.testing.assert_close(g["image_embeddings"][0, 0], direct)
     torch.testing.assert_close(g["image_embeddings"][0, 3], embed)
     assert g["image_embeddings"][0, 1].abs().sum() == 0 and g["image_embeddings"][1].abs().sum() == 0
-    image_only = grounding_inputs(ldm, layouts, max_objects=6, modality="image")
+    image_only = get_modality("image").layout_inputs(ldm, layouts, max_objects=6)
     assert image_only["phrases_masks"].sum() == 0 and image_only["phrases_embeddings"].abs().sum() == 0
     torch.testing.assert_close(image_only["image_embeddings"], g["image_embeddings"])
     with pytest.raises(ValueError, match="entity_embed has 3 values"):
-        grounding_inputs(ldm, [{"objects": [{"box": [0, 0, 1, 1], "entity_embed": [1, 2, 3]}]}], modality="image")
+        get_modality("image").layout_inputs(ldm, [{"objects": [{"box": [0, 0, 1, 1], "entity_embed": [1, 2, 3]}]}])
 
 
 def test_keypoint_metrics_are_exact_on_real_toy_scenes_and_drop_when_joints_move():
-    layouts, images = toy_layouts("keypoint", 6, 32)
+    layouts, images = toy_layouts("persons", 6, 32)
     assert all(layout["persons"] for layout in layouts)
-    exact = modality_metrics(images, layouts, "keypoint")
+    exact = get_modality("keypoint").metrics(images, layouts)
     assert exact["pck"] == 1.0 and exact["oks_ap"] == pytest.approx(1.0)
     shifted = [{**layout, "persons": [{"keypoints": [[x + 0.12, y, v] for x, y, v in p["keypoints"]]}
                                       for p in layout["persons"]]} for layout in layouts]
-    moved = modality_metrics(images, shifted, "keypoint")
+    moved = get_modality("keypoint").metrics(images, shifted)
     assert moved["pck"] < 0.5 and moved["oks_ap"] < exact["oks_ap"]
 
     # a user pose detector: plain [P, 17, 3] arrays per image (scores default to the fraction of joints found)
@@ -100,8 +101,8 @@ def test_keypoint_metrics_are_exact_on_real_toy_scenes_and_drop_when_joints_move
 
 def test_person_placement_ignores_joint_identity_but_not_position():
     """person_ap50: a figure where the person was asked for counts even with every joint in the wrong colour."""
-    layouts, images = toy_layouts("keypoint", 20, 32)
-    exact = modality_metrics(images, layouts, "keypoint")
+    layouts, images = toy_layouts("persons", 20, 32)
+    exact = get_modality("keypoint").metrics(images, layouts)
     assert exact["person_ap50"] == pytest.approx(1.0) and exact["person_miou"] > 0.6
     recoloured = []
     for image in images:  # every figure pixel turned uniform green: no joint is readable any more
@@ -109,14 +110,14 @@ def test_person_placement_ignores_joint_identity_but_not_position():
         out = np.zeros_like(image)
         out[figure] = (0, 200, 40)
         recoloured.append(out)
-    scores = modality_metrics(recoloured, layouts, "keypoint")
+    scores = get_modality("keypoint").metrics(recoloured, layouts)
     assert scores["pck"] < 0.2 and scores["person_ap50"] == pytest.approx(exact["person_ap50"])
     moved = [np.zeros_like(image) for image in images]  # every figure half the image to the right (cut off there)
     for out, image in zip(moved, images):
         out[:, 16:] = image[:, :16]
-    moved = modality_metrics(moved, layouts, "keypoint")
+    moved = get_modality("keypoint").metrics(moved, layouts)
     assert moved["person_ap50"] < 0.2 and moved["person_miou"] < exact["person_miou"] / 2
-    blank = modality_metrics([np.zeros_like(image) for image in images], layouts, "keypoint")
+    blank = get_modality("keypoint").metrics([np.zeros_like(image) for image in images], layouts)
     assert blank["person_ap50"] == 0.0 and blank["person_miou"] == 0.0
 
     # a user pose detector: person boxes are the boxes of its found joints
@@ -126,15 +127,15 @@ def test_person_placement_ignores_joint_identity_but_not_position():
 
 
 def test_entity_ap_looks_for_the_reference_images_class():
-    layouts, images = toy_layouts("image", 6, 32)
+    layouts, images = toy_layouts("objects", 6, 32)
     assert all(o["entity_image"] is not None for layout in layouts for o in layout["objects"])
     assert entity_label({"phrase": "thing", "category": "red square"}) == "red square"
     assert entity_label({"phrase": "thing", "category": "red square", "entity_category": "blue cross"}) == "blue cross"
-    exact = modality_metrics(images, layouts, "image")
+    exact = get_modality("image").metrics(images, layouts)
     assert exact["entity_ap50"] == pytest.approx(1.0) and exact["entity_miou"] > 0.9
     # phrases do not matter, the reference class does: rename phrases -> same score; another reference class -> 0
     renamed = [{**lay, "objects": [{**o, "phrase": "something"} for o in lay["objects"]]} for lay in layouts]
-    assert modality_metrics(images, renamed, "text_image")["entity_ap50"] == pytest.approx(1.0)
+    assert get_modality("text_image").metrics(images, renamed)["entity_ap50"] == pytest.approx(1.0)
 
     def detector(batch):
         return [[{"box": o["box"], "label": o["category"], "score": 1.0} for o in lay["objects"]] for lay in layouts]
@@ -150,13 +151,13 @@ def test_entity_ap_looks_for_the_reference_images_class():
         return f"{colour} {'cross' if shape != 'cross' else 'circle'}"
     reshaped = [{**lay, "objects": [{**o, "entity_category": reshape(o["category"])} for o in lay["objects"]]}
                 for lay in layouts]
-    scores = modality_metrics(images, reshaped, "image")
+    scores = get_modality("image").metrics(images, reshaped)
     assert scores["entity_ap50"] == 0.0 and scores["entity_coarse_ap50"] == pytest.approx(1.0)
     assert exact["entity_coarse_ap50"] == pytest.approx(1.0)
 
 
 def test_layouts_grid_draws_keypoints_and_skeleton():
-    layouts, images = toy_layouts("keypoint", 2, 32)
+    layouts, images = toy_layouts("persons", 2, 32)
     black = [np.zeros_like(im) for im in images]
     with_persons = layouts_grid(black, layouts)
     without = layouts_grid(black, [{**lay, "persons": []} for lay in layouts])
@@ -218,8 +219,11 @@ def tiny_world(tmp_path: Path) -> Path:
 
 
 def tiny_train_config(tmp_path: Path, cache: Path, modality: str) -> Path:
+    from gligen.rundir import load_config
+
     source = ROOT / f"experiments/configs/toy_{modality}.yaml"
-    config = yaml.safe_load((source if source.exists() else ROOT / "experiments/configs/toy_box.yaml").read_text())
+    config = load_config([ROOT / "experiments/configs/toy_base.yaml",
+                          source if source.exists() else ROOT / "experiments/configs/toy_box.yaml"])
     config["model"]["modality"] = modality
     config["run_dir"] = str(tmp_path / f"runs/toy_{modality}")
     config["trainer"].update(max_steps=1, limit_val_batches=0, log_every_n_steps=1)

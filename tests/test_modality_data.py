@@ -11,13 +11,16 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from gligen.constants import NUM_KEYPOINTS
 from gligen.data.collate import collate_batch
 from gligen.data.datamodule import GroundingDataModule
-from gligen.data.schema import NUM_KEYPOINTS, Annotation, DecodedSample, ObjectAnnotation
+from gligen.data.schema import Annotation, DecodedSample, ObjectAnnotation
 from gligen.data.shards import SkipCounter, iter_samples, resolve_shards
 from gligen.data.transforms import TransformConfig, entity_to_tensor, transform_sample
 from gligen.ldm import FrozenLDM
+from gligen.modalities.entity import entity_features
 from gligen.module import GLIGENModule
+from gligen.rundir import load_config
 from gligen.toy.build import ToyBuildConfig, build, ldm_dir, person_shard_dir, shard_dir
 from gligen.toy.evaluate import evaluate_keypoints
 from gligen.toy.world import PERSON_CAPTIONS
@@ -130,7 +133,7 @@ def test_on_the_fly_entity_embeds_equal_encode_entity_images(toy_cache, toy_ldm,
     encoded = []
     original = module.ldm.encode_entity_images
     monkeypatch.setattr(module.ldm, "encode_entity_images", lambda px: encoded.append(len(px)) or original(px))
-    features = module.entity_features(batch, batch["masks"])
+    features = entity_features(module.ldm, batch, batch["masks"])
     assert encoded == [int(rows.sum())]  # one CLIP call, masked rows only
     expected = toy_ldm.encode_entity_images(batch["entity_pixel_values"][rows])
     assert torch.allclose(features[rows], expected, atol=1e-5)
@@ -163,10 +166,10 @@ def test_precomputed_entity_embeds_win(toy_cache, monkeypatch):
         raise AssertionError("CLIP must not run when entity_embeds are precomputed")
 
     monkeypatch.setattr(module.ldm, "encode_entity_images", refuse)
-    assert torch.equal(module.entity_features(batch, batch["masks"]), batch["entity_embeds"])
+    assert torch.equal(entity_features(module.ldm, batch, batch["masks"]), batch["entity_embeds"])
     del batch["entity_embeds"], batch["entity_pixel_values"]
     with pytest.raises(ValueError, match="entity_pixel_values"):
-        module.entity_features(batch, batch["masks"])
+        entity_features(module.ldm, batch, batch["masks"])
 
 
 def test_person_shards_carry_17_keypoints_per_person_that_read_back_exactly(toy_cache):
@@ -221,7 +224,7 @@ class GradProbe(Callback):
 
 
 def tiny_fit_config(tmp_path: Path, cache: Path, modality: str) -> Path:
-    config = yaml.safe_load((ROOT / f"experiments/configs/toy_{modality}.yaml").read_text())
+    config = load_config([ROOT / "experiments/configs/toy_base.yaml", ROOT / f"experiments/configs/toy_{modality}.yaml"])
     assert config["model"]["modality"] == modality and config["run_dir"] == f"runs/toy_{modality}"
     config["run_dir"] = str(tmp_path / f"runs/toy_{modality}")
     config["trainer"].update(max_steps=2, limit_val_batches=1, val_check_interval=2, log_every_n_steps=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gligen.reporting import BETA_METRICS, primary_metric
+from gligen.reporting import beta_metrics, primary_metric
 from tests.test_experiments import ROOT, build_tiny_toy_world, grid_lib
 from tests.test_modalities_eval import tiny_train_config
 
@@ -21,21 +21,25 @@ BOX_METRICS = ("ap", "ap50", "ap75", "miou", "coarse_ap50", "coarse_miou")
 
 
 def test_primary_metric_follows_the_modality():
-    assert primary_metric({"ap50": 0.5, "coarse_ap50": 0.7, "fid": 1.0}) == "coarse_ap50"
-    assert primary_metric({"ap50": 0.5, "fid": 1.0}) == "ap50"
-    assert primary_metric({"pck": 0.5, "oks_ap": 0.1, "fid": 1.0}) == "pck"
-    assert primary_metric({"pck": 0.5, "person_ap50": 0.8}) == "person_ap50"
-    assert primary_metric({"entity_ap50": 0.5, "entity_miou": 0.1}) == "entity_ap50"
-    assert primary_metric({"entity_ap50": 0.5, "entity_coarse_ap50": 0.7}) == "entity_coarse_ap50"
-    assert all(m in BETA_METRICS for ms in OWN_METRICS.values() for m in ms)
+    assert primary_metric({"ap50": 0.5, "coarse_ap50": 0.7, "fid": 1.0}) == "coarse_ap50"  # no column: a box row
+    assert primary_metric({"modality": "box", "ap50": 0.5, "fid": 1.0}) == "ap50"
+    assert primary_metric({"modality": "keypoint", "pck": 0.5, "oks_ap": 0.1, "fid": 1.0}) == "pck"
+    assert primary_metric({"modality": "keypoint", "pck": 0.5, "person_ap50": 0.8}) == "person_ap50"
+    assert primary_metric({"modality": "image", "entity_ap50": 0.5, "entity_miou": 0.1}) == "entity_ap50"
+    assert primary_metric({"modality": "text_image", "entity_ap50": 0.5, "entity_coarse_ap50": 0.7}) \
+        == "entity_coarse_ap50"
+    assert all(m in beta_metrics() for ms in OWN_METRICS.values() for m in ms)
     with pytest.raises(ValueError, match="no grounding metric"):
         primary_metric({"fid": 1.0})
+    with pytest.raises(ValueError, match="no grounding metric of keypoint"):  # another modality's metric is no use
+        primary_metric({"modality": "keypoint", "ap50": 0.5})
 
 
 def test_grid_sweeps_every_modality_from_its_own_val_shards(tmp_path):
     grid = grid_lib.load_grid(out=str(tmp_path / "grid"), modality=["box", "keypoint", "image"], gamma_init=[1.0],
                               seeds=[0])
-    grid["base_configs"] = {m: str(ROOT / f"experiments/configs/toy_{m}.yaml") for m in grid["modality"]}
+    grid["base_configs"] = {m: [str(ROOT / "experiments/configs/toy_base.yaml"),
+                                str(ROOT / f"experiments/configs/toy_{m}.yaml")] for m in grid["modality"]}
     paths = grid_lib.expand(grid)
     sweeps = {p.stem: yaml.safe_load(grid_lib.sweep_path(p).read_text()) for p in paths}
     assert set(sweeps) == {"gamma1_box_seed0", "gamma1_keypoint_seed0", "gamma1_image_seed0"}

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from gligen.toy import evaluate, world
-from gligen.toy.evaluate import detect_keypoints, detect_objects, evaluate_boxes, evaluate_keypoints, pck
+from gligen.metrics.keypoints import keypoint_average_precision, pck
+from gligen.toy.evaluate import detect_keypoints, detect_objects, evaluate_boxes, evaluate_keypoints
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -255,5 +256,5 @@ def test_oks_ap_drops_when_joints_move():
         jitter = rng.normal(0, 0.08, size=kps[..., :2].shape)  # ~8% of the image side per joint
         predicted.append(np.concatenate([kps[..., :2] + jitter, kps[..., 2:]], axis=-1))
         scores.append(s)
-    jittered = evaluate.keypoint_average_precision(predicted, scores, layouts)
+    jittered = keypoint_average_precision(predicted, scores, layouts)
     assert jittered["ap"] < 0.5

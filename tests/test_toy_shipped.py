@@ -15,6 +15,7 @@ import gligen.toy.shipped as shipped
 from gligen.checkpointing import read_checkpoint, save_safetensors_checkpoint
 from gligen.ldm import weights_fingerprint
 from gligen.module import GLIGENModule
+from gligen.rundir import load_config
 from gligen.toy.build import ToyBuildConfig, build, build_record, is_shipped_config, ldm_dir
 from tests.test_toy_build import TINY
 
@@ -49,13 +50,13 @@ def test_shipped_checkpoint_is_the_reference_box_run_and_loads():
     info = RECORD["checkpoint"]
     path = shipped.shipped_checkpoint()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
-    train = yaml.safe_load((ROOT / shipped.TRAIN_CONFIG).read_text())
+    train = load_config([ROOT / p for p in shipped.TRAIN_CONFIG])  # toy_base.yaml + toy_box.yaml
     assert info["train_settings"] == train and info["base_fingerprint"] == RECORD["ldm"]["fingerprint"]
     checkpoint = read_checkpoint(path)
     assert checkpoint["global_step"] == info["global_step"] == train["trainer"]["max_steps"]
     module = GLIGENModule.from_checkpoint(str(path), str(shipped.shipped_ldm()))
     assert module.hparams.modality == "box" and module.hparams.gamma_init == train["model"]["gamma_init"]
-    assert shipped.reference_checkpoint(ROOT / shipped.TRAIN_CONFIG, shipped.shipped_ldm()) == path
+    assert shipped.reference_checkpoint([ROOT / p for p in shipped.TRAIN_CONFIG], shipped.shipped_ldm()) == path
 
 
 def test_safetensors_checkpoint_round_trip_and_refusal(tiny_pretrained, tmp_path):

@@ -22,7 +22,8 @@ from gligen.data.shards import (
     iter_raw_samples,
     resolve_shards,
 )
-from gligen.data.transforms import MAX_OBJECTS, MAX_PERSONS, TransformConfig, transform_or_skip, transform_sample
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.data.transforms import TransformConfig, transform_or_skip, transform_sample
 
 # Batches carry what their worker counted since its previous batch (``SkipCounter.since``: skipped samples and
 # dropped objects by reason) under this key; the DataModule's on_before_batch_transfer pops it, so counts from

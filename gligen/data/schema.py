@@ -13,12 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from gligen.constants import NUM_KEYPOINTS
+
 SCHEMA_VERSION = 1
 KINDS = ("grounding", "detection", "detection_caption")
-NUM_KEYPOINTS = 17
-# COCO keypoint order: nose, then (left, right) pairs of eye, ear, shoulder, elbow, wrist, hip, knee, ankle.
-COCO_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
-VISIBLE = 2  # only COCO visibility 2 ("labelled and visible") counts as a present keypoint
 
 IMAGE_MEMBERS = ("jpg", "png", "webp")
 CAPTION_MEMBER = "txt"

@@ -13,10 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gligen.data.schema import COCO_FLIP_PAIRS, NUM_KEYPOINTS, VISIBLE, DecodedSample
-
-MAX_OBJECTS = 30
-MAX_PERSONS = 8
+from gligen.constants import COCO_FLIP_PAIRS, MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS, VISIBLE
+from gligen.data.schema import DecodedSample
 # keypoint index -> index of its mirror image (nose maps to itself)
 FLIP_PERMUTATION = np.arange(NUM_KEYPOINTS)
 for _left, _right in COCO_FLIP_PAIRS:

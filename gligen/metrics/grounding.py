@@ -3,7 +3,7 @@
 This is the paper's "YOLO score" (COCO AP / AP50 / AP75 of YOLOv4 detections on images generated from COCO val
 layouts) with the detector made pluggable: anything satisfying `Detector` works. Provided:
 
-- `ToyDetector`: the toy world's exact rule-based read-back (``gligen.toy.evaluate.detect_objects``); label =
+- "toy" (`gligen.metrics.detectors`): the toy world's exact rule-based read-back (``gligen.toy.evaluate``); label =
   category ("red square").
 - `TransformersDetector`: any ``transformers`` object-detection model (DETR, Deformable DETR, YOLOS, RT-DETR, ...)
   from a local directory or hub id the user supplies; labels come from ``model.config.id2label``, optionally
@@ -17,9 +17,9 @@ set, else its phrase (`target_label`; pass `label_of` to change it). Labels matc
 Other modalities:
 - keypoints: a `PoseDetector` maps images to per-image keypoints [P, 17, 3] (normalised x, y, v; v > 0 = found),
   the output of ``gligen.toy.evaluate.detect_keypoints``, optionally as a (keypoints, scores [P]) pair;
-  `ToyPoseDetector` is the toy's exact read-back. `keypoint_metrics`: PCK@0.1 and OKS keypoint AP against the
-  layout's persons (``gligen.toy.evaluate.pck`` / ``keypoint_average_precision``), and person placement
-  (`person_ap50` / `person_miou`: "person" boxes, from a box detector such as `ToyPersonDetector` or from the pose
+  "toy_pose" is the toy's exact read-back. `keypoint_metrics`: PCK@0.1 and OKS keypoint AP against the
+  layout's persons (``gligen.metrics.keypoints``), and person placement
+  (`person_ap50` / `person_miou`: "person" boxes, from a box detector such as "toy_person" or from the pose
   detector's joints, against each person's keypoint box).
 - image entities: `entity_grounding_metrics` scores box detections against the boxes with the label of each object's
   REFERENCE image (`entity_label`: entity_category, else category, else phrase), so a model that draws the
@@ -39,9 +39,25 @@ from typing import Protocol, TypedDict
 import numpy as np
 import torch
 
-from gligen.toy.evaluate import COLOUR_DISTANCE, MIN_OBJECT_FRACTION, as_rgb, box_iou, detect_objects
+from .keypoints import keypoint_average_precision, pck, person_box_layout
 
 Box = tuple[float, float, float, float]
+
+
+def as_rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] view of an RGB array or PIL image (alpha dropped)."""
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] < 3:
+        raise ValueError(f"expected a uint8 [H, W, 3] image, got {array.dtype} {array.shape}")
+    return array[..., :3]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 class BoxDetection(TypedDict):
@@ -77,45 +93,6 @@ class PoseDetector(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------- detectors
-
-
-class ToyDetector:
-    """The toy world's exact rule-based detector (see gligen.toy.evaluate.detect_objects); label = category.
-
-    `coarse_label` maps a category to its colour: grounding_metrics then also scores placement by colour alone
-    ("is the red thing in the red box"), which separates what GLIGEN learned (where) from how well the frozen base
-    draws shapes (what).
-    """
-
-    @staticmethod
-    def coarse_label(label: str) -> str:
-        return label.split()[0]
-
-    def __init__(self, colour_distance: float = COLOUR_DISTANCE, min_fraction: float = MIN_OBJECT_FRACTION):
-        self.colour_distance = colour_distance
-        self.min_fraction = min_fraction
-
-    def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
-        return [[BoxDetection(box=d.box, label=d.category, score=d.score)
-                 for d in detect_objects(image, self.colour_distance, self.min_fraction)] for image in images]
-
-
-class ToyPoseDetector:
-    """The toy world's exact stick-figure read-back (gligen.toy.evaluate.detect_persons): (keypoints, scores)."""
-
-    def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        from gligen.toy.evaluate import detect_persons
-
-        return [detect_persons(image) for image in images]
-
-
-class ToyPersonDetector:
-    """The toy world's class-agnostic figure read-back (gligen.toy.evaluate.detect_person_boxes): "person" boxes."""
-
-    def __call__(self, images: list[np.ndarray]) -> list[list[BoxDetection]]:
-        from gligen.toy.evaluate import detect_person_boxes
-
-        return [detect_person_boxes(image) for image in images]
 
 
 class TransformersDetector:
@@ -271,8 +248,6 @@ def person_placement_metrics(person_detections: Sequence[Sequence[BoxDetection]]
     """Class-agnostic person placement: AP50 and mIoU of "person" boxes against the box of each layout person's
     labelled keypoints (`person_ap50`, `person_miou`): whether a figure stands where each person was asked for,
     whatever its joints look like (the keypoint analogue of the colour-only `coarse_*` box metrics)."""
-    from gligen.toy.evaluate import person_box_layout
-
     targets = [person_box_layout(dict(layout)) for layout in layouts]
     return {"person_ap50": grounding_ap(person_detections, targets)["ap50"],
             "person_miou": miou(person_detections, targets)}
@@ -297,8 +272,6 @@ def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detec
     """PCK@threshold (`pck`) and OKS keypoint AP (`oks_ap`, `oks_ap50`, `oks_ap75`) of the detector's persons on
     `images` against the layouts' persons, and person placement (`person_ap50`, `person_miou`) of
     `person_detector`'s "person" boxes (default: the box of each detected person's found joints)."""
-    from gligen.toy.evaluate import keypoint_average_precision, pck
-
     _check_pairs(images, layouts)
     keypoints, scores = split_pose_output(detector(images))
     _check_pairs(keypoints, layouts)
@@ -307,6 +280,17 @@ def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detec
     persons = person_detector(images) if person_detector is not None else keypoints_as_person_boxes(keypoints, scores)
     return {"pck": pck(keypoints, sized, threshold), **{f"oks_{k}": v for k, v in aps.items()},
             **person_placement_metrics(persons, layouts)}
+
+
+def box_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector
+                          ) -> dict[str, float]:
+    """Box grounding: AP / AP50 / AP75 and mIoU of the detector's findings on `images` against their input layouts;
+    with a detector that has `coarse_label` (the toy's: colour), also coarse_ap50 / coarse_miou on coarse labels."""
+    detections = detector(images)
+    metrics = {**grounding_ap(detections, layouts), "miou": miou(detections, layouts)}
+    if hasattr(detector, "coarse_label"):
+        metrics.update(coarse_grounding_metrics(detections, layouts, detector.coarse_label))
+    return metrics
 
 
 def entity_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector

@@ -7,9 +7,8 @@ padded objects instead of an attention mask, exactly as in the official code.
 import torch
 from torch import nn
 
+from ..constants import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
 from .fourier import fourier_dim, fourier_embed
-
-MAX_OBJECTS = 30
 
 
 class GroundingInputError(ValueError):
@@ -102,8 +101,6 @@ def check_box_grounding(
 
 
 # ----- keypoints ------------------------------------------------------------------------------------------------
-MAX_PERSONS = 8
-NUM_KEYPOINTS = 17  # COCO order; the data layer swaps left/right indices when it flips
 
 
 class KeypointTokenizer(nn.Module):

@@ -1,12 +1,15 @@
 """python -m gligen.toy build [--out cache/toy] [--config experiments/configs/toy_world.yaml] [--rebuild]
 python -m gligen.toy evaluate [--cache cache/toy] [--ckpt runs/toy_box/checkpoints/last.ckpt] [--out results/toy]
-python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt   (replace gligen/toy/shipped)"""
+python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt   (replace gligen/toy/shipped)
+
+Without --config, build builds the toy world every experiment uses (ToyBuildConfig's defaults, spelled out in
+experiments/configs/toy_world.yaml; tests/test_toy_shipped.py checks they agree)."""
 
 import argparse
 import json
 
 from . import shipped
-from .build import ToyBuildConfig, build
+from .build import build, build_config
 
 
 def main(argv=None) -> None:
@@ -26,12 +29,12 @@ def main(argv=None) -> None:
     ship_parser = sub.add_parser("ship", help="replace the shipped LDM + reference checkpoint (gligen/toy/shipped)")
     ship_parser.add_argument("--cache", default="cache/toy")
     ship_parser.add_argument("--ckpt", default="runs/toy_box/checkpoints/last.ckpt")
-    ship_parser.add_argument("--train-config", default=shipped.TRAIN_CONFIG)
+    ship_parser.add_argument("--train-config", nargs="+", default=shipped.TRAIN_CONFIG,
+                             help="the training config the checkpoint was trained by (files composed in order)")
     ship_parser.add_argument("--trained-at", default=None, help="commit the checkpoint was trained at (default: now)")
     args = parser.parse_args(argv)
     if args.command == "build":
-        config = ToyBuildConfig.from_yaml(args.config) if args.config else ToyBuildConfig()
-        build(args.out, config, shipped=not args.rebuild)
+        build(args.out, build_config(args.config), shipped=not args.rebuild)
     elif args.command == "ship":
         record = shipped.ship(args.cache, args.ckpt, args.train_config, trained_at=args.trained_at)
         print(json.dumps(record, indent=1))

@@ -66,6 +66,44 @@ class ToyBuildConfig:
         return cls(**raw, pretrain=PretrainConfig(**pretrain_raw))
 
 
+def build_config(config: str | Path | ToyBuildConfig | None = None) -> ToyBuildConfig:
+    """The toy world to build: a ToyBuildConfig, a YAML of its fields, or None for the defaults (the toy world every
+    experiment uses, experiments/configs/toy_world.yaml). `python -m gligen.toy build` and `ensure_toy_world`
+    resolve it here, so the command without --config builds what the experiments expect."""
+    if isinstance(config, ToyBuildConfig):
+        return config
+    return ToyBuildConfig.from_yaml(config) if config else ToyBuildConfig()
+
+
+def is_toy_world(cache: str | Path, locations) -> bool:
+    """THE rule for "is this experiment on the toy world": every data / model location it names (a base LDM, shards)
+    is either unset (an experiment fills an unset one from the toy cache) or inside the toy cache `cache`. One
+    location elsewhere (Stable Diffusion, real shards) and it is not; it then has to name all it reads."""
+    root = Path(cache).resolve()
+    for location in locations:
+        if location in (None, "", [], {}):
+            continue
+        for value in (location.values() if isinstance(location, dict) else
+                      location if isinstance(location, (list, tuple)) else [location]):
+            if value in (None, ""):
+                continue
+            path = Path(str(value)).resolve()
+            if path != root and root not in path.parents:
+                return False
+    return True
+
+
+def ensure_toy_world(cache: str | Path, config: str | Path | ToyBuildConfig | None = None, locations=(),
+                     log=print, shipped: bool = True, train_splits: bool = True) -> Path | None:
+    """Every experiment script's one call: when the experiment is on the toy world (`is_toy_world(cache,
+    locations)`), write what `cache` lacks of it (`build`: shards, the shipped or a pretrained LDM) and return
+    `cache`; else do nothing and return None. `config`: the toy world (`build_config`); `shipped` / `train_splits`
+    as in `build`."""
+    if not is_toy_world(cache, locations):
+        return None
+    return build(cache, build_config(config), log=log, shipped=shipped, train_splits=train_splits)
+
+
 def shard_dir(out: str | Path, split: str, kind: str) -> Path:
     return Path(out) / "shards" / f"{split}-{kind}"
 

@@ -30,20 +30,28 @@ Metrics (all plain floats):
 
 from __future__ import annotations
 
-import contextlib
 import io
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 from scipy.ndimage import binary_dilation, label
-from scipy.optimize import linear_sum_assignment
 
+from gligen.metrics.grounding import (
+    as_rgb,
+    coarse_grounding_metrics,
+    grounding_ap,
+    miou,
+    person_placement_metrics,
+)
+from gligen.metrics.keypoints import keypoint_average_precision, pck
 from gligen.toy.world import (
     COLOURS,
     KEYPOINT_COLOURS,
     LIMB_COLOUR,
     PALETTE,
     keypoint_blob_size,
+    make_sample,
     match_shape,
     tight_box,
 )
@@ -54,7 +62,6 @@ from gligen.toy.world import (
 COLOUR_DISTANCE = 100.0
 MIN_OBJECT_FRACTION = 0.01  # components below 1% of the image are noise (smallest toy object: ~3%)
 EIGHT = np.ones((3, 3), dtype=bool)
-COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10
 
 
 class Detection(NamedTuple):
@@ -89,14 +96,6 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------------- objects
 
 
-def as_rgb(image) -> np.ndarray:
-    """uint8 [H, W, 3] view of an RGB array or PIL image (alpha dropped)."""
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] < 3:
-        raise ValueError(f"expected a uint8 [H, W, 3] image, got {array.dtype} {array.shape}")
-    return array[..., :3]
-
-
 def detect_objects(image, colour_distance: float = COLOUR_DISTANCE,
                    min_fraction: float = MIN_OBJECT_FRACTION) -> list[Detection]:
     """Detections (category, colour, shape, normalised xyxy box, score), best score first."""
@@ -122,14 +121,6 @@ def detect_objects(image, colour_distance: float = COLOUR_DISTANCE,
     return sorted(detections, key=lambda d: -d.score)
 
 
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _layout_objects(layout: dict) -> list[tuple[str, tuple[float, float, float, float]]]:
     return [(o["category"], tuple(o["box"])) for o in layout["objects"]]
 
@@ -141,8 +132,6 @@ def as_box_detections(detections: list[list[Detection]]) -> list[list[dict]]:
 
 def mean_best_iou(detections: list[list[Detection]], layouts: list[dict]) -> float:
     """Mean over all layout objects of the best IoU of a same-category detection (0 if none)."""
-    from gligen.metrics.grounding import miou  # lazy: gligen.metrics.grounding builds on this module
-
     return miou(as_box_detections(detections), layouts)
 
 
@@ -171,15 +160,11 @@ def attribute_accuracy(detections: list[list[Detection]], layouts: list[dict]) -
 
 def box_average_precision(detections: list[list[Detection]], layouts: list[dict]) -> dict[str, float]:
     """COCO AP / AP50 / AP75 of detections against the layouts (labels = category)."""
-    from gligen.metrics.grounding import grounding_ap
-
     return grounding_ap(as_box_detections(detections), layouts)
 
 
 def evaluate_boxes(images: list[np.ndarray], layouts: list[dict]) -> dict[str, float]:
     """Grounding accuracy of generated `images` against the layouts (annotation dicts) they were asked for."""
-    from gligen.metrics.grounding import ToyDetector, coarse_grounding_metrics
-
     detections = [detect_objects(im) for im in images]
     return {**box_average_precision(detections, layouts),
             "miou": mean_best_iou(detections, layouts),
@@ -243,101 +228,14 @@ def detect_person_boxes(image) -> list[dict]:
     return detections
 
 
-def person_box_layout(layout: dict) -> dict:
-    """The layout with each person as a "person" object whose box is the box of its labelled keypoints."""
-    objects = [{"box": _keypoint_box(kps), "category": "person", "phrase": "person"}
-               for kps in _layout_persons(layout) if (kps[:, 2] > 0).any()]
-    return {**layout, "objects": objects}
-
-
 def detect_keypoints(image) -> np.ndarray:
     """[P, 17, 3]: normalised x, y and v (2 = found, 0 = missing), one row per detected person, left to right."""
     return detect_persons(image)[0]
 
 
-def _keypoint_box(kps: np.ndarray) -> tuple[float, float, float, float]:
-    """Normalised xyxy box of the labelled keypoints."""
-    xy = kps[kps[:, 2] > 0, :2]
-    return float(xy[:, 0].min()), float(xy[:, 1].min()), float(xy[:, 0].max()), float(xy[:, 1].max())
-
-
-def _layout_persons(layout: dict) -> np.ndarray:
-    return np.array([p["keypoints"] for p in layout.get("persons") or []], dtype=np.float64).reshape(-1, 17, 3)
-
-
-def pck(predicted: list[np.ndarray], layouts: list[dict], threshold: float = 0.1) -> float:
-    """Fraction of labelled ground-truth joints within threshold x max(w, h) of their person's keypoint box.
-
-    Persons are matched one-to-one (Hungarian, mean distance over joints found in both); the joints of an
-    unmatched ground-truth person, and joints the matched prediction misses, count as wrong.
-    """
-    correct, total = 0, 0
-    for pred, layout in zip(predicted, layouts):
-        gts = _layout_persons(layout)
-        for gt in gts:
-            total += int((gt[:, 2] > 0).sum())
-        if len(gts) == 0 or len(pred) == 0:
-            continue
-        cost = np.array([[_mean_joint_distance(g, p) for p in pred] for g in gts])
-        for gi, pi in zip(*linear_sum_assignment(cost)):
-            gt, p = gts[gi], pred[pi]
-            x0, y0, x1, y1 = _keypoint_box(gt)
-            scale = max(x1 - x0, y1 - y0)
-            both = (gt[:, 2] > 0) & (p[:, 2] > 0)
-            dist = np.linalg.norm(gt[:, :2] - p[:, :2], axis=-1)
-            correct += int((both & (dist <= threshold * scale)).sum())
-    return correct / total if total else 0.0
-
-
-def _mean_joint_distance(gt: np.ndarray, pred: np.ndarray) -> float:
-    both = (gt[:, 2] > 0) & (pred[:, 2] > 0)
-    return float(np.linalg.norm(gt[both, :2] - pred[both, :2], axis=-1).mean()) if both.any() else 1e3
-
-
-def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndarray],
-                               layouts: list[dict]) -> dict[str, float]:
-    """COCO keypoint AP / AP50 / AP75 (OKS thresholds 0.5:0.05:0.95) via pycocotools, pixel coordinates."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    images, gt_anns, dt_anns = [], [], []
-    for image_id, (pred, score, layout) in enumerate(zip(predicted, scores, layouts)):
-        w, h = layout["width"], layout["height"]
-        images.append({"id": image_id, "width": w, "height": h})
-        to_pixels = np.array([w, h, 1.0])
-        for gt in _layout_persons(layout):
-            x0, y0, x1, y1 = _keypoint_box(gt)
-            box = [x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h]
-            gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                            "keypoints": (gt * to_pixels).ravel().tolist(), "num_keypoints": int((gt[:, 2] > 0).sum()),
-                            "bbox": box, "area": max(box[2] * box[3], 1.0)})
-        for p, s in zip(pred, score):
-            dt_anns.append({"image_id": image_id, "category_id": 1, "keypoints": (p * to_pixels).ravel().tolist(),
-                            "score": float(s)})
-    if not gt_anns:
-        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
-        gt_coco = COCO()
-        gt_coco.dataset = {"images": images, "annotations": gt_anns,
-                           "categories": [{"id": 1, "name": "person", "keypoints": [], "skeleton": []}]}
-        gt_coco.createIndex()
-        if not dt_anns:
-            return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-        dt_coco = gt_coco.loadRes(dt_anns)
-        evaluator = COCOeval(gt_coco, dt_coco, iouType="keypoints")
-        evaluator.params.kpt_oks_sigmas = COCO_SIGMAS
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    ap, ap50, ap75 = (max(0.0, float(v)) for v in evaluator.stats[:3])
-    return {"ap": ap, "ap50": ap50, "ap75": ap75}
-
-
 def evaluate_keypoints(images: list[np.ndarray], layouts: list[dict]) -> dict[str, float]:
     """PCK@0.1 and OKS keypoint AP of generated person `images` against the layouts they were asked for, and the
     class-agnostic figure placement person_ap50 / person_miou (`detect_person_boxes`)."""
-    from gligen.metrics.grounding import person_placement_metrics  # lazy: that module builds on this one
-
     detected = [detect_persons(im) for im in images]
     predicted = [kps for kps, _ in detected]
     aps = keypoint_average_precision(predicted, [s for _, s in detected], layouts)
@@ -348,22 +246,15 @@ def evaluate_keypoints(images: list[np.ndarray], layouts: list[dict]) -> dict[st
 # ----------------------------------------------------------------------------------------------- layouts
 
 
-def toy_layouts(modality: str, num: int, resolution: int | None = None, split: str = "val", seed: int = 0
+def toy_layouts(family: str, num: int, resolution: int | None = None, split: str = "val", seed: int = 0
                 ) -> tuple[list[dict], list[np.ndarray]]:
-    """`num` evaluation layouts of the toy world for a grounding modality, and their real images (uint8 HxWx3).
+    """`num` evaluation layouts of the toy world of a scene family, and their real images (uint8 HxWx3).
 
-    Straight from the world's generator (the same samples as the split's shards): box / image / text_image use
-    object scenes (every object carries its reference `entity_image`, a PIL image of the same category drawn
-    alone), keypoint uses person scenes (`persons`, normalised, v = 2). Layout fields: key, caption, width, height,
-    objects, persons.
+    Straight from the world's generator (the same samples as the split's shards): "objects" scenes (box / image /
+    text_image; every object carries its reference `entity_image`, a PIL image of the same category drawn alone) or
+    "persons" scenes (keypoint; `persons`, normalised, v = 2): a modality's `family`. Layout fields: key, caption,
+    width, height, objects, persons.
     """
-    import io as _io
-
-    from PIL import Image
-
-    from gligen.toy.world import make_sample
-
-    family = "persons" if modality == "keypoint" else "objects"
     layouts, references = [], []
     for index in range(num):
         sample = make_sample(split, index, kind="grounding", family=family, resolution=resolution, seed=seed)
@@ -372,7 +263,7 @@ def toy_layouts(modality: str, num: int, resolution: int | None = None, split: s
         for obj in ann["objects"]:
             entry = {"box": obj["box"], "phrase": obj["phrase"], "category": obj["category"]}
             if obj.get("entity_image") and obj["entity_image"] in sample:
-                with Image.open(_io.BytesIO(sample[obj["entity_image"]]), formats=["JPEG", "PNG", "WEBP"]) as image:
+                with Image.open(io.BytesIO(sample[obj["entity_image"]]), formats=["JPEG", "PNG", "WEBP"]) as image:
                     entry["entity_image"] = image.convert("RGB")
             objects.append(entry)
         layout = {"key": sample["__key__"], "caption": sample["txt"], "width": ann["width"],
@@ -380,6 +271,45 @@ def toy_layouts(modality: str, num: int, resolution: int | None = None, split: s
         if ann.get("persons"):
             layout["persons"] = ann["persons"]
         layouts.append(layout)
-        with Image.open(_io.BytesIO(sample["png"]), formats=["PNG"]) as image:
+        with Image.open(io.BytesIO(sample["png"]), formats=["PNG"]) as image:
             references.append(np.asarray(image.convert("RGB")))
     return layouts, references
+
+
+# ----------------------------------------------------------------------------------------------- detectors
+# registered by name in gligen.metrics.detectors ("toy", "toy_pose", "toy_person")
+
+
+class ToyDetector:
+    """The toy world's exact rule-based detector (`detect_objects`); label = category.
+
+    `coarse_label` maps a category to its colour: grounding_metrics then also scores placement by colour alone
+    ("is the red thing in the red box"), which separates what GLIGEN learned (where) from how well the frozen base
+    draws shapes (what).
+    """
+
+    @staticmethod
+    def coarse_label(label: str) -> str:
+        return label.split()[0]
+
+    def __init__(self, colour_distance: float = COLOUR_DISTANCE, min_fraction: float = MIN_OBJECT_FRACTION):
+        self.colour_distance = colour_distance
+        self.min_fraction = min_fraction
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[dict]]:
+        return [[{"box": d.box, "label": d.category, "score": d.score}
+                 for d in detect_objects(image, self.colour_distance, self.min_fraction)] for image in images]
+
+
+class ToyPoseDetector:
+    """The toy world's exact stick-figure read-back (`detect_persons`): (keypoints, scores)."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [detect_persons(image) for image in images]
+
+
+class ToyPersonDetector:
+    """The toy world's class-agnostic figure read-back (`detect_person_boxes`): "person" boxes."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[dict]]:
+        return [detect_person_boxes(image) for image in images]

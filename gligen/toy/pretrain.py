@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
+from gligen.data.shards import SkipCounter, iter_samples
 from gligen.ldm import save_ldm, sd_scheduler
 
 from . import world
@@ -230,8 +231,6 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, text_encod
 def load_split_arrays(shards: list[str], with_entities: bool = False):
     """Images [N, 3, H, W] in [-1, 1] and captions of the given shards, through the project's safe reader.
     With `with_entities`, also every object's entity image [M, 3, H, W] and its phrase."""
-    from gligen.data.shards import SkipCounter, iter_samples
-
     skips = SkipCounter(strict=True)  # the toy world writes these shards itself: any damage is a bug
     images, captions, entities, phrases = [], [], [], []
     for sample in iter_samples(shards, skips):

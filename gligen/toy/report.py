@@ -21,6 +21,7 @@ import torch
 
 from gligen.evaluation import generate, load_layouts, reconstruct
 from gligen.ldm import FrozenLDM
+from gligen.module import GLIGENModule
 from gligen.reporting import command_line
 from gligen.results import git_commit
 from gligen.sampling import tau_schedule
@@ -82,7 +83,7 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
     config = json.loads((cache / "build_config.json").read_text())
     layouts, references = load_layouts(str(shard_dir(cache, "val", "grounding")), config["resolution"], num_images)
     # person scenes at the build's resolution: the ones the keypoint experiments train and score on
-    person_layouts, person_images = toy_layouts("keypoint", num_persons, config["resolution"])
+    person_layouts, person_images = toy_layouts("persons", num_persons, config["resolution"])
     results = {
         "evaluator_real_boxes": evaluate_boxes(references, layouts),
         "evaluator_real_keypoints": evaluate_keypoints(person_images, person_layouts),
@@ -101,8 +102,6 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
             results[name] = from_noised_real(ldm, layouts, references, strength, swap, steps=steps,
                                              guidance=guidance, seed=seed)
     if ckpt:
-        from gligen.module import GLIGENModule
-
         module = GLIGENModule.from_checkpoint(ckpt, str(ldm_dir(cache)))
         grounded = generate(module.ldm, layouts, tau_schedule(steps, 1.0), **sampling)
         results["gligen_full_grounding"] = evaluate_boxes(grounded, layouts)

@@ -4,7 +4,8 @@ the committed results/ablate_beta, inside the package, so the default experiment
     gligen/toy/shipped/ldm/                  the base LDM as `python -m gligen.toy build` pretrains it (a diffusers
                                              Stable Diffusion directory with clip/, safetensors weights)
     gligen/toy/shipped/toy_box.safetensors   the grounding layers (fusers + position_net) trained by
-                                             experiments/configs/toy_box.yaml on that base; hyper-parameters, base
+                                             experiments/configs/toy_base.yaml + toy_box.yaml on that base;
+                                             hyper-parameters, base
                                              fingerprint and step in the safetensors metadata
     gligen/toy/shipped/manifest.json         build config, world version, fingerprints, commits, and the commands
                                              that rebuild both
@@ -15,7 +16,7 @@ checkpoint when its train config and base are the shipped ones (`--retrain` trai
 means replacing these files, in the same commit as the results that use them:
 
     python -m gligen.toy build --rebuild
-    python -m gligen fit --config experiments/configs/toy_box.yaml
+    python -m gligen fit --config experiments/configs/toy_base.yaml --config experiments/configs/toy_box.yaml
     python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt
 """
 
@@ -26,21 +27,21 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from gligen.checkpointing import read_checkpoint, save_safetensors_checkpoint
 from gligen.ldm import weights_fingerprint
+from gligen.rundir import TrainConfig, config_args, config_paths, load_config
 
 from . import world
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST = "manifest.json"
 CHECKPOINT = "toy_box.safetensors"
-TRAIN_CONFIG = "experiments/configs/toy_box.yaml"
+# composed in this order (`--config` repeated); its settings are compared as one merged mapping
+TRAIN_CONFIG = ["experiments/configs/toy_base.yaml", "experiments/configs/toy_box.yaml"]
 SHIPPED_MARKER = "shipped.json"  # in a cache's ldm/: this LDM is a copy of the shipped one, not pretrained here
 REBUILD_COMMANDS = [
     "python -m gligen.toy build --rebuild",
-    f"python -m gligen fit --config {TRAIN_CONFIG}",
+    "python -m gligen fit " + " ".join(config_args(TRAIN_CONFIG)),
     "python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt",
 ]
 
@@ -77,13 +78,14 @@ def install_ldm(target: Path, root: Path | None = None) -> Path:
     return target
 
 
-def reference_checkpoint(train_config: str | Path, base: str | Path, root: Path | None = None) -> Path | None:
-    """The shipped checkpoint when it is what training `train_config` on `base` would give: same settings (the
-    parsed YAML, so comments do not matter) and a base with the fingerprint it was trained on; else None."""
+def reference_checkpoint(train_config: TrainConfig, base: str | Path, root: Path | None = None) -> Path | None:
+    """The shipped checkpoint when it is what training `train_config` (one file, or files composed in order) on
+    `base` would give: same settings (the parsed, merged YAML, so comments and how the settings are split over
+    files do not matter) and a base with the fingerprint it was trained on; else None."""
     record = manifest(root)
     if record is None or not shipped_checkpoint(root).exists():
         return None
-    settings = yaml.safe_load(Path(train_config).read_text())
+    settings = load_config(train_config)
     if settings != record["checkpoint"]["train_settings"]:
         return None
     if weights_fingerprint(str(base)) != record["checkpoint"]["base_fingerprint"]:
@@ -95,7 +97,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def ship(cache: str | Path, ckpt: str | Path, train_config: str | Path = TRAIN_CONFIG, root: Path | None = None,
+def ship(cache: str | Path, ckpt: str | Path, train_config: TrainConfig = TRAIN_CONFIG, root: Path | None = None,
          trained_at: str | None = None) -> dict:
     """Replace the shipped files by the cache's LDM and `ckpt` (trained by `train_config` on that LDM)."""
     from gligen.results import git_commit
@@ -122,8 +124,8 @@ def ship(cache: str | Path, ckpt: str | Path, train_config: str | Path = TRAIN_C
         "ldm": {"dir": "ldm", "fingerprint": fingerprint, "pretrain_seconds": pretrain_record.get("seconds"),
                 "built_from_shipped_copy": is_shipped_copy(ldm)},
         "checkpoint": {"file": CHECKPOINT, "sha256": _sha256(root / CHECKPOINT),
-                       "train_config": str(train_config),
-                       "train_settings": yaml.safe_load(Path(train_config).read_text()),
+                       "train_config": [str(p) for p in config_paths(train_config)],
+                       "train_settings": load_config(train_config),
                        "global_step": checkpoint.get("global_step"), "base_fingerprint": trained_on,
                        "trained_at_commit": trained_at or git_commit()},
         "shipped_at_commit": git_commit(),

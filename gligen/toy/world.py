@@ -24,7 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_dilation, label
 
+from gligen.constants import SKELETON
 from gligen.data.schema import KINDS, SCHEMA_VERSION
+from gligen.data.shards import write_shards
 
 FAMILIES = ("objects", "persons")
 SPLITS = ("train", "val", "test", "ood")
@@ -62,11 +64,6 @@ MAX_OBJECTS = 4
 MIN_VISIBLE_FRACTION = 0.85
 PLACEMENT_TRIES = 60
 
-COCO_KEYPOINTS = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-    "left_knee", "right_knee", "left_ankle", "right_ankle",
-)
 # One colour per joint from the {0, 128, 255}^3 grid, each with a 255 channel (bright, far from black and from the
 # grey limbs); grid colours are >= 127 apart, so the nearest-colour rule separates them. Neighbouring joints
 # get colours that differ in at least two channels where possible.
@@ -90,9 +87,6 @@ KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (
     (128, 255, 128),  # right_ankle
 )
 LIMB_COLOUR = (128, 128, 128)
-SKELETON = (  # COCO joint index pairs joined by grey limbs
-    (5, 6), (5, 7), (7, 9), (6, 8), (8, 10), (5, 11), (6, 12), (11, 12), (11, 13), (13, 15), (12, 14), (14, 16),
-)
 
 
 # ----------------------------------------------------------------------------------------------------- shapes
@@ -516,8 +510,6 @@ def write_split(split: str, kind: str, n: int, out_dir: str, resolution: int | N
 
     Returns ``write_shards``' index (shard names, sample counts, kinds).
     """
-    from gligen.data.shards import write_shards  # the data layer (webdataset) is needed only to write
-
     samples = iter_split(split, kind, n, family=family, resolution=resolution, seed=seed,
                          background_texture=background_texture, with_entities=with_entities)
     return write_shards(samples, out_dir, prefix=f"{family}-{split}-{kind}", max_samples=max_samples,

@@ -30,7 +30,7 @@ from gligen.data.convert.coco import (
     index_coco,
     usable_annotations,
 )
-from gligen.data.schema import NUM_KEYPOINTS
+from gligen.constants import NUM_KEYPOINTS
 
 
 def normalise_keypoints(flat: Any, width: int, height: int) -> tuple[list[list[float]], bool]:

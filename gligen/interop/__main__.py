@@ -1,14 +1,14 @@
-"""`python -m gligen.convert`: move GLIGEN weights between this project, diffusers and the official code.
+"""`python -m gligen.interop`: move GLIGEN weights between this project, diffusers and the official code.
 
     # a GLIGENModule checkpoint -> a directory diffusers loads: box -> StableDiffusionGLIGENPipeline,
     # text_image / image -> StableDiffusionGLIGENTextImagePipeline (image tower from <pretrained>/clip);
     # keypoint -> exported/pretrained/ + exported/gligen.ckpt (no diffusers keypoint pipeline exists)
-    python -m gligen.convert to-diffusers runs/box/checkpoints/last.ckpt exported/ [--pretrained SD_DIR]
+    python -m gligen.interop to-diffusers runs/box/checkpoints/last.ckpt exported/ [--pretrained SD_DIR]
 
     # an official GLIGEN .pth (box, text-image or keypoint) -> imported/pretrained/ (diffusers SD layout) +
     # imported/gligen.ckpt (GLIGENModule with the variant's modality)
-    python -m gligen.convert from-official gligen-generation-text-box.pth imported/ [--base SD_DIR_OR_HUB_ID]
-    python -m gligen.convert from-official gligen-generation-text-image-box.pth imported/ --clip CLIP_DIR
+    python -m gligen.interop from-official gligen-generation-text-box.pth imported/ [--base SD_DIR_OR_HUB_ID]
+    python -m gligen.interop from-official gligen-generation-text-image-box.pth imported/ --clip CLIP_DIR
 
 The official file holds no tokenizer or component configs: `--base` (a diffusers SD-1.x directory or hub id, default
 CompVis/stable-diffusion-v1-4) supplies the architecture, tokenizer and scheduler; all weights come from the file.
@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from .interop import export_to_diffusers, import_official
+from . import export_to_diffusers, import_official
+from ..modalities import get_modality
 
 
 def main(argv=None) -> None:
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
             info = torch.load(ckpt, map_location="cpu", weights_only=True)["gligen"]["official"]
             print(f"wrote {pretrained} (frozen LDM) and {ckpt} (GLIGENModule checkpoint, modality "
                   f"{info['modality']}); variant from the position_net keys; config: {info['config']}")
-            if info["modality"] == "text_image" and info["clip"] is None:
+            if get_modality(info["modality"]).entity_images and info["clip"] is None:
                 print("note: no CLIP image tower was given (--clip): image entities need one in pretrained/clip")
     except (ValueError, OSError) as error:  # refused checkpoint, missing file or base: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,98 @@
+"""Keypoint grounding metrics against a layout's persons: PCK and COCO keypoint AP (OKS), any pose detector.
+
+Persons are [17, 3] rows of normalised x, y and visibility (v > 0: labelled / found), COCO joint order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from scipy.optimize import linear_sum_assignment
+
+from ..constants import COCO_SIGMAS, NUM_KEYPOINTS
+
+
+def keypoint_box(kps: np.ndarray) -> tuple[float, float, float, float]:
+    """Normalised xyxy box of the labelled keypoints."""
+    xy = kps[kps[:, 2] > 0, :2]
+    return float(xy[:, 0].min()), float(xy[:, 1].min()), float(xy[:, 0].max()), float(xy[:, 1].max())
+
+
+def layout_persons(layout: dict) -> np.ndarray:
+    return np.array([p["keypoints"] for p in layout.get("persons") or []], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
+
+
+def pck(predicted: list[np.ndarray], layouts: list[dict], threshold: float = 0.1) -> float:
+    """Fraction of labelled ground-truth joints within threshold x max(w, h) of their person's keypoint box.
+
+    Persons are matched one-to-one (Hungarian, mean distance over joints found in both); the joints of an
+    unmatched ground-truth person, and joints the matched prediction misses, count as wrong.
+    """
+    correct, total = 0, 0
+    for pred, layout in zip(predicted, layouts):
+        gts = layout_persons(layout)
+        for gt in gts:
+            total += int((gt[:, 2] > 0).sum())
+        if len(gts) == 0 or len(pred) == 0:
+            continue
+        cost = np.array([[mean_joint_distance(g, p) for p in pred] for g in gts])
+        for gi, pi in zip(*linear_sum_assignment(cost)):
+            gt, p = gts[gi], pred[pi]
+            x0, y0, x1, y1 = keypoint_box(gt)
+            scale = max(x1 - x0, y1 - y0)
+            both = (gt[:, 2] > 0) & (p[:, 2] > 0)
+            dist = np.linalg.norm(gt[:, :2] - p[:, :2], axis=-1)
+            correct += int((both & (dist <= threshold * scale)).sum())
+    return correct / total if total else 0.0
+
+
+def mean_joint_distance(gt: np.ndarray, pred: np.ndarray) -> float:
+    both = (gt[:, 2] > 0) & (pred[:, 2] > 0)
+    return float(np.linalg.norm(gt[both, :2] - pred[both, :2], axis=-1).mean()) if both.any() else 1e3
+
+
+def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndarray],
+                               layouts: list[dict]) -> dict[str, float]:
+    """COCO keypoint AP / AP50 / AP75 (OKS thresholds 0.5:0.05:0.95) via pycocotools, pixel coordinates."""
+    images, gt_anns, dt_anns = [], [], []
+    for image_id, (pred, score, layout) in enumerate(zip(predicted, scores, layouts)):
+        w, h = layout["width"], layout["height"]
+        images.append({"id": image_id, "width": w, "height": h})
+        to_pixels = np.array([w, h, 1.0])
+        for gt in layout_persons(layout):
+            x0, y0, x1, y1 = keypoint_box(gt)
+            box = [x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h]
+            gt_anns.append({"id": len(gt_anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                            "keypoints": (gt * to_pixels).ravel().tolist(), "num_keypoints": int((gt[:, 2] > 0).sum()),
+                            "bbox": box, "area": max(box[2] * box[3], 1.0)})
+        for p, s in zip(pred, score):
+            dt_anns.append({"image_id": image_id, "category_id": 1, "keypoints": (p * to_pixels).ravel().tolist(),
+                            "score": float(s)})
+    if not gt_anns:
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
+        gt_coco = COCO()
+        gt_coco.dataset = {"images": images, "annotations": gt_anns,
+                           "categories": [{"id": 1, "name": "person", "keypoints": [], "skeleton": []}]}
+        gt_coco.createIndex()
+        if not dt_anns:
+            return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+        dt_coco = gt_coco.loadRes(dt_anns)
+        evaluator = COCOeval(gt_coco, dt_coco, iouType="keypoints")
+        evaluator.params.kpt_oks_sigmas = np.array(COCO_SIGMAS)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap, ap50, ap75 = (max(0.0, float(v)) for v in evaluator.stats[:3])
+    return {"ap": ap, "ap50": ap50, "ap75": ap75}
+
+
+def person_box_layout(layout: dict) -> dict:
+    """The layout with each person as a "person" object whose box is the box of its labelled keypoints."""
+    objects = [{"box": keypoint_box(kps), "category": "person", "phrase": "person"}
+               for kps in layout_persons(layout) if (kps[:, 2] > 0).any()]
+    return {**layout, "objects": objects}
