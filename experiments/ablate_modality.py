@@ -1,4 +1,4 @@
-"""Grounding modalities side by side (logic: gligen/modality_ablation.py).
+"""Grounding modalities side by side (logic: gligen/experiments/ablate_modality.py).
 
     python experiments/ablate_modality.py                     # toy world: builds / trains what is missing, then scores
     python experiments/ablate_modality.py --modalities [box,image] --seeds [0,1] --num_images 100

@@ -1,4 +1,4 @@
-"""The gamma_init x modality x seed grid (logic: gligen/grid.py).
+"""The gamma_init x modality x seed grid (logic: gligen/experiments/grid.py).
 
     python experiments/grid.py expand | submit [-- sbatch args] | run-local | collect
     python experiments/grid.py trained CONFIG | sweep-cell CONFIG     # used by slurm/grid.sh

@@ -1,6 +1,6 @@
 import sys
 
-from .cli import run
+from gligen.training.cli import run
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from .checkpointing import read_checkpoint
-from .constants import MAX_OBJECTS, MAX_PERSONS
-from .ldm import FrozenLDM, weights_fingerprint
-from .modalities import DEFAULT_MODALITY, Modality, get_modality
-from .nn.fuser import FUSER_TYPES
-from .nn.grounded_unet import add_grounding, fusers
+from gligen.checkpoint_file import read_checkpoint
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.ldm import FrozenLDM, weights_fingerprint
+from gligen.modalities import DEFAULT_MODALITY, Modality, get_modality
+from gligen.nn.fuser import FUSER_TYPES
+from gligen.nn.grounded_unet import add_grounding, fusers
 
 CHECKPOINT_FORMAT = 1
 
@@ -243,7 +243,7 @@ class GLIGENModule(L.LightningModule):
                         allow_other_base: bool = False) -> "GLIGENModule":
         """Rebuild from a checkpoint of this module: the frozen LDM from `pretrained` (default: the one the run
         used), the grounding layers from the file (`.ckpt` loaded with `weights_only=True`, no unpickling; or a
-        `.safetensors` checkpoint, see gligen.checkpointing.read_checkpoint). A base whose
+        `.safetensors` checkpoint, see gligen.checkpoint_file.read_checkpoint). A base whose
         weights differ from the one the run trained on is an error unless `allow_other_base` (e.g. grounding layers
         on purpose on another SD-1.x fine-tune)."""
         checkpoint = read_checkpoint(path, map_location)

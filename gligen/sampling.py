@@ -13,8 +13,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .ldm import FrozenLDM
-from .nn.grounded_unet import set_beta
+from gligen.ldm import FrozenLDM
+from gligen.nn.grounded_unet import set_beta
 
 SAMPLERS = {
     "ddim": (DDIMScheduler, {}),

@@ -83,7 +83,7 @@ class RecordGuard(L.Callback):
         import json
         from pathlib import Path
 
-        from gligen.nonfinite import NonFiniteGuard
+        from gligen.training.nonfinite import NonFiniteGuard
 
         guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
         Path(self.dir).mkdir(parents=True, exist_ok=True)

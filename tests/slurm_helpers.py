@@ -46,7 +46,7 @@ class PauseForSignal(L.Callback):
         self.step, self.where, self.marker, self.timeout = step, where, marker, timeout
 
     def _pause(self, trainer: L.Trainer) -> None:
-        from gligen.checkpointing import preemption_requested
+        from gligen.training.preemption import preemption_requested
 
         if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
             return

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gligen.bench import make_batch, make_module, make_optimizer, set_variant, tiny_size, variant_batch
-from gligen.results import append_csv
+from gligen.bench.train_step import make_batch, make_module, make_optimizer, set_variant, tiny_size, variant_batch
+from gligen.evaluation.results import append_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_bench_train_tiny_memory(tmp_path):
 
 
 def test_bench_options_apply_to_ours_only(tiny_pretrained):
-    from gligen.bench import StepOptions
+    from gligen.bench.train_step import StepOptions
 
     module = make_module(tiny_pretrained)
     grounding = module.grounding_names
@@ -100,10 +100,10 @@ def test_bench_train_tiny_bf16_channels_last(native, monkeypatch):
     """"ours" under bf16 autocast and channels-last (tiny sizes: bf16 is emulated, and slow, on AVX2-only CPUs). With
     native bf16 the MFU is against the bf16 matmul peak; without it no bf16 peak, limit or MFU is reported, whatever
     this processor has (the detection is replaced here, so both branches run everywhere)."""
-    import gligen.bench
-    from gligen.bench import StepOptions
+    import gligen.bench.train_step
+    from gligen.bench.train_step import StepOptions
 
-    monkeypatch.setattr(gligen.bench, "native_bf16", lambda device: native)
+    monkeypatch.setattr(gligen.bench.train_step, "native_bf16", lambda device: native)
     script = load_script()
     lines = []
     (row,) = script.run(["tiny"], repeats=1, device="cpu", memory=False, out=None, log=lines.append,
@@ -122,7 +122,7 @@ def test_bench_train_tiny_bf16_channels_last(native, monkeypatch):
 
 
 def test_native_bf16_detection():
-    from gligen.machine import cpu_flags, native_bf16, processor_class
+    from gligen.bench.machine import cpu_flags, native_bf16, processor_class
 
     info = "processor: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512bw avx512_bf16 amx_tile\n"
     flags = cpu_flags(info)
@@ -146,7 +146,7 @@ def test_bench_data_writes_rates_against_training(tmp_path, capsys):
     out = tmp_path / "data.csv"
     script.main(["--toy-samples", "48", "--batch-size", "8", "--batches", "2", "--workers", "0",
                  "--train-samples-per-s", "10", "--out", str(out)])
-    from gligen.results import read_csv
+    from gligen.evaluation.results import read_csv
 
     rows = read_csv(out)
     assert [r["path"] for r in rows] == ["image", "latent"]

@@ -1,6 +1,6 @@
 import torch
 
-from gligen.bench_sampling import bench_sampler
+from gligen.bench.sampler import bench_sampler
 from gligen.module import GLIGENModule
 
 

@@ -1,8 +1,8 @@
 import lightning as L
 import pytest
 
-from gligen.callbacks import GroundingEvaluation
 from gligen.module import GLIGENModule
+from gligen.training.callbacks import GroundingEvaluation
 from tests.fixtures import RandomBoxDataModule
 
 
@@ -20,7 +20,7 @@ def oracle(shift: float):
 
 @pytest.mark.parametrize("shift, expected", [(0.0, 1.0), (0.45, 0.0)])
 def test_grounding_evaluation_logs_ap_over_the_validation_set(tiny_pretrained, tmp_path, monkeypatch, shift, expected):
-    import gligen.callbacks as callbacks
+    import gligen.training.callbacks as callbacks
 
     state, detect = oracle(shift)
     real_generate = callbacks.generate

@@ -18,8 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gligen.data import transforms as transforms_module
 from gligen.data.damage import DAMAGE, SHARD_DAMAGE, kind_key, write_corpus, write_kind
 from gligen.data.datamodule import GroundingDataModule, InMemoryShardDataset, MixedShardStream
+from gligen.data.decode import DamagedSampleError, DataLimits, SkipCounter
 from gligen.data.examples import make_sample
-from gligen.data.shards import DamagedSampleError, DataLimits, SkipCounter, iter_samples, resolve_shards, write_shards
+from gligen.data.shards import iter_samples, resolve_shards, write_shards
 from gligen.data.transforms import TransformConfig
 
 LEAD, TAIL = 2, 1  # valid samples around a damaged one
@@ -91,7 +92,7 @@ def test_inspect_exits_0_and_names_every_reason(corpus, chaos_outcome):
 def test_training_finishes_with_every_skip_counted(corpus, tiny_pretrained, tmp_path, capsys, chaos_outcome):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gligen.callbacks import SkipLogger
+    from gligen.training.callbacks import SkipLogger
     from gligen.module import GLIGENModule
 
     L.seed_everything(0)
@@ -263,7 +264,7 @@ def test_converters_open_jpeg_png_webp_only(fmt, reason, chaos_outcome):
 def test_skip_logger_sums_train_counts_over_ranks(monkeypatch):
     import torch.distributed as dist
 
-    from gligen.callbacks import SkipLogger
+    from gligen.training.callbacks import SkipLogger
 
     ranks = [{"data_skips/train/bad_image": 2, "data_skips/val/bad_json": 1, "data_drops/train/object_over_cap": 3},
              {"data_skips/train/bad_image": 1, "data_skips/train/bad_tar": 4, "data_skips/val/bad_json": 1}]

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-import gligen.grid as grid_lib
-from gligen.checkpointing import checkpoint_identity, weights_hash
-from gligen.cli import fit_from_config
-from gligen.modality_ablation import checkpoint_for
+import gligen.experiments.grid as grid_lib
+from gligen.checkpoint_file import checkpoint_identity, weights_hash
+from gligen.training.cli import fit_from_config
+from gligen.experiments.ablate_modality import checkpoint_for
 from tests.test_experiments import tiny_grid_config, tiny_toy_world  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]

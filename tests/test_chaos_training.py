@@ -20,9 +20,10 @@ import pytest
 import torch
 import yaml
 
-from gligen.checkpointing import EXIT_INTERRUPTED, AtomicCheckpointIO, NonFiniteCheckpointError, atomic_torch_save
-from gligen.cli import main, run
-from gligen.nonfinite import NonFiniteTrainingError
+from gligen.training.checkpointing import AtomicCheckpointIO, NonFiniteCheckpointError, atomic_torch_save
+from gligen.training.cli import main, run
+from gligen.training.nonfinite import NonFiniteTrainingError
+from gligen.training.preemption import EXIT_INTERRUPTED
 from tests.test_resume import assert_same_training_state, load, write_config
 
 pytestmark = pytest.mark.chaos

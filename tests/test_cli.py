@@ -5,7 +5,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gligen.cli import main
+from gligen.training.cli import main
 
 
 def write_config(path: Path, pretrained: str, max_steps: int) -> Path:

@@ -10,9 +10,10 @@ import webdataset as wds
 from PIL import Image
 
 from gligen.data.__main__ import main
+from gligen.data.decode import SkipCounter
 from gligen.data.examples import make_sample
 from gligen.data.inspect import collect_stats
-from gligen.data.shards import SkipCounter, encode_sample, iter_samples, resolve_shards, write_shards
+from gligen.data.shards import encode_sample, iter_samples, resolve_shards, write_shards
 
 KPS = [[0.5, 0.5, 2]] * 17
 

@@ -13,7 +13,8 @@ from gligen.data.convert.coco import convert_coco
 from gligen.data.convert.keypoints import convert_keypoints
 from gligen.data.convert.mdetr import convert_mdetr
 from gligen.data.convert.official_tsv import convert_official_tsv
-from gligen.data.shards import SkipCounter, iter_samples, resolve_shards
+from gligen.data.decode import SkipCounter
+from gligen.data.shards import iter_samples, resolve_shards
 
 TOL = 1e-6
 WRITE = {"max_samples": 2, "progress": False}

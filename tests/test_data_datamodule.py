@@ -8,8 +8,9 @@ from torch.utils.data import DataLoader
 
 from gligen.data import datamodule as dm_module
 from gligen.data.datamodule import SKIPS_KEY, GroundingDataModule, MixedShardStream
+from gligen.data.decode import DamagedSampleError
 from gligen.data.examples import make_sample
-from gligen.data.shards import DamagedSampleError, encode_sample, resolve_shards, write_shards
+from gligen.data.shards import encode_sample, resolve_shards, write_shards
 from gligen.data.transforms import TransformConfig
 
 KPS = [[0.5, 0.5, 2]] * 8 + [[0.25, 0.75, 1]] * 9

@@ -11,16 +11,9 @@ from PIL import Image
 
 from gligen.data.convert.precompute import PrecomputeConfig, precompute_shards
 from gligen.data.datamodule import GroundingDataModule
+from gligen.data.decode import SkipCounter, decode_sample
 from gligen.data.examples import make_sample
-from gligen.data.shards import (
-    SkipCounter,
-    decode_sample,
-    encode_sample,
-    iter_raw_samples,
-    iter_samples,
-    resolve_shards,
-    write_shards,
-)
+from gligen.data.shards import encode_sample, iter_raw_samples, iter_samples, resolve_shards, write_shards
 from gligen.data.transforms import TransformConfig, image_to_tensor, transform_sample
 from gligen.ldm import FrozenLDM
 

@@ -9,16 +9,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from gligen.data.decode import DamagedSampleError, SkipCounter
 from gligen.data.examples import annotation, make_sample, png_bytes
 from gligen.data.schema import SchemaError
-from gligen.data.shards import (
-    DamagedSampleError,
-    SkipCounter,
-    encode_sample,
-    iter_samples,
-    resolve_shards,
-    write_shards,
-)
+from gligen.data.shards import encode_sample, iter_samples, resolve_shards, write_shards
 
 
 def _keys(samples):
@@ -343,7 +337,7 @@ def test_truncation_anywhere_is_detected_and_never_yields_a_partial_sample(tmp_p
 
 
 def test_oversized_member_not_read(tmp_path):
-    from gligen.data.shards import DataLimits
+    from gligen.data.decode import DataLimits
     a, b, big = _good("a"), _good("b"), _good("big")
     cap = max(len(v) for sample in (a, b, big) for m, v in sample.items() if m != "__key__")
     big["txt"] = b"x" * (cap + 1)

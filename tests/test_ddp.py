@@ -78,8 +78,8 @@ t.fit(Recorder(), datamodule=dm)
 '''
 
 EVAL_SCRIPT = COMMON + '''
-import gligen.callbacks as callbacks
-from gligen.callbacks import GroundingEvaluation
+import gligen.training.callbacks as callbacks
+from gligen.training.callbacks import GroundingEvaluation
 from gligen.module import GLIGENModule
 from tests.fixtures import RandomBoxDataset, collate
 
@@ -202,7 +202,7 @@ def test_ddp_training_stream_uneven_shards_resampled_and_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_grounding_evaluation_gathers_all_ranks(tiny_pretrained, tmp_path):
-    from gligen.evaluation import layouts_from_batch
+    from gligen.evaluation.generate import layouts_from_batch
     from gligen.metrics.grounding import grounding_ap
     from tests.fixtures import RandomBoxDataset, collate
 
@@ -236,7 +236,7 @@ def test_ddp_grounding_evaluation_gathers_all_ranks(tiny_pretrained, tmp_path):
 
 
 SKIP_SCRIPT = COMMON + '''
-from gligen.callbacks import SkipLogger
+from gligen.training.callbacks import SkipLogger
 from gligen.data.datamodule import GroundingDataModule
 
 SPEC = sys.argv[2]

@@ -16,8 +16,9 @@ from gligen.data.convert.coco import ENTITY_PAD, box_pixels, convert_coco, entit
 from gligen.data.convert.mdetr import convert_mdetr
 from gligen.data.convert.precompute import REPORT_FILE, PrecomputeConfig, precompute_shards
 from gligen.data.datamodule import GroundingDataModule
+from gligen.data.decode import SkipCounter
 from gligen.data.examples import make_sample, png_bytes
-from gligen.data.shards import SkipCounter, iter_samples, resolve_shards, write_shards
+from gligen.data.shards import iter_samples, resolve_shards, write_shards
 from gligen.ldm import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, FrozenLDM
 from gligen.nn.tokenizers import IMAGE_FEATURE_NORM
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline

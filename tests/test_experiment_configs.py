@@ -13,7 +13,7 @@ import yaml
 from gligen.experiments import config as experiment_config
 from gligen.experiments.config import BetaSweepConfig, GridConfig, ModalityAblationConfig, parse, toy_train_config
 from gligen.experiments.entry import EXPERIMENTS, main
-from gligen.rundir import config_args, load_config
+from gligen.training.rundir import config_args, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = '''
@@ -139,8 +139,8 @@ SHARED = {  # toy_base.yaml: the same for every modality
     "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 3000, "log_every_n_steps": 25,
                 "limit_val_batches": 4, "val_check_interval": 500, "check_val_every_n_epoch": None,
                 "enable_model_summary": False,
-                "callbacks": [{"class_path": "gligen.callbacks.SkipLogger"},
-                              {"class_path": "gligen.callbacks.SampleGrid",
+                "callbacks": [{"class_path": "gligen.training.callbacks.SkipLogger"},
+                              {"class_path": "gligen.training.callbacks.SampleGrid",
                                "init_args": {"every_n_steps": 500, "num_images": 8, "steps": 20, "guidance": 3.0}}]},
     "model": {"pretrained": "cache/toy/ldm", "fuser_type": "gated_self_attention", "gamma_init": 1.0,
               "learning_rate": 1e-3, "gate_learning_rate": 1e-3, "warmup_steps": 100, "caption_dropout": 0.1,
@@ -177,11 +177,11 @@ def test_the_default_box_run_is_the_shipped_reference_checkpoints_config():
 
 
 def test_linked_data_settings_follow_the_model(tiny_pretrained, tmp_path):
-    """max_objects / max_persons / entity_images are set on the model and follow on the data (gligen/cli.py
+    """max_objects / max_persons / entity_images are set on the model and follow on the data (gligen/training/cli.py
     LINKS), whatever the data section says."""
     from lightning.pytorch import LightningDataModule
 
-    from gligen.cli import GLIGENCLI
+    from gligen.training.cli import GLIGENCLI
     from gligen.module import GLIGENModule
 
     args = [*config_args([ROOT / p for p in toy_train_config("image")]), "--model.pretrained", tiny_pretrained,

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from gligen import grid as grid_lib
+from gligen.experiments import grid as grid_lib
 from gligen.experiments.config import toy_train_config
-from gligen.rundir import load_config
 from gligen.toy.build import ToyBuildConfig
+from gligen.training.rundir import load_config
 from tests.test_toy_build import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
 
 
 # ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
-GRID = ROOT / "experiments" / "grid.py"  # the entry point; its logic is gligen.grid
+GRID = ROOT / "experiments" / "grid.py"  # the entry point; its logic is gligen.experiments.grid
 
 
 def build_tiny_toy_world(root: Path) -> Path:
@@ -219,7 +219,7 @@ def test_train_sh_without_arguments_trains_the_toy_box_config(tmp_path):
 def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_path):
     """experiments/configs/sd15_box.yaml, on the tiny toy LDM and shards instead of SD and real data, CPU instead of
     GPU, one step: its model / optimisation settings (bf16-mixed, channels-last, paper hyperparameters) run as is."""
-    from gligen.cli import fit_from_config
+    from gligen.training.cli import fit_from_config
     from gligen.module import GLIGENModule
 
     config = yaml.safe_load((ROOT / "experiments/configs/sd15_box.yaml").read_text())

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from gligen.interop.__main__ import main as convert_main
 from gligen.interop import InteropError, StableDiffusionGLIGENPipeline, import_official, load_official
+from gligen.interop.__main__ import main as convert_main
 from gligen.module import GLIGENModule
 from gligen.sampling import sample, tau_schedule
 

@@ -22,7 +22,6 @@ import pytest
 import torch
 from PIL import Image
 
-from gligen.interop.__main__ import main as convert_main
 from gligen.interop import (
     InteropError,
     StableDiffusionGLIGENTextImagePipeline,
@@ -30,6 +29,7 @@ from gligen.interop import (
     import_official,
     load_official,
 )
+from gligen.interop.__main__ import main as convert_main
 from gligen.module import GLIGENModule
 from gligen.sampling import sample
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline

@@ -7,7 +7,12 @@ from PIL import Image
 
 from gligen.metrics import quality
 from gligen.metrics.quality import (
-    INCEPTION, TOY_CLIP, CLIPImageFeatureExtractor, as_image_dataset, auto_kid_subset_size, quality_metrics,
+    INCEPTION,
+    TOY_CLIP,
+    CLIPImageFeatureExtractor,
+    as_image_dataset,
+    auto_kid_subset_size,
+    quality_metrics,
     resolve_feature_extractor,
 )
 from gligen.toy import world

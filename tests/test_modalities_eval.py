@@ -12,14 +12,14 @@ import torch
 import yaml
 from PIL import Image
 
-from gligen.modalities import get_modality, modality_of
-from gligen.modalities.keypoint import layout_keypoints
+from gligen.evaluation.visualize import layouts_grid
 from gligen.ldm import FrozenLDM
 from gligen.metrics.grounding import entity_grounding_metrics, entity_label, keypoint_metrics
+from gligen.modalities import get_modality, modality_of
+from gligen.modalities.keypoint import layout_keypoints
 from gligen.module import GLIGENModule
 from gligen.toy.evaluate import toy_layouts
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
-from gligen.visualize import layouts_grid
 from tests.fixtures import add_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def train_one_step(pretrained, modality, tmp_path, **kwargs):
 
 
 def test_sample_cli_with_keypoint_and_entity_image_layouts(clip_pretrained, tmp_path):
-    from gligen.sample import main
+    from gligen.evaluation.sample import main
 
     ckpt = train_one_step(clip_pretrained, "keypoint", tmp_path)
     layout = tmp_path / "pose.json"
@@ -219,7 +219,7 @@ def tiny_world(tmp_path: Path) -> Path:
 
 
 def tiny_train_config(tmp_path: Path, cache: Path, modality: str) -> Path:
-    from gligen.rundir import load_config
+    from gligen.training.rundir import load_config
 
     source = ROOT / f"experiments/configs/toy_{modality}.yaml"
     config = load_config([ROOT / "experiments/configs/toy_base.yaml",
@@ -273,7 +273,7 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
 @pytest.mark.parametrize("modality", ["keypoint", "image"])
 def test_sample_grid_callback_samples_and_draws_every_modality(clip_pretrained, modality, monkeypatch):
     """SampleGrid turns a validation batch into the module's own grounding inputs and logs a grid to TensorBoard."""
-    import gligen.callbacks as callbacks
+    import gligen.training.callbacks as callbacks
 
     torch.manual_seed(0)
     module = GLIGENModule(clip_pretrained, modality=modality, max_persons=8)
@@ -326,7 +326,7 @@ def test_sample_grid_callback_samples_and_draws_every_modality(clip_pretrained, 
 def test_reconstruct_round_trips_pixels_in_order_across_batches(tiny_pretrained, monkeypatch):
     """With an identity autoencoder, reconstruct() returns the very images: the [0, 255] <-> [-1, 1] conversions and
     the batching keep every pixel and the order."""
-    from gligen.evaluation import reconstruct
+    from gligen.evaluation.generate import reconstruct
 
     ldm = FrozenLDM(tiny_pretrained)
     monkeypatch.setattr(ldm, "encode_images", lambda pixels, generator=None: pixels)

@@ -11,16 +11,16 @@ import torch
 import yaml
 from torch import nn
 
-from gligen import sample as sample_cli
-from gligen.cli import main as gligen_main
 from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.evaluation import sample as sample_cli
+from gligen.experiments.sweep import sweep_checkpoint
 from gligen.metrics.detectors import make_detector
 from gligen.metrics.grounding import box_grounding_metrics
 from gligen.modalities import Modality, get_modality, modality_names, register_modality, unregister_modality
 from gligen.modalities.box import box_detector, layout_boxes
 from gligen.nn.fourier import fourier_dim, fourier_embed
 from gligen.nn.tokenizers import check_box_grounding
-from gligen.sweep import sweep_checkpoint
+from gligen.training.cli import main as gligen_main
 from tests.test_experiments import build_tiny_toy_world
 
 
@@ -106,7 +106,7 @@ def test_a_fifth_modality_registered_here_trains_samples_and_scores(box_only, tm
     assert saved["gligen"]["modality"] == "box_only" and saved["hyper_parameters"]["modality"] == "box_only"
     assert any(k.startswith("ldm.unet.position_net.linears") for k in saved["state_dict"])
 
-    layout = tmp_path / "layout.json"  # python -m gligen.sample: boxes only, no phrases needed
+    layout = tmp_path / "layout.json"  # python -m gligen.evaluation.sample: boxes only, no phrases needed
     layout.write_text(json.dumps({"prompt": "a red square", "objects": [{"box": [0.1, 0.1, 0.6, 0.6]}]}))
     out = tmp_path / "sample.png"
     sample_cli.main(["--ckpt", str(ckpt), "--layout", str(layout), "--steps", "2", "--out", str(out)])

@@ -14,16 +14,17 @@ from PIL import Image
 from gligen.constants import NUM_KEYPOINTS
 from gligen.data.collate import collate_batch
 from gligen.data.datamodule import GroundingDataModule
+from gligen.data.decode import SkipCounter
 from gligen.data.schema import Annotation, DecodedSample, ObjectAnnotation
-from gligen.data.shards import SkipCounter, iter_samples, resolve_shards
+from gligen.data.shards import iter_samples, resolve_shards
 from gligen.data.transforms import TransformConfig, entity_to_tensor, transform_sample
 from gligen.ldm import FrozenLDM
 from gligen.modalities.entity import entity_features
 from gligen.module import GLIGENModule
-from gligen.rundir import load_config
 from gligen.toy.build import ToyBuildConfig, build, ldm_dir, person_shard_dir, shard_dir
 from gligen.toy.evaluate import evaluate_keypoints
 from gligen.toy.world import PERSON_CAPTIONS
+from gligen.training.rundir import load_config
 from tests.test_toy_build import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +243,7 @@ def tiny_fit_config(tmp_path: Path, cache: Path, modality: str) -> Path:
 
 @pytest.mark.parametrize("modality", ["image", "text_image", "keypoint"])
 def test_toy_modality_config_trains(toy_cache, tmp_path, modality):
-    from gligen.cli import main
+    from gligen.training.cli import main
 
     cli = main(["fit", "--config", str(tiny_fit_config(tmp_path, toy_cache, modality))])
     assert cli.trainer.global_step == 2

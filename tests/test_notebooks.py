@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from gligen.reporting import write_beta_sweep
+from gligen.evaluation.reporting import write_beta_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 import subprocess
 
-from gligen.results import config_hash, git_commit, mean_std_table
+from gligen.evaluation.results import config_hash, git_commit, mean_std_table
 
 
 def git(cwd, *args):
@@ -39,7 +39,7 @@ def test_config_hash_ignores_key_order_and_table_reports_mean_and_std():
 def test_command_line_is_quoted_so_it_can_be_pasted_back(monkeypatch):
     import shlex
 
-    from gligen.reporting import command_line
+    from gligen.evaluation.reporting import command_line
 
     monkeypatch.setattr("sys.argv", ["experiments/ablate_beta.py", "--taus", "0", "1", "--out", "my results"])
     line = command_line()

@@ -1,4 +1,4 @@
-"""Resume without Slurm: exact continuation, the requeue checkpoint, atomic checkpoint writes (gligen/checkpointing.py).
+"""Resume without Slurm: exact continuation, the requeue checkpoint, atomic checkpoint writes (gligen/training/checkpointing.py).
 
 Exactness: with RandomBoxDataModule(length=2, batch_size=2) every step sees the same batch, so the data position
 (which a plain DataLoader does not restore mid-epoch) cannot matter, and an interrupted run must reproduce the
@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from gligen import checkpointing
-from gligen.checkpointing import atomic_torch_save, resume_path
-from gligen.cli import main
+from gligen.training import checkpointing
+from gligen.training.checkpointing import atomic_torch_save, resume_path
+from gligen.training.cli import main
 
 
 def write_config(path: Path, pretrained: str, max_steps: int, length: int = 2, callbacks=None) -> Path:
@@ -94,7 +94,7 @@ def test_requeue_signal_saves_hpc_checkpoint_at_a_step_boundary_and_resume_prefe
     run_dir, trace = tmp_path / "run", tmp_path / "steps.txt"
     callbacks = [
         {"class_path": "tests.test_resume.SendSignalAt", "init_args": {"step": 3}},
-        {"class_path": "gligen.checkpointing.StepTrace", "init_args": {"path": str(trace)}},
+        {"class_path": "gligen.training.checkpointing.StepTrace", "init_args": {"path": str(trace)}},
     ]
     config = write_config(tmp_path / "c.yaml", tiny_pretrained, 6, length=8, callbacks=callbacks)
     # last.ckpt every 2 steps: at step 2, older than the requeue checkpoint of step 3

@@ -133,7 +133,7 @@ def test_sample_cli_from_checkpoint_writes_image_and_boxes(tiny_pretrained, tmp_
     from PIL import Image
 
     from gligen.module import GLIGENModule
-    from gligen.sample import main
+    from gligen.evaluation.sample import main
     from tests.fixtures import RandomBoxDataModule
 
     L.seed_everything(0)

@@ -79,7 +79,7 @@ def submit(tmp_path: Path, pretrained: str, max_steps: int, *extra: str, trainer
             "limit_val_batches": 0,
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "callbacks": [{"class_path": "gligen.checkpointing.StepTrace", "init_args": {"path": str(trace)}}],
+            "callbacks": [{"class_path": "gligen.training.checkpointing.StepTrace", "init_args": {"path": str(trace)}}],
         },
         "model": {"pretrained": pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
         "data": {"class_path": "tests.fixtures.RandomBoxDataModule", "init_args": {"length": 8, "batch_size": 2}},

@@ -86,7 +86,7 @@ class Job:
                 "limit_val_batches": 2, "val_check_interval": EVERY, "check_val_every_n_epoch": None,
                 "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
                 "callbacks": [
-                    {"class_path": "gligen.checkpointing.StepTrace", "init_args": {"path": str(self.trace)}},
+                    {"class_path": "gligen.training.checkpointing.StepTrace", "init_args": {"path": str(self.trace)}},
                     {"class_path": "tests.slurm_helpers.RankProbe", "init_args": {"directory": str(self.probe)}},
                     *callbacks,
                 ],

@@ -1,4 +1,4 @@
-"""The tau sweep (gligen.sweep.sweep_checkpoint) for every grounding modality: keypoint and image checkpoints are
+"""The tau sweep (gligen.experiments.sweep.sweep_checkpoint) for every grounding modality: keypoint and image checkpoints are
 sampled on their own validation layouts (person shards; object shards with entity images) and scored with their own
 metric, and experiments/grid.py sweeps and collects cells of every modality."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gligen.reporting import beta_metrics, primary_metric
+from gligen.evaluation.reporting import beta_metrics, primary_metric
 from tests.test_experiments import ROOT, build_tiny_toy_world, grid_lib
 from tests.test_modalities_eval import tiny_train_config
 
@@ -53,8 +53,8 @@ def test_grid_sweeps_every_modality_from_its_own_val_shards(tmp_path):
 def swept_grid(tmp_path_factory):
     """A tiny toy world, and a grid of one keypoint and one image cell (gamma_init 1, seed 0), each trained for one
     step and swept over 2 taus x 1 seed on 4 validation layouts with sweep_checkpoint."""
-    from gligen.cli import fit_from_config
-    from gligen.sweep import sweep_checkpoint
+    from gligen.training.cli import fit_from_config
+    from gligen.experiments.sweep import sweep_checkpoint
 
     root = tmp_path_factory.mktemp("sweep_modalities")
     cache = build_tiny_toy_world(root)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gligen.toy import evaluate, world
 from gligen.metrics.keypoints import keypoint_average_precision, pck
+from gligen.toy import evaluate, world
 from gligen.toy.evaluate import detect_keypoints, detect_objects, evaluate_boxes, evaluate_keypoints
 
 

@@ -12,10 +12,10 @@ import yaml
 
 import gligen.toy.build as toy_build
 import gligen.toy.shipped as shipped
-from gligen.checkpointing import read_checkpoint, save_safetensors_checkpoint
+from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint
 from gligen.ldm import weights_fingerprint
 from gligen.module import GLIGENModule
-from gligen.rundir import load_config
+from gligen.training.rundir import load_config
 from gligen.toy.build import ToyBuildConfig, build, build_record, is_shipped_config, ldm_dir
 from tests.test_toy_build import TINY
 

@@ -176,7 +176,8 @@ def test_person_scenes_carry_17_exact_keypoints(resolution):
 
 @pytest.mark.parametrize("family", world.FAMILIES)
 def test_write_split_round_trips_through_the_data_layer(tmp_path, family):
-    from gligen.data.shards import SkipCounter, iter_samples, resolve_shards
+    from gligen.data.decode import SkipCounter
+    from gligen.data.shards import iter_samples, resolve_shards
 
     index = world.write_split("val", "detection_caption", 5, str(tmp_path), family=family, max_samples=2)
     assert index["total"] == 5 and len(index["shards"]) == 3

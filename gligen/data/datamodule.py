@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterator
 
 import lightning as L
@@ -12,17 +11,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from gligen.data.collate import BatchShapes, collate_batch, example_signature
-from gligen.data.schema import DecodedSample
-from gligen.data.shards import (
-    DataLimits,
-    SkipCounter,
-    decode_or_skip,
-    decode_sample,
-    iter_raw_samples,
-    resolve_shards,
-)
 from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.data.collate import BatchShapes, collate_batch, example_signature
+from gligen.data.decode import DataLimits, SkipCounter, decode_sample
+from gligen.data.schema import DecodedSample
+from gligen.data.shards import decode_or_skip, iter_raw_samples, resolve_shards
 from gligen.data.transforms import TransformConfig, transform_or_skip, transform_sample
 
 # Batches carry what their worker counted since its previous batch (``SkipCounter.since``: skipped samples and

@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from gligen.data.collate import BatchShapes, example_signature
-from gligen.data.shards import DataLimits, SkipCounter, iter_samples, resolve_shards
+from gligen.data.decode import DataLimits, SkipCounter
+from gligen.data.shards import iter_samples, resolve_shards
 from gligen.data.transforms import TransformConfig, transform_or_skip
 
 SETTLE_SAMPLES = 64  # the batch shapes are the majority over this many first samples (like a first batch)

@@ -264,7 +264,7 @@ def transform_or_skip(sample: DecodedSample, cfg: TransformConfig, rng: np.rando
                       skips) -> dict | None:
     """``transform_sample`` inside the skip accounting: any exception becomes a counted ``transform_error``
     naming shard and key (raised in strict mode); drops are counted in ``skips.dropped``. ``skips``: a
-    ``gligen.data.shards.SkipCounter``."""
+    ``gligen.data.decode.SkipCounter``."""
     drops: Counter = Counter()
     try:
         example = transform_sample(sample, cfg, rng, drops)

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from gligen.cli import fit_from_config
+from gligen.bench.machine import machine_columns
+from gligen.evaluation.reporting import command_line
+from gligen.evaluation.results import git_commit
 from gligen.experiments.config import BetaSweepConfig, parse
-from gligen.machine import machine_columns
-from gligen.reporting import command_line
-from gligen.results import git_commit
-from gligen.sweep import sweep_checkpoint
+from gligen.experiments.sweep import sweep_checkpoint
 from gligen.toy.build import ensure_toy_world, ldm_dir, shard_dir
 from gligen.toy.shipped import reference_checkpoint
+from gligen.training.cli import fit_from_config
 
 SWITCHES = ("rebuild", "retrain")  # how to get there, not what is measured: not in the sweep's config (hash)
 
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         config["ckpt"] = str(fit_from_config(config["train_config"]))
         stages["train_s"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
-    sweep_checkpoint(config)  # gligen/sweep.py: the same sweep every grid cell runs
+    sweep_checkpoint(config)  # gligen/experiments/sweep.py: the same sweep every grid cell runs
     stages["sweep_s"] = round(time.perf_counter() - start, 1)
     timings = {"command": command, "git_commit": git_commit(), **stages, "ckpt": config["ckpt"],
                **machine_columns()}

@@ -15,7 +15,7 @@ adds each cell's tau sweep as grid.py does. Writes <out>/summary.csv (as grid.py
 import sys
 from pathlib import Path
 
-from gligen import grid as grid_lib
+from gligen.experiments import grid as grid_lib
 from gligen.experiments.config import GammaAblationConfig
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from gligen.checkpointing import AtomicCheckpointIO
+from gligen.bench.machine import machine_columns
+from gligen.evaluation.results import git_commit, write_csv
 from gligen.experiments.config import BenchCheckpointConfig, parse
-from gligen.machine import machine_columns
 from gligen.nn.grounded_unet import add_grounding
-from gligen.results import git_commit, write_csv
+from gligen.training.checkpointing import AtomicCheckpointIO
 
 
 def sd15_unet() -> UNet2DConditionModel:

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
+from gligen.bench.machine import machine_columns
 from gligen.data.convert.precompute import PrecomputeConfig, precompute_shards
 from gligen.data.datamodule import GroundingDataModule
+from gligen.evaluation.reporting import command_line
+from gligen.evaluation.results import append_csv, git_commit
 from gligen.experiments.config import BenchDataConfig, parse
-from gligen.machine import machine_columns
-from gligen.reporting import command_line
-from gligen.results import append_csv, git_commit
+from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
+from gligen.toy.world import write_split
 
 
 def toy_shards(root: Path, n: int, resolution: int) -> str:
-    from gligen.toy.world import write_split
-
     write_split("train", "grounding", n, str(root / "images"), resolution=resolution, max_samples=64,
                 with_entities=False)
     return str(root / "images")
@@ -36,8 +36,6 @@ def toy_shards(root: Path, n: int, resolution: int) -> str:
 
 def toy_latent_shards(root: Path, image_spec: str, resolution: int, pretrained: str | None) -> str:
     if pretrained is None:
-        from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
-
         pretrained = str(build_tiny_pipeline(root / "ldm", TinyPipelineConfig(image_size=resolution)))
     precompute_shards(pretrained, image_spec, str(root / "latents"), PrecomputeConfig(resolution, flip=True),
                       max_samples=64, progress=False)

@@ -11,7 +11,7 @@ throughput measured in the same run (in ours' precision: bf16 runs are measured 
 device computes bf16 natively; where it emulates bf16, e.g. an AVX2-only CPU, no bf16 peak or MFU is reported).
 Every row records the processor class, its ISA flags (AVX2 / AVX-512 / AVX512-BF16 / AMX) and native_bf16. Times are medians of alternating a, b, a, b, ... steps after one warm-up
 each. Memory: CUDA max_memory_allocated on GPU; on CPU a fresh subprocess per variant reading its peak RSS
-(details in gligen/bench.py). Prints the a/b time ratio, MFU of (a) and the a/b memory ratio per size and
+(details in gligen/bench/train_step.py). Prints the a/b time ratio, MFU of (a) and the a/b memory ratio per size and
 appends one row per size to --out (machine, torch version, git commit, command). Settings: BenchTrainConfig
 (gligen/experiments/config.py): `--help`, `--print_config`, `--config`.
 """
@@ -22,10 +22,10 @@ import dataclasses
 
 import torch
 
-from gligen.bench import PRECISIONS, SIZES, StepOptions, bench_size, summary
+from gligen.bench.train_step import PRECISIONS, SIZES, StepOptions, bench_size, summary
+from gligen.evaluation.reporting import command_line
+from gligen.evaluation.results import append_csv, git_commit
 from gligen.experiments.config import BenchTrainConfig, parse
-from gligen.reporting import command_line
-from gligen.results import append_csv, git_commit
 
 
 def make_size(name: str, image_size: int | None = None, batch_size: int | None = None):

@@ -1,5 +1,7 @@
 """One config system for every experiment script: a typed dataclass per experiment, read by `parse`.
 
+One file on purpose: every experiment's settings side by side (they share fields and the one parser).
+
     python experiments/ablate_beta.py --print_config                       # every setting, as YAML
     python experiments/ablate_beta.py --config my.yaml --num_images 40     # files (repeatable), then flags
     python experiments/ablate_modality.py --train_configs.box my_box.yaml  # dotted: one entry of a mapping
@@ -17,7 +19,7 @@ Paths in the configs (train configs, caches, outputs) are relative to the workin
 in every documented command: nothing here locates files through the package's own location.
 
 A training config (`train_config`, `train_configs`, `base_configs`) is one YAML file or a list of files composed in
-order as `python -m gligen fit --config A --config B` composes them (gligen.rundir.load_config); the toy ones are
+order as `python -m gligen fit --config A --config B` composes them (gligen.training.rundir.load_config); the toy ones are
 `experiments/configs/toy_base.yaml` plus the modality's file.
 """
 
@@ -224,7 +226,7 @@ class BenchTrainConfig:
     """Training-step cost (experiments/bench_train.py): ours vs an official-style step vs the FLOP limit."""
 
     sizes: list[str] = _list(["toy", "sd"])
-    """Model sizes (gligen.bench.SIZES)."""
+    """Model sizes (gligen.bench.train_step.SIZES)."""
     repeats: int = 3
     """Timed steps per variant (alternating)."""
     device: str | None = None
@@ -234,7 +236,7 @@ class BenchTrainConfig:
     out: str = "results/bench/train.csv"
     """CSV to append to ('' = none)."""
     precision: str = "fp32"
-    """Ours: autocast dtype (gligen.bench.PRECISIONS)."""
+    """Ours: autocast dtype (gligen.bench.train_step.PRECISIONS)."""
     channels_last: bool = False
     """Ours: channels-last UNet and latents."""
     compile: bool = False

@@ -15,8 +15,8 @@ import importlib
 EXPERIMENTS = {
     "ablate_beta": "gligen.experiments.ablate_beta",
     "ablate_gamma": "gligen.experiments.ablate_gamma",
-    "ablate_modality": "gligen.modality_ablation",
-    "grid": "gligen.grid",
+    "ablate_modality": "gligen.experiments.ablate_modality",
+    "grid": "gligen.experiments.grid",
     "bench_train": "gligen.experiments.bench_train",
     "bench_data": "gligen.experiments.bench_data",
     "bench_sample": "gligen.experiments.bench_sample",

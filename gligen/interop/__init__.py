@@ -24,15 +24,15 @@ that the position_net keys determine. Every weight still comes from the official
 land in a model and each model parameter must be filled, or the import fails listing the keys.
 """
 
-from .export import (
+from gligen.interop.export import (
     StableDiffusionGLIGENPipeline,
     StableDiffusionGLIGENTextImagePipeline,
     check_exportable,
     export_keypoint,
     export_to_diffusers,
 )
-from .official import import_official
-from .safe_load import InteropError, load_official
+from gligen.interop.official import import_official
+from gligen.interop.safe_load import InteropError, load_official
 
 __all__ = ["InteropError", "StableDiffusionGLIGENPipeline", "StableDiffusionGLIGENTextImagePipeline",
            "check_exportable", "export_keypoint", "export_to_diffusers", "import_official", "load_official"]

@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from . import export_to_diffusers, import_official
-from ..modalities import get_modality
+from gligen.interop import export_to_diffusers, import_official
+from gligen.modalities import get_modality
 
 
 def main(argv=None) -> None:

@@ -14,10 +14,10 @@ from diffusers import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.clip_image_project_model import CLIPImageProjection
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ..ldm import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, save_ldm
-from ..module import CHECKPOINT_FORMAT, GLIGENModule
-from ..nn.grounded_unet import fusers
-from .safe_load import InteropError
+from gligen.interop.safe_load import InteropError
+from gligen.ldm import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, save_ldm
+from gligen.module import CHECKPOINT_FORMAT, GLIGENModule
+from gligen.nn.grounded_unet import fusers
 
 try:  # moved to `deprecated` in recent diffusers; the top-level name is kept as an alias while it lasts
     from diffusers import StableDiffusionGLIGENPipeline
@@ -137,7 +137,7 @@ def export_keypoint(module: GLIGENModule, out_dir: str | Path) -> Path:
     Load with `GLIGENModule.from_checkpoint("out_dir/gligen.ckpt")`: its `.ldm.unet` is a diffusers
     `UNet2DConditionModel` with fusers and the keypoint tokenizer as `position_net`, so diffusers' UNet forward
     takes `cross_attention_kwargs={"gligen": {"points": [B, P, 17, 2], "masks": [B, P, 17]}}`; sample with
-    `gligen.sampling.sample` or `python -m gligen.sample --ckpt out_dir/gligen.ckpt`."""
+    `gligen.sampling.sample` or `python -m gligen.evaluation.sample --ckpt out_dir/gligen.ckpt`."""
     out_dir = Path(out_dir)
     ldm = module.ldm
     pretrained = (out_dir / "pretrained").resolve()

@@ -16,11 +16,11 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..ldm import save_ldm
-from ..modalities import get_modality, modality_names
-from ..nn.grounded_unet import add_grounding
-from .export import _diffusers_class, _plain_unet, grounding_checkpoint
-from .safe_load import InteropError, _listing, load_official
+from gligen.interop.export import _diffusers_class, _plain_unet, grounding_checkpoint
+from gligen.interop.safe_load import InteropError, _listing, load_official
+from gligen.ldm import save_ldm
+from gligen.modalities import get_modality, modality_names
+from gligen.nn.grounded_unet import add_grounding
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from .grounding import TransformersDetector
+from gligen.metrics.grounding import TransformersDetector
 
 # name -> "module:factory" (imported on first use) or a factory; register more with `register_detector`
 DETECTORS: dict[str, str | Callable] = {

@@ -39,7 +39,7 @@ from typing import Protocol, TypedDict
 import numpy as np
 import torch
 
-from .keypoints import keypoint_average_precision, pck, person_box_layout
+from gligen.metrics.keypoints import keypoint_average_precision, pck, person_box_layout
 
 Box = tuple[float, float, float, float]
 

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
-from ..constants import COCO_SIGMAS, NUM_KEYPOINTS
+from gligen.constants import COCO_SIGMAS, NUM_KEYPOINTS
 
 
 def keypoint_box(kps: np.ndarray) -> tuple[float, float, float, float]:

@@ -11,7 +11,7 @@ A new modality is a subclass registered with `register_modality` (see tests/core
 adds one from the test file alone).
 """
 
-from .base import (
+from gligen.modalities.base import (
     DEFAULT_MODALITY,
     Modality,
     get_modality,
@@ -20,9 +20,9 @@ from .base import (
     register_modality,
     unregister_modality,
 )
-from .box import BoxModality
-from .entity import EntityModality
-from .keypoint import KeypointModality
+from gligen.modalities.box import BoxModality
+from gligen.modalities.entity import EntityModality
+from gligen.modalities.keypoint import KeypointModality
 
 register_modality(BoxModality())
 register_modality(KeypointModality())

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS
 
 DEFAULT_MODALITY = "box"  # the paper's main setting; results rows without a modality column are box rows
 

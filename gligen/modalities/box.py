@@ -6,11 +6,11 @@ from collections.abc import Mapping
 
 import torch
 
-from ..constants import MAX_OBJECTS, MAX_PERSONS
-from ..metrics.detectors import make_detector
-from ..metrics.grounding import box_grounding_metrics
-from ..nn.tokenizers import TextBoxTokenizer, check_box_grounding
-from .base import Modality, fourier_freqs
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.metrics.detectors import make_detector
+from gligen.metrics.grounding import box_grounding_metrics
+from gligen.modalities.base import Modality, fourier_freqs
+from gligen.nn.tokenizers import TextBoxTokenizer, check_box_grounding
 
 
 def layout_boxes(layouts: list[dict], max_objects: int = MAX_OBJECTS

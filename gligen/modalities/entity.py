@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..constants import MAX_OBJECTS, MAX_PERSONS
-from ..data.shards import PIL_FORMATS
-from ..metrics.detectors import make_detector
-from ..metrics.grounding import entity_grounding_metrics
-from ..nn.tokenizers import GroundingInputError, TextImageBoxTokenizer, check_box_grounding, text_or_image_drop
-from .base import Modality, fourier_freqs
-from .box import box_detector, layout_boxes, phrase_features
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.data.decode import PIL_FORMATS
+from gligen.metrics.detectors import make_detector
+from gligen.metrics.grounding import entity_grounding_metrics
+from gligen.modalities.base import Modality, fourier_freqs
+from gligen.modalities.box import box_detector, layout_boxes, phrase_features
+from gligen.nn.tokenizers import GroundingInputError, TextImageBoxTokenizer, check_box_grounding, text_or_image_drop
 
 
 def has_entity(obj: dict) -> bool:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..constants import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
-from ..data.transforms import pad_keypoints
-from ..metrics.detectors import make_detector
-from ..metrics.grounding import keypoint_metrics
-from ..nn.tokenizers import GroundingInputError, KeypointTokenizer, check_keypoint_grounding
-from .base import Modality, fourier_freqs
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
+from gligen.data.transforms import pad_keypoints
+from gligen.metrics.detectors import make_detector
+from gligen.metrics.grounding import keypoint_metrics
+from gligen.modalities.base import Modality, fourier_freqs
+from gligen.nn.tokenizers import GroundingInputError, KeypointTokenizer, check_keypoint_grounding
 
 
 def layout_keypoints(layouts: list[dict], max_persons: int = MAX_PERSONS) -> tuple[torch.Tensor, torch.Tensor]:

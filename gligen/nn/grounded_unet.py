@@ -13,8 +13,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-from .fuser import Fuser
-from .tokenizers import TextBoxTokenizer
+from gligen.nn.fuser import Fuser
+from gligen.nn.tokenizers import TextBoxTokenizer
 
 
 def transformer_blocks(unet: nn.Module) -> Iterator[tuple[str, BasicTransformerBlock]]:

@@ -7,8 +7,8 @@ padded objects instead of an attention mask, exactly as in the official code.
 import torch
 from torch import nn
 
-from ..constants import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
-from .fourier import fourier_dim, fourier_embed
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
+from gligen.nn.fourier import fourier_dim, fourier_embed
 
 
 class GroundingInputError(ValueError):

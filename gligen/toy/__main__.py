@@ -8,8 +8,9 @@ experiments/configs/toy_world.yaml; tests/test_toy_shipped.py checks they agree)
 import argparse
 import json
 
-from . import shipped
-from .build import build, build_config
+from gligen.toy import shipped
+from gligen.toy.build import build, build_config
+from gligen.toy.report import evaluate_toy, write_report
 
 
 def main(argv=None) -> None:
@@ -39,8 +40,6 @@ def main(argv=None) -> None:
         record = shipped.ship(args.cache, args.ckpt, args.train_config, trained_at=args.trained_at)
         print(json.dumps(record, indent=1))
     else:
-        from .report import evaluate_toy, write_report
-
         write_report(evaluate_toy(args.cache, args.ckpt, args.num_images), args.out)
 
 

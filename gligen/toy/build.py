@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from . import shipped as shipped_files
-from . import world
-from .pretrain import PretrainConfig, pretrain
+from gligen.data.shards import resolve_shards
+from gligen.toy import shipped as shipped_files, world
+from gligen.toy.pretrain import PretrainConfig, pretrain
 
 PERSONS = "persons"  # shard directory suffix of the persons family (no data kind is called that)
 
@@ -203,8 +203,6 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
         log(f"toy world: copied the shipped toy LDM ({shipped_files.shipped_ldm()}) to {ldm}; "
             "`python -m gligen.toy build --rebuild` pretrains it here instead")
     else:
-        from gligen.data.shards import resolve_shards
-
         train = [url for d in dirs for url in resolve_shards(str(d))]
         pretrain(train, ldm, config.pretrain, log=log, record=data)
     (out / "build_config.json").write_text(json.dumps(build_record(config), indent=1))

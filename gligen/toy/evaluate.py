@@ -37,13 +37,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import binary_dilation, label
 
-from gligen.metrics.grounding import (
-    as_rgb,
-    coarse_grounding_metrics,
-    grounding_ap,
-    miou,
-    person_placement_metrics,
-)
+from gligen.metrics.grounding import as_rgb, coarse_grounding_metrics, grounding_ap, miou, person_placement_metrics
 from gligen.metrics.keypoints import keypoint_average_precision, pck
 from gligen.toy.world import (
     COLOURS,

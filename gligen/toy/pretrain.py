@@ -27,11 +27,11 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
-from gligen.data.shards import SkipCounter, iter_samples
+from gligen.data.decode import SkipCounter
+from gligen.data.shards import iter_samples
 from gligen.ldm import save_ldm, sd_scheduler
-
-from . import world
-from .pipeline import build_clip_tokenizer
+from gligen.toy import world
+from gligen.toy.pipeline import build_clip_tokenizer
 
 
 @dataclass

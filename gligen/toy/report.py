@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gligen.evaluation import generate, load_layouts, reconstruct
+from gligen.evaluation.generate import generate, load_layouts, reconstruct
+from gligen.evaluation.reporting import command_line
+from gligen.evaluation.results import git_commit
 from gligen.ldm import FrozenLDM
 from gligen.module import GLIGENModule
-from gligen.reporting import command_line
-from gligen.results import git_commit
 from gligen.sampling import tau_schedule
-
-from . import world
-from .build import ldm_dir, shard_dir
-from .evaluate import attribute_accuracy, detect_objects, evaluate_boxes, evaluate_keypoints, toy_layouts
+from gligen.toy import world
+from gligen.toy.build import ldm_dir, shard_dir
+from gligen.toy.evaluate import attribute_accuracy, detect_objects, evaluate_boxes, evaluate_keypoints, toy_layouts
 
 
 def shape_on_command(ldm: FrozenLDM, resolution: int, repeats: int = 4, **sampling) -> dict[str, float]:

@@ -27,11 +27,11 @@ import json
 import shutil
 from pathlib import Path
 
-from gligen.checkpointing import read_checkpoint, save_safetensors_checkpoint
+from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint
+from gligen.evaluation.results import git_commit
 from gligen.ldm import weights_fingerprint
-from gligen.rundir import TrainConfig, config_args, config_paths, load_config
-
-from . import world
+from gligen.toy import world
+from gligen.training.rundir import TrainConfig, config_args, config_paths, load_config
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST = "manifest.json"
@@ -100,8 +100,6 @@ def _sha256(path: Path) -> str:
 def ship(cache: str | Path, ckpt: str | Path, train_config: TrainConfig = TRAIN_CONFIG, root: Path | None = None,
          trained_at: str | None = None) -> dict:
     """Replace the shipped files by the cache's LDM and `ckpt` (trained by `train_config` on that LDM)."""
-    from gligen.results import git_commit
-
     cache, root = Path(cache), Path(root or SHIPPED_DIR)
     build_record = json.loads((cache / "build_config.json").read_text())
     ldm = cache / "ldm"

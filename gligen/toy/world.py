@@ -1,5 +1,8 @@
 """The toy world: synthetic grounded scenes whose ground truth can be read back exactly from pixels.
 
+One file on purpose: the world's rules (palette, shapes, placement, persons, captions, the sample generator)
+read top to bottom, and WORLD_VERSION versions all of them together.
+
 Two scene families:
 - "objects": 1-4 solid coloured shapes (4 shapes x 6 colours) on a black (optionally lightly textured) background.
   Default resolution 32. Each object keeps its full extent visible (occluders may only bite into its interior,

@@ -19,8 +19,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from gligen.data.decode import PIL_FORMATS, DataLimits, load_rgb, open_image
 from gligen.data.schema import SchemaError
-from gligen.data.shards import PIL_FORMATS, DataLimits, encode_sample, load_rgb, open_image, write_shards
+from gligen.data.shards import encode_sample, write_shards
 
 REPORT_FILE = "convert_report.json"
 MAX_EXAMPLES = 5  # named occurrences kept per reason; the rest are only counted
@@ -130,7 +131,7 @@ def image_member(data: bytes, limits: DataLimits | None = None) -> tuple[str, by
 
     Only JPEG, PNG and WebP are opened: PIL would otherwise try every plugin it has (EPS runs Ghostscript where
     installed). Raises ConvertError ``bad_image`` (includes any other format), ``image_too_large``,
-    ``extreme_aspect`` or ``unsupported_image_mode`` (``shards.DataLimits``)."""
+    ``extreme_aspect`` or ``unsupported_image_mode`` (``gligen.data.decode.DataLimits``)."""
     try:
         img = open_image(data, PIL_FORMATS.values(), DataLimits.of(limits), "", "image")
         load_rgb(img, "", "image")  # a truncated file fails here, at conversion, not in a training worker

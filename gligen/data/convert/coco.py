@@ -34,8 +34,8 @@ from gligen.data.convert import (
     sample_key,
     write_converted,
 )
+from gligen.data.decode import PIL_FORMATS
 from gligen.data.schema import SCHEMA_VERSION
-from gligen.data.shards import PIL_FORMATS
 
 ENTITY_SIZE = 224  # CLIP ViT-L/14's input size
 # padding colour of the square entity crops: CLIP's mean colour, i.e. zero after CLIP's normalisation

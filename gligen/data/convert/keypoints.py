@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Iterator
 from typing import Any
 
+from gligen.constants import NUM_KEYPOINTS
 from gligen.data.convert import (
     ConvertError,
     ConvertReport,
@@ -30,7 +31,6 @@ from gligen.data.convert.coco import (
     index_coco,
     usable_annotations,
 )
-from gligen.constants import NUM_KEYPOINTS
 
 
 def normalise_keypoints(flat: Any, width: int, height: int) -> tuple[list[list[float]], bool]:

@@ -34,8 +34,9 @@ import torch
 from PIL import Image
 
 from gligen.constants import NUM_KEYPOINTS
+from gligen.data.decode import SkipCounter
 from gligen.data.schema import ANNOTATION_MEMBER, Annotation, DecodedSample, member_category
-from gligen.data.shards import SkipCounter, decode_or_skip, iter_raw_samples, resolve_shards, write_shards
+from gligen.data.shards import decode_or_skip, iter_raw_samples, resolve_shards, write_shards
 from gligen.data.transforms import (
     MAX_OBJECTS,
     Crop,

@@ -13,9 +13,9 @@ import time
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .interop import StableDiffusionGLIGENPipeline, export_to_diffusers
-from .module import GLIGENModule
-from .sampling import sample, tau_schedule
+from gligen.interop import StableDiffusionGLIGENPipeline, export_to_diffusers
+from gligen.module import GLIGENModule
+from gligen.sampling import sample, tau_schedule
 
 
 def bench_sampler(ckpt: str, layout: dict, *, pretrained: str | None = None, steps: int = 25, guidance: float = 3.0,

@@ -1,6 +1,6 @@
-"""`python -m gligen.sample`: one grounded image from a checkpoint and a layout file.
+"""`python -m gligen.evaluation.sample`: one grounded image from a checkpoint and a layout file.
 
-    python -m gligen.sample --ckpt runs/toy_box/checkpoints/last.ckpt --layout layout.json \\
+    python -m gligen.evaluation.sample --ckpt runs/toy_box/checkpoints/last.ckpt --layout layout.json \\
         --prompt "a red circle and a blue square" --tau 0.3 --seed 0 --steps 50 --guidance 7.5 --out out.png
 
 layout.json (normalised coordinates in [0, 1]; the checkpoint's modality says which parts are used):
@@ -18,12 +18,12 @@ from pathlib import Path
 
 from torchvision.utils import save_image
 
-from .constants import MAX_OBJECTS, MAX_PERSONS
-from .modalities import DEFAULT_MODALITY, get_modality
-from .modalities.box import layout_boxes
-from .module import GLIGENModule
-from .sampling import SAMPLERS, beta_schedule, sample, tau_schedule
-from .visualize import draw_layout, layout_label
+from gligen.constants import MAX_OBJECTS, MAX_PERSONS
+from gligen.evaluation.visualize import draw_layout, layout_label
+from gligen.modalities import DEFAULT_MODALITY, get_modality
+from gligen.modalities.box import layout_boxes
+from gligen.module import GLIGENModule
+from gligen.sampling import SAMPLERS, beta_schedule, sample, tau_schedule
 
 
 def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str = DEFAULT_MODALITY,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from .constants import SKELETON
+from gligen.constants import SKELETON
 
 PALETTE = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
 

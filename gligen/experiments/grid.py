@@ -1,5 +1,5 @@
 """A training grid: gamma_init x modality x seed, one fixed run directory per cell, run by Slurm or locally. Every
-cell trains, then sweeps tau on its checkpoint (the sweep of experiments/ablate_beta.py, gligen/sweep.py).
+cell trains, then sweeps tau on its checkpoint (the sweep of experiments/ablate_beta.py, gligen/experiments/sweep.py).
 
     python experiments/grid.py expand                 # <out>/configs/<cell>.yaml, <out>/sweeps/<cell>.yaml, cells.txt
     python experiments/grid.py submit [-- sbatch args] # expand, then one sbatch array over the cells (slurm/grid.sh)
@@ -14,7 +14,7 @@ base config (`base_configs:`, one YAML or YAMLs composed in order; `--base_confi
 cell is named `gamma<g>_<modality>_seed<s>` and trains into `<out>/<cell>` (TensorBoard events, config.yaml,
 checkpoints/), its sweep goes to `<out>/<cell>/sweep/` (metrics.csv, summary.md, plots, tensorboard/,
 sweep_done.json). Every modality sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap, image / text_image entity_ap50;
-gligen.evaluation.modality_metrics); summary.csv has every metric column, empty where a cell's modality does not
+gligen.modalities, Modality.metrics); summary.csv has every metric column, empty where a cell's modality does not
 measure it. A cell that is submitted or run again skips finished training and a finished sweep, and continues an
 interrupted run.
 """
@@ -29,10 +29,15 @@ from pathlib import Path
 
 import yaml
 
+from gligen.checkpoint_file import checkpoint_identity
+from gligen.evaluation import reporting
+from gligen.evaluation.results import config_hash, git_commit, read_csv, write_csv
 from gligen.experiments.config import GridConfig, parse, to_dict
-from gligen.results import config_hash, git_commit, read_csv, write_csv
-from gligen.rundir import config_paths, describe_config, is_trained, load_config, max_steps_of, trained_step
+from gligen.experiments.sweep import sweep_checkpoint, sweep_done
 from gligen.toy.build import ensure_toy_world
+from gligen.training.cli import fit_from_config
+from gligen.training.preemption import EXIT_INTERRUPTED, PREEMPTION_SIGNALS, requeue_slurm_job, slurm_job_id
+from gligen.training.rundir import config_paths, describe_config, is_trained, load_config, max_steps_of, trained_step
 
 OPTIONAL_SWEEP_KEYS = ("pose_detector", "entity_resolution")  # left out of a cell's sweep config when unset
 
@@ -80,7 +85,7 @@ def base_config(grid: dict, modality: str) -> list[Path]:
 
 
 def sweep_config(grid: dict, cell: dict) -> dict:
-    """The tau sweep of a cell (gligen.sweep.sweep_checkpoint's config): grid.yaml's `sweep:` settings, the cell's
+    """The tau sweep of a cell (gligen.experiments.sweep.sweep_checkpoint's config): grid.yaml's `sweep:` settings, the cell's
     checkpoint and LDM, its validation shards and resolution (and entity_resolution, when its data sets one) unless
     `sweep:` names others; out <run_dir>/sweep. Every modality sweeps its own val shards (keypoint: the person
     shards of its base config), scored with its own metric."""
@@ -142,7 +147,7 @@ def expand(grid: dict) -> list[Path]:
         header = f"# cell {cell['cell']} of experiments/grid.py (base {cell['base_config']})\n"
         path.write_text(header + yaml.safe_dump(cell["config"], sort_keys=False))
         sweep = sweep_path(path)
-        if sweep_enabled(grid):  # every modality: scored with its own metric (gligen.sweep)
+        if sweep_enabled(grid):  # every modality: scored with its own metric (gligen.experiments.sweep)
             sweep.write_text(f"# tau sweep of cell {cell['cell']} (experiments/grid.py sweep-cell {path})\n"
                              + yaml.safe_dump(cell["sweep"], sort_keys=False))
         else:
@@ -179,8 +184,6 @@ def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None
     """The tau sweep of one trained cell, once: skipped when the cell has no sweep config, when its training is
     not finished (e.g. a Slurm task whose fit was just requeued), or when the sweep is already done. Under Slurm,
     SIGUSR1 / SIGTERM (time limit, preemption) requeue the task, and the requeued task redoes the unfinished sweep."""
-    from gligen.sweep import sweep_checkpoint
-
     sweep = sweep_path(config_path)
     if not sweep.exists():
         print(f"[grid] {config_path}: no sweep config ({sweep}); nothing to sweep")
@@ -202,8 +205,6 @@ def _requeue_on_signal() -> None:
     import os
     import signal
 
-    from gligen.checkpointing import EXIT_INTERRUPTED, PREEMPTION_SIGNALS, requeue_slurm_job, slurm_job_id
-
     job = slurm_job_id()
     if not job:
         return
@@ -224,8 +225,6 @@ def _requeue_on_signal() -> None:
 def run_local(grid: dict, sweep: bool | None = None) -> list[Path]:
     """Trains every cell here (skipping finished ones), then sweeps it (unless sweep is off); returns the
     cells' last checkpoints."""
-    from gligen.cli import fit_from_config
-
     sweep = sweep_enabled(grid) if sweep is None else sweep
     build_toy_world_if_used(grid)
     checkpoints = []
@@ -271,8 +270,6 @@ def _number(text: str | None) -> float | None:
 def training_summary(cell: dict, commit: str) -> dict:
     """One cell's training: status (done / partial / missing), final step, weights hash, losses and gate values
     (from its checkpoint + TensorBoard)."""
-    from gligen.checkpointing import checkpoint_identity
-
     run_dir = cell["run_dir"]
     row = {k: cell[k] for k in ("cell", "gamma_init", "modality", "seed")}
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -304,9 +301,6 @@ def collect(grid: dict) -> Path:
     """<out>/summary.csv: one row per cell x tau x sampling seed (one row with an empty tau for a cell without a
     finished sweep), with the cell's axes, its training summary, git commit and config hashes; then
     <out>/grounding_vs_tau.png and <out>/tensorboard (HParams: one run per row)."""
-    from gligen import reporting
-    from gligen.sweep import sweep_done
-
     rows, commit = [], git_commit()
     done = swept = 0
     grid_cells = cells(grid)

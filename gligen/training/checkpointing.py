@@ -1,45 +1,31 @@
-"""Checkpointing for runs that get killed, preempted and requeued (Slurm or not).
+"""Checkpoints that survive kills, resumes and careless reruns.
 
 - `AtomicCheckpointIO`: a checkpoint file is written to a temporary file in the same directory, fsynced, then
-  `os.replace`d over the target, so a kill during a save leaves the previous checkpoint intact and loadable.
+  `os.replace`d over the target, so a kill during a save leaves the previous checkpoint intact and loadable; it
+  refuses non-finite weights and keeps the previous versions.
 - `LastCheckpoint`: `last.ckpt` every `every_n_train_steps` steps and at the end of fit (Lightning's
   `ModelCheckpoint(save_last=True, save_top_k=0)` alone writes it only when fit ends).
 - `RNGStateCheckpoint`: saves every rank's torch / numpy / python (and CUDA) RNG state and restores it on resume,
   so the noise, timesteps and CFG dropout after a resume are the ones the uninterrupted run would have drawn.
-- `SlurmRequeue`: SIGUSR1 (`#SBATCH --signal=USR1@90`, or `scancel --signal=USR1`) -> at the next step boundary,
-  on every rank together: save `hpc_ckpt_<n>.ckpt` in `default_root_dir`, `scontrol requeue` the job (rank 0),
-  stop. This replaces Lightning's own SLURM handler, which saves from inside the signal handler (so in DDP the
-  ranks can enter the save's barrier at different points of a step, and the checkpoint can be mid-step) and then
-  keeps training until Slurm kills the job.
 - `resume_path(run_dir)`: the newest of `run_dir/hpc_ckpt_*.ckpt` and `run_dir/checkpoints/last.ckpt`.
 - `StepTrace`: appends "attempt rank global_step" per trained step to a file (audit trail across requeues).
-- `read_checkpoint` / `save_safetensors_checkpoint`: a GLIGEN checkpoint either as Lightning's `.ckpt` (read with
-  `weights_only=True`) or as a `.safetensors` file of the grounding weights whose metadata carries the
-  hyper-parameters, base fingerprint and step (what the package ships: no pickle at all, a fraction of the size).
+Preemption (signals, save, requeue) is gligen.training.preemption; reading a checkpoint, gligen.checkpoint_file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import json
-
 import lightning as L
 import numpy as np
 import torch
-import safetensors
-import safetensors.torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -48,64 +34,6 @@ log = logging.getLogger(__name__)
 HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 
 
-# ----- checkpoint files ------------------------------------------------------------------------------------------
-SAFETENSORS_KEY = "gligen_checkpoint"  # the metadata entry holding everything in a checkpoint but the weights
-SAFETENSORS_FIELDS = ("hyper_parameters", "gligen", "global_step", "epoch")
-
-
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """A GLIGEN checkpoint as Lightning's dict (state_dict, hyper_parameters, gligen, global_step, ...): `.ckpt`
-    through `torch.load(weights_only=True)` (no unpickling of code), `.safetensors` from its tensors + metadata."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return torch.load(path, map_location=map_location, weights_only=True)
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if SAFETENSORS_KEY not in metadata:
-        raise ValueError(f"{path}: a safetensors file without '{SAFETENSORS_KEY}' metadata is not a GLIGEN "
-                         "checkpoint (write one with gligen.checkpointing.save_safetensors_checkpoint)")
-    checkpoint = json.loads(metadata[SAFETENSORS_KEY])
-    checkpoint["state_dict"] = safetensors.torch.load_file(str(path), device=str(map_location))
-    return checkpoint
-
-
-def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    """Short hash of a checkpoint's weights (names, dtypes, shapes, bytes): which model a result came from, and
-    whether a checkpoint changed since (trained further, replaced)."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key]
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        value = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (the gates) have no byte view
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
-    """What a result must name about the checkpoint it came from: `global_step`, the run's `max_steps` when the
-    checkpoint was written (None: unknown, e.g. converted or older checkpoints), `complete` (step >= max_steps;
-    None when unknown) and `weights_hash`."""
-    checkpoint = read_checkpoint(path)
-    step = checkpoint.get("global_step")
-    max_steps = (checkpoint.get("gligen") or {}).get("max_steps")
-    max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
-    return {"global_step": step, "max_steps": max_steps,
-            "complete": None if max_steps is None or step is None else step >= max_steps,
-            "weights_hash": weights_hash(checkpoint["state_dict"])}
-
-
-def save_safetensors_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
-    """Write a checkpoint's weights (`state_dict`: the grounding layers) as safetensors, with its hyper-parameters,
-    `gligen` record and step as JSON metadata; optimizer and loop state are left out (not for resuming)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: checkpoint[k] for k in SAFETENSORS_FIELDS if k in checkpoint}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state_dict"].items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={SAFETENSORS_KEY: json.dumps(meta, default=str)})
-    return path
-
-
-# ----- atomic writes ---------------------------------------------------------------------------------------------
 def atomic_torch_save(obj: Any, path: str | os.PathLike, keep: int = 1) -> None:
     """`torch.save` to `path` so that `path` is, at every instant, either the old file or the complete new one.
     `keep` > 1: the replaced file survives as `previous_versions(path, keep)[0]` (older ones shift down)."""
@@ -315,47 +243,6 @@ class RNGStateCheckpoint(L.Callback):
                 torch.empty((), dtype=torch.int64).random_()
 
 
-# ----- preemption: a signal -> save, requeue --------------------------------------------------------------------
-PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-# exit status of a fit that a signal stopped and that was not requeued (outside Slurm, requeue off, or scontrol
-# failed): everything is saved and resumable, but the run is unfinished, and a grid or a script must see that
-EXIT_INTERRUPTED = 3
-
-_received: list[int] = []  # signals received since the last clear_preemption(); only the handler appends
-_previous_handlers: dict[int, Any] = {}
-
-
-def _preemption_handler(signum, frame) -> None:
-    _received.append(signum)  # nothing else: the work happens at the next safe point, on every rank together
-
-
-def install_preemption_handlers(signals=PREEMPTION_SIGNALS) -> bool:
-    """Route SIGUSR1 / SIGTERM to a flag read at safe points (step boundaries, between validation batches, between
-    sampler steps). The CLI installs them before the model loads, so a signal during loading is kept, not fatal.
-    Idempotent; returns whether this call installed any. Main thread only (Python's rule for signal handlers)."""
-    installed = False
-    for signum in signals:
-        if signum not in _previous_handlers:
-            _previous_handlers[signum] = signal.signal(signum, _preemption_handler)
-            installed = True
-    return installed
-
-
-def restore_signal_handlers() -> None:
-    for signum, previous in list(_previous_handlers.items()):
-        signal.signal(signum, previous)
-        del _previous_handlers[signum]
-
-
-def preemption_requested() -> int | None:
-    """The first preemption signal this process received since `clear_preemption()`, or None."""
-    return _received[0] if _received else None
-
-
-def clear_preemption() -> None:
-    _received.clear()
-
-
 def hpc_checkpoints(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
@@ -376,126 +263,6 @@ def resume_path(run_dir: str | os.PathLike) -> str | None:
         return None
     # newest mtime wins; on a tie, the later in the list (hpc by number, then last.ckpt)
     return str(max(enumerate(candidates), key=lambda ic: (ic[1].stat().st_mtime_ns, ic[0]))[1])
-
-
-def slurm_job_id() -> str | None:
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def requeue_slurm_job(job_id: str | None) -> str | None:
-    """`scontrol requeue <job_id>`; None when it worked, else why not (no job id, no scontrol, its error)."""
-    if not job_id:
-        return "not a Slurm job (no SLURM_JOB_ID): nothing to requeue"
-    try:
-        result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
-                                timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"scontrol requeue {job_id} could not run: {error}"
-    if result.returncode != 0:
-        return f"scontrol requeue {job_id} failed ({result.returncode}): {result.stderr.strip()}"
-    return None
-
-
-class SlurmRequeue(L.Callback):
-    """On SIGUSR1 or SIGTERM (Slurm's time-limit warning, `scancel --signal=...`, preemption): at the next safe point
-    on all ranks together, save `default_root_dir/hpc_ckpt_<n>.ckpt`, requeue the job (`scontrol requeue`, rank 0)
-    and stop training.
-
-    The handler only sets a flag; the ranks agree on it with one boolean all-reduce per step (and per validation
-    batch), so every rank saves after the same step. Safe points: every training-step boundary; the start of
-    training (a signal that came while the model loaded); every validation batch (the rest of the validation is
-    skipped, its AP not logged) and every sampler step of `SampleGrid` / `GroundingEvaluation` (abandoned), so a
-    long evaluation cannot outlast the grace time. A signal after the final step saves nothing extra: the run ends
-    normally and writes its complete `last.ckpt`.
-
-    The outcome is `trainer.gligen_interrupted`: None (not stopped by a signal, or requeued), else the reason the
-    job was not requeued (outside Slurm, `requeue=False`, no `scontrol`, scontrol's error); `python -m gligen fit`
-    then exits with `EXIT_INTERRUPTED`. Use with `SLURMEnvironment(auto_requeue=False)` (the CLI does), so
-    Lightning does not install its own handler too. `keep`: how many hpc checkpoints stay (the newest).
-    """
-
-    def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS, requeue: bool = True, keep: int = 2):
-        self.signals, self.requeue, self.keep = tuple(signals), requeue, max(1, keep)
-        self._installed = False
-        self._stopping = False
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        trainer.gligen_interrupted = None
-        trainer.gligen_aborted_validations = []  # (global step, batch index) of each validation a signal cut short
-        self._stopping = False
-        if stage == "fit":
-            self._installed = install_preemption_handlers(self.signals)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._installed:  # only what this callback installed (the CLI restores its own)
-            restore_signal_handlers()
-            self._installed = False
-
-    def _agreed(self, trainer: L.Trainer) -> bool:
-        return bool(trainer.strategy.reduce_boolean_decision(preemption_requested() is not None, all=False))
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._agreed(trainer):  # the signal came while the model and data were loading
-            self._save_and_requeue(trainer)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._agreed(trainer):
-            self._save_and_requeue(trainer)
-
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        # once stopping (every rank alike), no validation at all: Lightning validates when training stops early
-        if trainer.state.fn == "fit" and (self._stopping or self._agreed(trainer)):
-            trainer.gligen_validation_aborted = True
-            trainer.gligen_aborted_validations.append((trainer.global_step, batch_idx))
-            if trainer.is_global_zero:
-                log.warning("preemption signal: validation at step %d stopped before batch %d", trainer.global_step,
-                            batch_idx)
-            raise StopIteration  # Lightning's evaluation loop ends on it, as when the data runs out
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        trainer.gligen_validation_aborted = False
-
-    def _save_and_requeue(self, trainer: L.Trainer) -> None:
-        signum = preemption_requested()
-        clear_preemption()
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            # the final step is done: ending normally writes the complete last.ckpt; a requeue would only resume a
-            # finished run
-            if trainer.is_global_zero:
-                log.warning("preemption signal after the final step %d: finishing normally", trainer.global_step)
-            return
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        path = trainer.strategy.broadcast(path)
-        trainer.save_checkpoint(path)  # all ranks: the state dicts are collected everywhere, rank 0 writes
-        if trainer.is_global_zero:  # the newest `keep` stay: never only the one just written
-            for older in hpc_checkpoints(trainer.default_root_dir)[:-self.keep]:
-                older.unlink(missing_ok=True)
-            log.warning("preemption signal %s: saved %s at global step %d",
-                        signal.Signals(signum).name if signum else "?", path, trainer.global_step)
-        trainer._gligen_requeued = True
-        self._stopping = True
-        reason = "requeue disabled (SlurmRequeue(requeue=False))"
-        if self.requeue and trainer.is_global_zero:
-            reason = requeue_slurm_job(slurm_job_id())
-        reason = trainer.strategy.broadcast(reason)
-        if reason is None:
-            if trainer.is_global_zero:
-                log.warning("requeued Slurm job %s", slurm_job_id())
-        else:
-            if trainer.is_global_zero:
-                log.error("stopped by a signal at step %d and NOT requeued: %s; resume by running the same command "
-                          "again", trainer.global_step, reason)
-            trainer.gligen_interrupted = reason
-        trainer.should_stop = True
-
-
-def slurm_environment_plugin():
-    """`SLURMEnvironment(auto_requeue=False)` when running under srun/sbatch (SlurmRequeue handles the signal),
-    else None."""
-    return SLURMEnvironment(auto_requeue=False) if SLURMEnvironment.detect() else None
 
 
 # ----- audit trail -----------------------------------------------------------------------------------------------

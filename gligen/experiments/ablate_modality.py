@@ -8,9 +8,9 @@ Settings: ModalityAblationConfig (gligen/experiments/config.py), defaults experi
 `--config` (repeatable), `--print_config`, `--help`.
 
 For every modality in {box, keypoint, image, text_image}: its train config (default experiments/configs/toy_base.yaml
-+ toy_<m>.yaml) is trained when its checkpoint is missing (gligen.cli.fit_from_config), then images are generated from the same
++ toy_<m>.yaml) is trained when its checkpoint is missing (gligen.training.cli.fit_from_config), then images are generated from the same
 layouts and seeds with tau = 1 (grounded) and tau = 0 (the frozen base LDM: no grounding at any step), and scored with
-the modality's metric (gligen.evaluation.modality_metrics): box AP50 of the detector vs the boxes; keypoint PCK@0.1
+the modality's metric (gligen.modalities, Modality.metrics): box AP50 of the detector vs the boxes; keypoint PCK@0.1
 and OKS AP of the pose read-back vs the persons; image / text_image entity AP50, the class to find in each box being
 the class of its reference image.
 
@@ -31,17 +31,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from gligen.cli import fit_from_config
-from gligen.evaluation import generate, load_layouts, reconstruct
+from gligen.evaluation.generate import generate, load_layouts, reconstruct
+from gligen.evaluation.reporting import command_line
+from gligen.evaluation.results import config_hash, git_commit, mean_std_table, write_csv
+from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
-from gligen.reporting import command_line
-from gligen.results import config_hash, git_commit, mean_std_table, write_csv
-from gligen.rundir import config_paths, describe_config, is_trained, load_config
 from gligen.sampling import tau_schedule
 from gligen.toy.build import ensure_toy_world
-from gligen.visualize import layouts_grid
+from gligen.toy.evaluate import toy_layouts
+from gligen.training.cli import fit_from_config
+from gligen.training.rundir import config_paths, describe_config, is_trained, load_config
 
 
 def parse_args(argv=None) -> dict:
@@ -75,8 +76,6 @@ def checkpoint_for(modality: str, config: dict) -> str:
 def modality_layouts(modality: str, config: dict, toy: bool) -> tuple[list[dict], list[np.ndarray]]:
     """The evaluation layouts of a modality and their real images."""
     if toy:
-        from gligen.toy.evaluate import toy_layouts
-
         return toy_layouts(get_modality(modality).family, config["num_images"], config["resolution"])
     shards = (config.get("val_shards") or {}).get(modality)
     if not shards:

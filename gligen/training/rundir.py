@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from gligen.checkpoint_file import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,6 @@ def max_steps_of(config_path: TrainConfig, fit_args: list[str] = ()) -> int | No
 
 def trained_step(config_path: TrainConfig) -> int | None:
     """global_step of the run's checkpoints/last.ckpt (None when there is none)."""
-    from .checkpointing import read_checkpoint
-
     config = load_config(config_path)
     last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
     if not last.exists():

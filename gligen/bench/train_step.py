@@ -1,5 +1,7 @@
 """Training-step benchmark helpers: this project's step vs an official-style step, FLOPs, matmul peak, memory.
 
+One file on purpose: the two training-step variants it compares, and their measurement, sit side by side.
+
 Two variants of one GLIGEN training step (same module, same batch, same optimizer over the grounding weights only):
 
 - "ours": precomputed VAE posterior (`latent_mean` / `latent_std`), `caption_embeds` and `phrase_embeds`, so no
@@ -16,7 +18,7 @@ model FLOP utilisation (MFU) = limit / measured step time. The peak is the best 
 and between the timed steps (a busy moment only lowers a timing, so the best is the closest to the hardware). TF32 is switched off on GPU so everything is fp32.
 
 Memory: on GPU `torch.cuda.max_memory_allocated` around the step (weights + gradients + optimizer state +
-activations). On CPU each variant runs in a fresh subprocess (`python -m gligen.bench ...`) that loads the model
+activations). On CPU each variant runs in a fresh subprocess (`python -m gligen.bench.train_step ...`) that loads the model
 and the saved batch, resets the kernel's peak-RSS counter (`/proc/self/clear_refs` = 5, Linux >= 4.0) and reads
 `VmHWM` after the steps, so loading transients do not count; where the reset is unavailable it falls back to
 `resource.getrusage(RUSAGE_SELF).ru_maxrss` (then loading counts too). Both numbers are whole-process peaks
@@ -40,8 +42,10 @@ from pathlib import Path
 
 import torch
 
-from gligen.machine import machine_columns, native_bf16
+from gligen.bench.machine import machine_columns, native_bf16
+from gligen.module import GLIGENModule
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
+from gligen.toy.pretrain import PretrainConfig
 
 VARIANTS = ("ours", "official")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -53,7 +57,7 @@ class StepOptions:
 
     precision: "fp32", or "bf16" = torch.autocast to bfloat16 (Lightning's "bf16-mixed": fp32 weights and optimizer,
         bf16 matmuls / convolutions); MFU is then measured against the bf16 matmul peak where the device computes
-        bf16 natively (gligen.machine.native_bf16), and not at all where bf16 is emulated (AVX2-only CPUs).
+        bf16 natively (gligen.bench.machine.native_bf16), and not at all where bf16 is emulated (AVX2-only CPUs).
     channels_last: UNet weights and latents in channels-last memory format (GLIGENModule(channels_last=True)).
     compile: torch.compile of the UNet (GLIGENModule(compile_unet=True)); compilation happens in an untimed step.
     """
@@ -88,8 +92,6 @@ class BenchSize:
 
 def toy_size() -> BenchSize:
     """The toy world's LDM as gligen/toy/pretrain.py builds it by default (32 px -> 8x8x4 latents, batch 64)."""
-    from gligen.toy.pretrain import PretrainConfig
-
     c = PretrainConfig()
     pipeline = TinyPipelineConfig(
         image_size=32, vae_channels=c.vae_channels, unet_channels=c.unet_channels,
@@ -125,8 +127,6 @@ SIZES = {"toy": toy_size, "sd": sd_size, "tiny": tiny_size}
 
 # ----- model, batch, step ---------------------------------------------------------------------------------------
 def make_module(pretrained: str, device: str = "cpu"):
-    from gligen.module import GLIGENModule
-
     module = GLIGENModule(pretrained, caption_dropout=0.0, grounding_dropout=0.0, warmup_steps=0)
     module.to(device).train()
     module.grounding_names = {n for n, _ in module.trainable_named_parameters()}
@@ -297,7 +297,7 @@ def memory_worker(pretrained: str, batch_path: str, variant: str, steps: int = 2
 
 def cpu_memory(pretrained: str, batch_path: str, variant: str, steps: int = 2,
                options: StepOptions | None = None) -> dict:
-    cmd = [sys.executable, "-m", "gligen.bench", "memory", pretrained, batch_path, variant, str(steps),
+    cmd = [sys.executable, "-m", "gligen.bench.train_step", "memory", pretrained, batch_path, variant, str(steps),
            json.dumps(asdict(options or StepOptions()))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -437,10 +437,10 @@ def summary(row: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # memory worker: python -m gligen.bench memory PRETRAINED BATCH VARIANT [STEPS]
+if __name__ == "__main__":  # memory worker: python -m gligen.bench.train_step memory PRETRAINED BATCH VARIANT [STEPS]
     if len(sys.argv) >= 5 and sys.argv[1] == "memory":
         options = StepOptions(**json.loads(sys.argv[6])) if len(sys.argv) > 6 else None
         print(json.dumps(memory_worker(sys.argv[2], sys.argv[3], sys.argv[4],
                                        int(sys.argv[5]) if len(sys.argv) > 5 else 2, options)))
     else:
-        sys.exit("usage: python -m gligen.bench memory PRETRAINED BATCH_PT VARIANT [STEPS [OPTIONS_JSON]]")
+        sys.exit("usage: python -m gligen.bench.train_step memory PRETRAINED BATCH_PT VARIANT [STEPS [OPTIONS_JSON]]")

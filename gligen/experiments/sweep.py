@@ -2,7 +2,7 @@
 every cell of experiments/grid.py.
 
 `sweep_checkpoint` loads a trained GLIGEN checkpoint on its frozen LDM, samples the validation layouts at every
-tau x seed (`gligen.evaluation.beta_sweep`), and writes the results with `gligen.reporting.write_beta_sweep`
+tau x seed (`gligen.evaluation.generate.beta_sweep`), and writes the results with `gligen.evaluation.reporting.write_beta_sweep`
 (metrics.csv, summary.md, plots, sample grids, TensorBoard). With `resume=True` it is idempotent: it writes
 `<out>/sweep_done.json` last and returns at once when that marker exists for the same sweep config, so a requeued
 Slurm task or a second `run-local` does not redo a finished sweep (an interrupted one, without the marker, is redone
@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import reporting
-from .checkpointing import checkpoint_identity
-from .evaluation import beta_sweep, load_layouts
-from .module import GLIGENModule
-from .results import config_hash, git_commit
+from gligen.checkpoint_file import checkpoint_identity
+from gligen.evaluation import reporting
+from gligen.evaluation.generate import beta_sweep, load_layouts
+from gligen.evaluation.results import config_hash, git_commit
+from gligen.module import GLIGENModule
 
 DONE = "sweep_done.json"
 

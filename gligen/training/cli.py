@@ -8,14 +8,14 @@ the model, they follow on the data (`LINKS`).
 `--run_dir runs/<name>` puts the TensorBoard run (no auto-incremented versions), `config.yaml` and
 `checkpoints/` (with `last.ckpt`) in one place, and `fit` resumes when it can (`ckpt_path: last`, the default), so
 a restarted or requeued job continues the same run. With a run_dir, "last" means the most recently written of
-`run_dir/hpc_ckpt_<n>.ckpt` (Slurm requeue, see gligen/checkpointing.py) and `run_dir/checkpoints/last.ckpt`
+`run_dir/hpc_ckpt_<n>.ckpt` (Slurm requeue, see gligen/training/checkpointing.py) and `run_dir/checkpoints/last.ckpt`
 (every `--checkpoint_every` steps and at the end of fit); checkpoints are written atomically (temp file +
 rename), and the RNG states travel in them so a resumed run draws the noise the uninterrupted one would have.
 SIGUSR1 or SIGTERM (Slurm's time-limit warning, preemption, scancel) saves an hpc checkpoint at the next safe point on
 all ranks and requeues the job; the handlers are installed before the model loads. A run stopped by a signal and not
 requeued exits with status 3 (`EXIT_INTERRUPTED`): saved, resumable, unfinished.
 
-Trust guards (see gligen/rundir.py, gligen/nonfinite.py, gligen/checkpointing.py):
+Trust guards (see gligen/training/rundir.py, gligen/training/nonfinite.py, gligen/training/checkpointing.py):
 - resuming a run_dir whose `config.yaml` differs in a key that changes training is refused, naming the keys
   (`--allow_config_change true` overrides); every distinct config is kept in `run_dir/config_history/`;
 - `run_dir/.lock` refuses a second job on the same run_dir (stale locks of ended jobs are taken over);
@@ -38,22 +38,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .checkpointing import (
+from gligen.modalities import get_modality, modality_names
+from gligen.module import GLIGENModule
+from gligen.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint, resume_path
+from gligen.training.nonfinite import NonFiniteGuard
+from gligen.training.preemption import (
     EXIT_INTERRUPTED,
-    AtomicCheckpointIO,
-    LastCheckpoint,
-    RNGStateCheckpoint,
     SlurmRequeue,
     install_preemption_handlers,
     preemption_requested,
     restore_signal_handlers,
-    resume_path,
     slurm_environment_plugin,
 )
-from .modalities import get_modality, modality_names
-from .module import GLIGENModule
-from .nonfinite import NonFiniteGuard
-from .rundir import (
+from gligen.training.rundir import (
     RESUME_SAFE_KEYS,
     RunDirLock,
     RunDirLockedError,
@@ -91,7 +88,7 @@ class GLIGENCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit and validate only: GLIGENModule implements no test_step / predict_step (sampling and scoring are
-        `python -m gligen.sample` and the experiments)."""
+        `python -m gligen.evaluation.sample` and the experiments)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

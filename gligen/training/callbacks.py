@@ -7,12 +7,12 @@ import logging
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from .checkpointing import preemption_requested
-from .evaluation import generate, layouts_from_batch
-from .metrics.detectors import make_detector
-from .metrics.grounding import ap_summary, map_inputs, stable_label_id
-from .sampling import SamplingInterrupted, sample, tau_schedule
-from .visualize import layouts_grid
+from gligen.evaluation.generate import generate, layouts_from_batch
+from gligen.evaluation.visualize import layouts_grid
+from gligen.metrics.detectors import make_detector
+from gligen.metrics.grounding import ap_summary, map_inputs, stable_label_id
+from gligen.sampling import SamplingInterrupted, sample, tau_schedule
+from gligen.training.preemption import preemption_requested
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.collate import collate_batch
-from .data.datamodule import InMemoryShardDataset
-from .data.shards import SkipCounter, resolve_shards
-from .data.transforms import TransformConfig
-from .constants import MAX_OBJECTS, NUM_KEYPOINTS
-from .ldm import FrozenLDM
-from .metrics.quality import quality_metrics
-from .modalities import Modality, get_modality, modality_of
-from .sampling import sample, tau_schedule
+from gligen.constants import MAX_OBJECTS, NUM_KEYPOINTS
+from gligen.data.collate import collate_batch
+from gligen.data.datamodule import InMemoryShardDataset
+from gligen.data.decode import SkipCounter
+from gligen.data.shards import resolve_shards
+from gligen.data.transforms import TransformConfig
+from gligen.ldm import FrozenLDM
+from gligen.metrics.quality import quality_metrics
+from gligen.modalities import Modality, get_modality, modality_of
+from gligen.sampling import sample, tau_schedule
 
 SEED_STRIDE = 1_000_003  # image i of seed s uses generator seed s * SEED_STRIDE + i: independent of batching
 

@@ -17,9 +17,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
-from .modalities import DEFAULT_MODALITY, get_modality, modality_names
-from .results import mean_std_table, write_csv
-from .visualize import layouts_grid
+from gligen.evaluation.results import mean_std_table, write_csv
+from gligen.evaluation.visualize import layouts_grid
+from gligen.modalities import DEFAULT_MODALITY, get_modality, modality_names
 
 QUALITY_METRICS = ["fid", "kid"]
 
