@@ -18,5 +18,6 @@ SKELETON = (  # COCO joint index pairs drawn as limbs
     (5, 6), (5, 7), (7, 9), (6, 8), (8, 10), (5, 11), (6, 12), (11, 12), (11, 13), (13, 15), (12, 14), (14, 16),
 )
 # per-joint OKS falloff of the COCO keypoint benchmark (pycocotools' default sigmas)
-COCO_SIGMAS = tuple(s / 10 for s in (.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89))
+COCO_SIGMAS = tuple(s / 10 for s in (
+    .26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89))
 VISIBLE = 2  # only COCO visibility 2 ("labelled and visible") counts as a present keypoint

@@ -269,9 +269,13 @@ class GLIGENModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
                                 "base_fingerprint": self.base_fingerprint, "modality": self.modality.name}
-        if self._trainer is not None and self._trainer.max_steps > 0:
+        try:
+            max_steps = self.trainer.max_steps
+        except RuntimeError:  # not attached to a Trainer (a checkpoint written by hand)
+            max_steps = -1
+        if max_steps > 0:
             # the run's target when this was written: results can tell a finished checkpoint from a half-trained one
-            checkpoint["gligen"]["max_steps"] = int(self._trainer.max_steps)
+            checkpoint["gligen"]["max_steps"] = int(max_steps)
 
     @functools.cached_property
     def base_fingerprint(self) -> str | None:

@@ -145,6 +145,14 @@ def test_no_modality_name_branching_outside_the_modalities_package():
     assert not found, "modality names compared outside gligen/modalities/:\n" + "\n".join(found)
 
 
+def test_lightning_private_api_is_reached_only_through_one_helper():
+    private = re.compile(r"\btrainer\._(?!_)\w+")
+    found = [f"gligen/{path.relative_to(PACKAGE)}:{number}: {text.strip()}"
+             for name, path in modules().items() if name != "training.lightning_internals"
+             for number, text in enumerate(path.read_text().splitlines(), 1) if private.search(text)]
+    assert not found, "Lightning privates outside gligen/training/lightning_internals.py:\n" + "\n".join(found)
+
+
 @pytest.mark.parametrize("name", [n for n in modules()])
 def test_modules_stay_short_or_say_why(name):
     path = modules()[name]

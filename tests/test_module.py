@@ -9,8 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gligen.module import GLIGENModule
 from gligen.nn.tokenizers import GroundingInputError
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
-from tests.conftest import random_box_batch
-from tests.fixtures import RandomBoxDataModule
+from tests.helpers import RandomBoxDataModule, random_box_batch
 
 
 def make_module(pretrained, **kwargs):

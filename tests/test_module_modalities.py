@@ -5,47 +5,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset
 
 from gligen.modalities import modality_names
 from gligen.module import GLIGENModule
 from gligen.nn.tokenizers import GroundingInputError, KeypointTokenizer, TextBoxTokenizer, TextImageBoxTokenizer
-from tests.conftest import random_box_batch
+from tests.helpers import TEXT_WIDTH, RandomModalityDataModule, random_modality_batch
 
 NEW_MODALITIES = ("keypoint", "image", "text_image")
-TEXT_WIDTH = 32  # TinyPipelineConfig().text_width: pooled text width = cross-attention width of the tiny LDM
-
-
-def random_modality_batch(batch_size=2, seed=0, valid=(2, 3), width=TEXT_WIDTH) -> dict:
-    """`random_box_batch` plus keypoints (some joints missing) and entity embeddings (object 0 has no image)."""
-    batch = random_box_batch(batch_size=batch_size, seed=seed, valid=valid)
-    g = torch.Generator().manual_seed(seed + 1000)
-    batch["keypoint_masks"] = (torch.rand(batch_size, 8, 17, generator=g) < 0.7).float()
-    batch["keypoints"] = torch.rand(batch_size, 8, 17, 2, generator=g) * batch["keypoint_masks"][..., None]
-    entity = torch.randn(batch_size, 30, width, generator=g)
-    entity = entity / entity.norm(dim=-1, keepdim=True) * 28.7 * batch["masks"][..., None]
-    entity[:, 0] = 0  # object 0: a box and a phrase, but no entity image
-    batch["entity_embeds"] = entity
-    return batch
-
-
-class RandomModalityDataset(Dataset):
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        batch = random_modality_batch(batch_size=1, seed=index, valid=(2 + index % 2,))
-        return {k: v[0] for k, v in batch.items()}
-
-
-def collate(samples):
-    return {k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor)
-            else [s[k] for s in samples] for k in samples[0]}
-
-
-class RandomModalityDataModule(L.LightningDataModule):
-    def train_dataloader(self):
-        return DataLoader(RandomModalityDataset(), batch_size=2, collate_fn=collate)
 
 
 class FrozenGradWatch(Callback):

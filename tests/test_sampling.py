@@ -6,7 +6,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gligen.ldm import FrozenLDM
 from gligen.nn.grounded_unet import add_grounding
 from gligen.sampling import beta_schedule, sample, tau_schedule
-from tests.conftest import random_box_batch
+from tests.helpers import RandomBoxDataModule, random_box_batch
 
 
 def test_beta_schedule_matches_official_semantics_on_hand_computed_cases():
@@ -132,9 +132,8 @@ def test_sample_cli_from_checkpoint_writes_image_and_boxes(tiny_pretrained, tmp_
     import lightning as L
     from PIL import Image
 
-    from gligen.module import GLIGENModule
     from gligen.evaluation.sample import main
-    from tests.fixtures import RandomBoxDataModule
+    from gligen.module import GLIGENModule
 
     L.seed_everything(0)
     module = GLIGENModule(tiny_pretrained, gamma_init=0.5, warmup_steps=0)

@@ -11,19 +11,20 @@ Two variants of one GLIGEN training step (same module, same batch, same optimize
   captions and phrases (both without grad, as there), and gradients for ALL UNet weights (requires_grad=True on
   the frozen UNet parameters; the optimizer still only updates the grounding weights), fp32.
 
-Both run with caption / grounding dropout off so their compute is identical apart from the differences above.
-The limit is the step's FLOPs (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, attention, forward
-and backward) divided by the dense fp32 matmul throughput measured here (a large `torch.mm`, best of several);
-model FLOP utilisation (MFU) = limit / measured step time. The peak is the best of several timings taken before
-and between the timed steps (a busy moment only lowers a timing, so the best is the closest to the hardware). TF32 is switched off on GPU so everything is fp32.
+Both run with caption / grounding dropout off so their compute is identical apart from the differences above. The
+limit is the step's FLOPs (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, attention, forward and
+backward) divided by the dense fp32 matmul throughput measured here (a large `torch.mm`, best of several); model FLOP
+utilisation (MFU) = limit / measured step time. The peak is the best of several timings taken before and between the
+timed steps (a busy moment only lowers a timing, so the best is the closest to the hardware). TF32 is switched off on
+GPU so everything is fp32.
 
 Memory: on GPU `torch.cuda.max_memory_allocated` around the step (weights + gradients + optimizer state +
-activations). On CPU each variant runs in a fresh subprocess (`python -m gligen.bench.train_step ...`) that loads the model
-and the saved batch, resets the kernel's peak-RSS counter (`/proc/self/clear_refs` = 5, Linux >= 4.0) and reads
+activations). On CPU each variant runs in a fresh subprocess (`python -m gligen.bench.train_step ...`) that loads the
+model and the saved batch, resets the kernel's peak-RSS counter (`/proc/self/clear_refs` = 5, Linux >= 4.0) and reads
 `VmHWM` after the steps, so loading transients do not count; where the reset is unavailable it falls back to
-`resource.getrusage(RUSAGE_SELF).ru_maxrss` (then loading counts too). Both numbers are whole-process peaks
-(weights included); `*_step_mb` is the part above the resident size just before the first step (an overstatement
-where weights are memory-mapped safetensors not yet touched by then: use the whole-process peak).
+`resource.getrusage(RUSAGE_SELF).ru_maxrss` (then loading counts too). Both numbers are whole-process peaks (weights
+included); `*_step_mb` is the part above the resident size just before the first step (an overstatement where weights
+are memory-mapped safetensors not yet touched by then: use the whole-process peak).
 """
 
 from __future__ import annotations

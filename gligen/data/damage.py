@@ -19,8 +19,8 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -172,7 +172,7 @@ SAMPLE_DAMAGE: dict[str, Damage] = {
     "float64_overflow_npy": Damage("array_out_of_range", lambda k, s: _with(
         k, s, **{"caption_embeds.npy": _npy(np.full((77, 4), 1e300))})),
     "pickle_member": Damage("pickle_member", lambda k, s: _with(k, s, pyd=pickle.dumps({"harmless": 1}))),
-    "unknown_member": Damage("unknown_member", lambda k, s: _with(k, s, **{"cls": b"3"})),
+    "unknown_member": Damage("unknown_member", lambda k, s: _with(k, s, cls=b"3")),
     "path_traversal_member": Damage("unsafe_name", lambda k, s: _renamed(k, s, "../")),
     "absolute_member": Damage("unsafe_name", lambda k, s: _renamed(k, s, "/tmp/")),
     "duplicate_key": Damage("duplicate_key", _duplicate_key, valid=2),

@@ -10,8 +10,9 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -66,7 +67,7 @@ class DataLimits:
     compression_check_bytes: int = 32 * 2**20
 
     @classmethod
-    def of(cls, limits: "DataLimits | Mapping[str, Any] | None") -> "DataLimits":
+    def of(cls, limits: DataLimits | Mapping[str, Any] | None) -> DataLimits:
         """``limits`` as a ``DataLimits``: None gives the defaults, a mapping overrides some (unknown names fail)."""
         if limits is None:
             return DEFAULT_LIMITS

@@ -114,7 +114,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_SIDE = 2**31 - 1  # width / height must fit an int32
 
 
-def _float32(x: int | float, where: str, field: str) -> float:
+def _float32(x: float, where: str, field: str) -> float:
     """A JSON number as the float it becomes in training (float32); NaN and inf pass (the callers name them).
     Raises ``number_out_of_range`` for finite numbers float32 cannot hold (hundreds of digits, 1e300)."""
     try:

@@ -1,8 +1,8 @@
 """Writing and safely reading WebDataset shards of schema-v1 samples.
 
-Safety rule: webdataset's default ``.decode()`` unpickles members with the pyd or pickle extension, i.e. runs
-code from the shard. Nothing here uses it. Members are decoded one by one by explicit handlers for the extensions the schema
-allows (PIL after a full ``load()``, json, utf-8, ``numpy.load(allow_pickle=False)``); anything else is damage.
+Safety rule: webdataset's default ``.decode()`` unpickles members with the pyd or pickle extension, i.e. runs code
+from the shard. Nothing here uses it. Members are decoded one by one by explicit handlers for the extensions the
+schema allows (PIL after a full ``load()``, json, utf-8, ``numpy.load(allow_pickle=False)``); anything else is damage.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import re
 import tarfile
 import zlib
 from collections import Counter
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -260,7 +261,7 @@ def resolve_shards(spec: str) -> list[str]:
     pattern such as ``data/shard-{000000..000009}.tar`` (brace expansion); ``::`` joins several specs."""
     if "::" in spec:
         return [url for part in spec.split("::") for url in resolve_shards(part)]
-    path = spec[:-len(INDEX_FILE)] if spec.endswith(INDEX_FILE) else spec
+    path = spec.removesuffix(INDEX_FILE)
     if os.path.isdir(path):
         return _index_shards(path)
     urls = expand_urls(spec)

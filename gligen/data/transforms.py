@@ -15,6 +15,7 @@ from PIL import Image
 
 from gligen.constants import COCO_FLIP_PAIRS, MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS, VISIBLE
 from gligen.data.schema import DecodedSample
+
 # keypoint index -> index of its mirror image (nose maps to itself)
 FLIP_PERMUTATION = np.arange(NUM_KEYPOINTS)
 for _left, _right in COCO_FLIP_PAIRS:

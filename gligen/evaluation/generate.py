@@ -114,7 +114,8 @@ def generate(ldm: FrozenLDM, layouts: list[dict], betas: list[float], seed: int 
             init = ldm.encode_images(to_pixels(init_images[start:start + batch_size]).to(ldm.vae.device),
                                      torch.Generator().manual_seed(seed + start))
         pixels = sample(
-            ldm, [layout["caption"] for layout in chunk], modality.layout_inputs(ldm, chunk, max_objects) if grounded else None, betas,
+            ldm, [layout["caption"] for layout in chunk],
+            modality.layout_inputs(ldm, chunk, max_objects) if grounded else None, betas,
             sampler=sampler, steps=steps, guidance=guidance,
             seeds=[seed * SEED_STRIDE + start + k for k in range(len(chunk))], init_latents=init, strength=strength,
             interrupt=interrupt,

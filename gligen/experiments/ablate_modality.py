@@ -1,4 +1,5 @@
-"""Grounding modalities side by side: each modality's own metric with full grounding (tau = 1) vs the base LDM (tau = 0).
+"""Grounding modalities side by side: each modality's own metric with full grounding (tau = 1) vs the base LDM
+(tau = 0).
 
     python experiments/ablate_modality.py                     # toy world: builds / trains what is missing, then scores
     python experiments/ablate_modality.py --modalities [box,image] --seeds [0,1] --num_images 100
@@ -8,11 +9,11 @@ Settings: ModalityAblationConfig (gligen/experiments/config.py), defaults experi
 `--config` (repeatable), `--print_config`, `--help`.
 
 For every modality in {box, keypoint, image, text_image}: its train config (default experiments/configs/toy_base.yaml
-+ toy_<m>.yaml) is trained when its checkpoint is missing (gligen.training.cli.fit_from_config), then images are generated from the same
-layouts and seeds with tau = 1 (grounded) and tau = 0 (the frozen base LDM: no grounding at any step), and scored with
-the modality's metric (gligen.modalities, Modality.metrics): box AP50 of the detector vs the boxes; keypoint PCK@0.1
-and OKS AP of the pose read-back vs the persons; image / text_image entity AP50, the class to find in each box being
-the class of its reference image.
++ toy_<m>.yaml) is trained when its checkpoint is missing (gligen.training.cli.fit_from_config), then images are
+generated from the same layouts and seeds with tau = 1 (grounded) and tau = 0 (the frozen base LDM: no grounding at
+any step), and scored with the modality's metric (gligen.modalities, Modality.metrics): box AP50 of the detector vs
+the boxes; keypoint PCK@0.1 and OKS AP of the pose read-back vs the persons; image / text_image entity AP50, the class
+to find in each box being the class of its reference image.
 
 Writes <out>/metrics.csv (one row per modality x tau x seed, with git commit and config hash), summary.md (mean +- std
 per modality and tau, and the command), modalities.png (bar plots of each modality's primary and placement metrics),
@@ -69,7 +70,8 @@ def checkpoint_for(modality: str, config: dict) -> str:
     if last is not None and last.exists() and is_trained(train_config):
         return str(last)
     # none yet, or half-trained (a run cut short): fit resumes it to its max_steps; never scored half-way
-    print(f"{modality}: training {describe_config(train_config)}" + (" (resuming a half-trained run)" if last and last.exists() else ""))
+    resuming = " (resuming a half-trained run)" if last and last.exists() else ""
+    print(f"{modality}: training {describe_config(train_config)}{resuming}")
     return str(fit_from_config(train_config))
 
 
@@ -151,7 +153,8 @@ def bar_plot(rows: list[dict], path: Path) -> None:
             label = "base LDM (tau=0)" if tau == 0 else f"GLIGEN (tau={tau:g})"
             ax.bar(np.arange(len(modalities)) + (k - (len(taus) - 1) / 2) * width, means, width, yerr=stds,
                    capsize=3, label=label)
-        ax.set_xticks(np.arange(len(modalities)), [f"{m}\n({getattr(get_modality(m), attribute)})" for m in modalities], fontsize=8)
+        labels = [f"{m}\n({getattr(get_modality(m), attribute)})" for m in modalities]
+        ax.set_xticks(np.arange(len(modalities)), labels, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("grounding metric")
         ax.set_title(f"GLIGEN vs base LDM: {title}")
@@ -208,7 +211,8 @@ def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, confi
         for (modality, tau), grid in grid_images.items():
             writer.add_image(f"samples/{modality}_tau_{tau:g}", grid, 0)
         for row in rows:
-            metrics = {f"hp/{m}": float(row[m]) for m in [*get_modality(row["modality"]).metric_names, "value"] if m in row}
+            names = [*get_modality(row["modality"]).metric_names, "value"]
+            metrics = {f"hp/{m}": float(row[m]) for m in names if m in row}
             writer.add_hparams({"modality": row["modality"], "tau": float(row["tau"]), "seed": int(row["seed"])},
                                metrics, run_name=f"{row['modality']}_tau{row['tau']:g}_seed{row['seed']}")
 

@@ -19,8 +19,8 @@ Paths in the configs (train configs, caches, outputs) are relative to the workin
 in every documented command: nothing here locates files through the package's own location.
 
 A training config (`train_config`, `train_configs`, `base_configs`) is one YAML file or a list of files composed in
-order as `python -m gligen fit --config A --config B` composes them (gligen.training.rundir.load_config); the toy ones are
-`experiments/configs/toy_base.yaml` plus the modality's file.
+order as `python -m gligen fit --config A --config B` composes them (gligen.training.rundir.load_config); the toy ones
+are `experiments/configs/toy_base.yaml` plus the modality's file.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class GammaAblationConfig(GridConfig):
 
 # ----- experiments/ablate_modality.py --------------------------------------------------------------------------------
 @dataclass
-class ModalityAblationConfig:
+class ModalityAblationConfig(SamplingSettings):
     """Grounding modalities side by side (experiments/ablate_modality.py): each modality's own metric at tau = 1
     against the base LDM (tau = 0)."""
 
@@ -198,22 +198,8 @@ class ModalityAblationConfig:
     """Toy layouts / real validation crops (px)."""
     taus: list[float] = _list([0.0, 1.0])
     """0: the base LDM on the same layouts and seeds; 1: full grounding."""
-    seeds: list[int] = _list([0, 1, 2])
-    """Sampling seeds."""
-    num_images: int = 200
-    """Layouts scored per modality, tau and seed."""
-    sampler: str = "ddim"
-    """Sampler: ddim | plms."""
-    steps: int = 25
-    """Sampling steps."""
-    guidance: float = 3.0
-    """Classifier-free guidance scale."""
-    batch_size: int = 100
-    """Images generated per batch."""
     grid_size: int = 8
     """Samples drawn in each sample grid."""
-    detector: str = "toy"
-    """box / image / text_image: toy | a transformers object-detection model directory or hub id."""
     pose_detector: str = "toy"
     """keypoint: toy | "package.module:callable" returning per image keypoints [P, 17, 3]."""
     out: str = "results/ablate_modality"

@@ -13,10 +13,10 @@ Settings: GridConfig (gligen/experiments/config.py), defaults experiments/config
 base config (`base_configs:`, one YAML or YAMLs composed in order; `--base_config` uses one for every modality). A
 cell is named `gamma<g>_<modality>_seed<s>` and trains into `<out>/<cell>` (TensorBoard events, config.yaml,
 checkpoints/), its sweep goes to `<out>/<cell>/sweep/` (metrics.csv, summary.md, plots, tensorboard/,
-sweep_done.json). Every modality sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap, image / text_image entity_ap50;
-gligen.modalities, Modality.metrics); summary.csv has every metric column, empty where a cell's modality does not
-measure it. A cell that is submitted or run again skips finished training and a finished sweep, and continues an
-interrupted run.
+sweep_done.json). Every modality sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap,
+image / text_image entity_ap50; gligen.modalities, Modality.metrics); summary.csv has every metric column, empty where
+a cell's modality does not measure it. A cell that is submitted or run again skips finished training and a finished
+sweep, and continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def base_config(grid: dict, modality: str) -> list[Path]:
 
 
 def sweep_config(grid: dict, cell: dict) -> dict:
-    """The tau sweep of a cell (gligen.experiments.sweep.sweep_checkpoint's config): grid.yaml's `sweep:` settings, the cell's
-    checkpoint and LDM, its validation shards and resolution (and entity_resolution, when its data sets one) unless
-    `sweep:` names others; out <run_dir>/sweep. Every modality sweeps its own val shards (keypoint: the person
-    shards of its base config), scored with its own metric."""
+    """The tau sweep of a cell (gligen.experiments.sweep.sweep_checkpoint's config): grid.yaml's `sweep:` settings,
+    the cell's checkpoint and LDM, its validation shards and resolution (and entity_resolution, when its data sets
+    one) unless `sweep:` names others; out <run_dir>/sweep. Every modality sweeps its own val shards (keypoint: the
+    person shards of its base config), scored with its own metric."""
     settings = dict(grid.get("sweep") or {})
     settings.pop("enabled", None)
     config, data = cell["config"], ((cell["config"].get("data") or {}).get("init_args") or {})

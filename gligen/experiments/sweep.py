@@ -2,7 +2,8 @@
 every cell of experiments/grid.py.
 
 `sweep_checkpoint` loads a trained GLIGEN checkpoint on its frozen LDM, samples the validation layouts at every
-tau x seed (`gligen.evaluation.generate.beta_sweep`), and writes the results with `gligen.evaluation.reporting.write_beta_sweep`
+tau x seed (`gligen.evaluation.generate.beta_sweep`), and writes the results with
+`gligen.evaluation.reporting.write_beta_sweep`
 (metrics.csv, summary.md, plots, sample grids, TensorBoard). With `resume=True` it is idempotent: it writes
 `<out>/sweep_done.json` last and returns at once when that marker exists for the same sweep config, so a requeued
 Slurm task or a second `run-local` does not redo a finished sweep (an interrupted one, without the marker, is redone

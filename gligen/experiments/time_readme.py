@@ -40,7 +40,7 @@ def readme_commands(readme: str | Path = "README.md") -> dict[str, str]:
     """The two fenced bash commands of the README's "Two commands" section: {"main": ..., "tests": ...}."""
     text = Path(readme).read_text()
     section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)\n```", section, flags=re.DOTALL)
     if len(blocks) != 2:
         raise SystemExit(f"{readme}: expected two ```bash blocks under '## Two commands', found {len(blocks)}")
     return {"main": blocks[0].strip(), "tests": blocks[1].strip()}

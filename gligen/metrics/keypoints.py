@@ -23,7 +23,8 @@ def keypoint_box(kps: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def layout_persons(layout: dict) -> np.ndarray:
-    return np.array([p["keypoints"] for p in layout.get("persons") or []], dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
+    persons = [p["keypoints"] for p in layout.get("persons") or []]
+    return np.array(persons, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
 
 
 def pck(predicted: list[np.ndarray], layouts: list[dict], threshold: float = 0.1) -> float:

@@ -7,7 +7,7 @@ its metric and metric names, and its official / diffusers names. Code elsewhere 
     from gligen.modalities import get_modality
     grounding = get_modality("keypoint").layout_inputs(ldm, layouts)
 
-A new modality is a subclass registered with `register_modality` (see tests/core/test_modalities_registry.py, which
+A new modality is a subclass registered with `register_modality` (see tests/modalities/test_registry.py, which
 adds one from the test file alone).
 """
 
@@ -29,5 +29,15 @@ register_modality(KeypointModality())
 register_modality(EntityModality("image", text=False))
 register_modality(EntityModality("text_image", text=True))
 
-__all__ = ["DEFAULT_MODALITY", "Modality", "get_modality", "modality_names", "modality_of", "register_modality",
-           "unregister_modality", "BoxModality", "EntityModality", "KeypointModality"]
+__all__ = [
+    "DEFAULT_MODALITY",
+    "BoxModality",
+    "EntityModality",
+    "KeypointModality",
+    "Modality",
+    "get_modality",
+    "modality_names",
+    "modality_of",
+    "register_modality",
+    "unregister_modality",
+]

@@ -3,7 +3,7 @@ python -m gligen.toy evaluate [--cache cache/toy] [--ckpt runs/toy_box/checkpoin
 python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt   (replace gligen/toy/shipped)
 
 Without --config, build builds the toy world every experiment uses (ToyBuildConfig's defaults, spelled out in
-experiments/configs/toy_world.yaml; tests/test_toy_shipped.py checks they agree)."""
+experiments/configs/toy_world.yaml; tests/toy/test_shipped.py checks they agree)."""
 
 import argparse
 import json

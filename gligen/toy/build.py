@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from gligen.data.shards import resolve_shards
-from gligen.toy import shipped as shipped_files, world
+from gligen.toy import shipped as shipped_files
+from gligen.toy import world
 from gligen.toy.pretrain import PretrainConfig, pretrain
 
 PERSONS = "persons"  # shard directory suffix of the persons family (no data kind is called that)

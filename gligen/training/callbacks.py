@@ -12,7 +12,7 @@ from gligen.evaluation.visualize import layouts_grid
 from gligen.metrics.detectors import make_detector
 from gligen.metrics.grounding import ap_summary, map_inputs, stable_label_id
 from gligen.sampling import SamplingInterrupted, sample, tau_schedule
-from gligen.training.preemption import preemption_requested
+from gligen.training.preemption import SlurmRequeue, preemption_requested
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ class GroundingEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.metric is None or self.max_batches == 0:
             return  # every rank takes the same branch: compute() below is a collective under DDP
-        aborted = self._aborted or getattr(trainer, "gligen_validation_aborted", False)
+        requeue = SlurmRequeue.of(trainer)
+        aborted = self._aborted or (requeue is not None and requeue.validation_aborted)
         if trainer.strategy.reduce_boolean_decision(aborted, all=False):  # every rank: a collective too
             log.warning("validation cut short by a preemption signal: val/ap* not logged at step %d",
                         trainer.global_step)

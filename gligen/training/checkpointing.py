@@ -136,8 +136,8 @@ class LastCheckpoint(ModelCheckpoint):
         return "LastCheckpoint"  # not keyed by its settings: a resume with another --checkpoint_every keeps its state
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(trainer, "_gligen_requeued", False):
-            return  # the hpc checkpoint of this very step was just written; the job is being requeued
+        if any(getattr(c, "requeued", False) for c in trainer.callbacks):
+            return  # SlurmRequeue just wrote the hpc checkpoint of this very step; the job is being requeued
         if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -30,7 +30,6 @@ import threading
 from pathlib import Path
 
 import yaml
-
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import LightningDataModule
@@ -41,6 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
 from gligen.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint, resume_path
+from gligen.training.lightning_internals import disable_lightning_signal_handlers
 from gligen.training.nonfinite import NonFiniteGuard
 from gligen.training.preemption import (
     EXIT_INTERRUPTED,
@@ -228,7 +228,7 @@ class GLIGENCLI(LightningCLI):
         if run_dir:
             # SlurmRequeue owns SIGTERM: Lightning's own handler would kill DDP children and run a collective from
             # inside the signal handler, then raise SIGTERMException at the next step without saving anything
-            trainer._signal_connector.register_signal_handlers = lambda: None
+            disable_lightning_signal_handlers(trainer)
         return trainer
 
 
@@ -265,6 +265,12 @@ def main(args=None) -> GLIGENCLI:
             restore_signal_handlers()
 
 
+def interrupted(trainer) -> str | None:
+    """Why a fit that a signal stopped was not requeued (None: it was not stopped, or it was requeued)."""
+    requeue = SlurmRequeue.of(trainer) if trainer is not None else None
+    return requeue.interrupted if requeue is not None else None
+
+
 def run(args=None) -> int:
     """`python -m gligen ...`: main() with exit statuses a script or a grid can act on: 0 finished (or requeued),
     2 refused (run_dir in use, config changed), EXIT_INTERRUPTED (3) stopped by a signal and not requeued."""
@@ -273,7 +279,7 @@ def run(args=None) -> int:
     except (RunDirLockedError, ConfigChangedError) as error:
         print(f"gligen: error: {error}", file=sys.stderr)
         return 2
-    reason = getattr(getattr(cli, "trainer", None), "gligen_interrupted", None)
+    reason = interrupted(getattr(cli, "trainer", None))
     if reason:
         print(f"gligen: stopped by a signal at step {cli.trainer.global_step}, not requeued ({reason}); saved in "
               f"{cli.trainer.default_root_dir}: run the same command again to resume", file=sys.stderr)
@@ -290,7 +296,7 @@ def fit_from_config(config: TrainConfig, *overrides: str) -> Path:
     """
     cli = main(["fit", *config_args(config), *overrides])
     config = describe_config(config)
-    reason = getattr(cli.trainer, "gligen_interrupted", None)
+    reason = interrupted(cli.trainer)
     if reason:
         raise RuntimeError(f"{config}: training was stopped by a signal at step {cli.trainer.global_step} and not "
                            f"requeued ({reason}); run again to resume")

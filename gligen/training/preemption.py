@@ -19,6 +19,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from gligen.training.checkpointing import hpc_checkpoints
+from gligen.training.lightning_internals import hpc_save_path
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +98,29 @@ class SlurmRequeue(L.Callback):
     long evaluation cannot outlast the grace time. A signal after the final step saves nothing extra: the run ends
     normally and writes its complete `last.ckpt`.
 
-    The outcome is `trainer.gligen_interrupted`: None (not stopped by a signal, or requeued), else the reason the
-    job was not requeued (outside Slurm, `requeue=False`, no `scontrol`, scontrol's error); `python -m gligen fit`
-    then exits with `EXIT_INTERRUPTED`. Use with `SLURMEnvironment(auto_requeue=False)` (the CLI does), so
-    Lightning does not install its own handler too. `keep`: how many hpc checkpoints stay (the newest).
+    The outcome stays on the callback (`SlurmRequeue.of(trainer)`): `interrupted` is None (not stopped by a signal, or
+    requeued), else the reason the job was not requeued (outside Slurm, `requeue=False`, no `scontrol`, scontrol's
+    error); `python -m gligen fit` then exits with `EXIT_INTERRUPTED`. Use with `SLURMEnvironment(auto_requeue=False)`
+    (the CLI does), so Lightning does not install its own handler too. `keep`: how many hpc checkpoints stay (the
+    newest).
     """
 
     def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS, requeue: bool = True, keep: int = 2):
         self.signals, self.requeue, self.keep = tuple(signals), requeue, max(1, keep)
         self._installed = False
         self._stopping = False
+        self.interrupted: str | None = None  # why a stopped run was not requeued
+        self.requeued = False  # saved for a requeue at this step (LastCheckpoint then writes nothing more)
+        self.validation_aborted = False  # the current validation was cut short (its metrics are partial)
+        self.aborted_validations: list[tuple[int, int]] = []  # (global step, batch index) of each cut-short one
+
+    @staticmethod
+    def of(trainer: L.Trainer) -> SlurmRequeue | None:
+        """The trainer's SlurmRequeue callback, if it has one."""
+        return next((c for c in trainer.callbacks if isinstance(c, SlurmRequeue)), None)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        trainer.gligen_interrupted = None
-        trainer.gligen_aborted_validations = []  # (global step, batch index) of each validation a signal cut short
+        self.interrupted, self.requeued, self.aborted_validations = None, False, []
         self._stopping = False
         if stage == "fit":
             self._installed = install_preemption_handlers(self.signals)
@@ -134,15 +144,15 @@ class SlurmRequeue(L.Callback):
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         # once stopping (every rank alike), no validation at all: Lightning validates when training stops early
         if trainer.state.fn == "fit" and (self._stopping or self._agreed(trainer)):
-            trainer.gligen_validation_aborted = True
-            trainer.gligen_aborted_validations.append((trainer.global_step, batch_idx))
+            self.validation_aborted = True
+            self.aborted_validations.append((trainer.global_step, batch_idx))
             if trainer.is_global_zero:
                 log.warning("preemption signal: validation at step %d stopped before batch %d", trainer.global_step,
                             batch_idx)
             raise StopIteration  # Lightning's evaluation loop ends on it, as when the data runs out
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        trainer.gligen_validation_aborted = False
+        self.validation_aborted = False
 
     def _save_and_requeue(self, trainer: L.Trainer) -> None:
         signum = preemption_requested()
@@ -153,7 +163,7 @@ class SlurmRequeue(L.Callback):
             if trainer.is_global_zero:
                 log.warning("preemption signal after the final step %d: finishing normally", trainer.global_step)
             return
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        path = hpc_save_path(trainer)
         path = trainer.strategy.broadcast(path)
         trainer.save_checkpoint(path)  # all ranks: the state dicts are collected everywhere, rank 0 writes
         if trainer.is_global_zero:  # the newest `keep` stay: never only the one just written
@@ -161,7 +171,7 @@ class SlurmRequeue(L.Callback):
                 older.unlink(missing_ok=True)
             log.warning("preemption signal %s: saved %s at global step %d",
                         signal.Signals(signum).name if signum else "?", path, trainer.global_step)
-        trainer._gligen_requeued = True
+        self.requeued = True
         self._stopping = True
         reason = "requeue disabled (SlurmRequeue(requeue=False))"
         if self.requeue and trainer.is_global_zero:
@@ -174,7 +184,7 @@ class SlurmRequeue(L.Callback):
             if trainer.is_global_zero:
                 log.error("stopped by a signal at step %d and NOT requeued: %s; resume by running the same command "
                           "again", trainer.global_step, reason)
-            trainer.gligen_interrupted = reason
+            self.interrupted = reason
         trainer.should_stop = True
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from gligen.checkpoint_file import read_checkpoint
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,193 @@
+"""Every experiment script runs end to end at test size (the lightning-hydra-template habit)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gligen.experiments import grid as grid_lib
+from gligen.experiments.config import toy_train_config
+from gligen.training.rundir import load_config
+from tests.helpers import ROOT, run_experiment, tiny_grid_config, tiny_toy_config, tiny_train_config
+
+
+@pytest.mark.slow
+def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
+    cache = tmp_path / "cache"
+    overrides = {"toy_cache": str(cache), "toy_config": str(tiny_toy_config(tmp_path)),
+                 "train_config": None, "out": str(tmp_path / "results"), "taus": [0.0, 1.0], "seeds": [0, 1],
+                 "num_images": 8, "steps": 2, "batch_size": 4}
+    # the train config needs the cache paths, which exist only after the build: write it now, paths are fixed
+    overrides["train_config"] = str(tiny_train_config(tmp_path, cache))
+    out, rows = run_experiment("ablate_beta.py", overrides, tmp_path)
+    assert [(float(r["tau"]), int(r["seed"])) for r in rows] == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
+    for row in rows:
+        assert row["git_commit"] and row["config_hash"] and 0 <= float(row["ap50"]) <= 1 and float(row["fid"]) >= 0
+    summary = (out / "summary.md").read_text()
+    assert "| 0.0 | 2 |" in summary or "| 0 | 2 |" in summary
+    assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert json.loads((out / "config.json").read_text())["num_images"] == 8
+    # a world other than the shipped one: pretrained and trained here, and the stage times say so
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["toy_build_s"] > 0 and timings["train_s"] > 0 and timings["sweep_s"] > 0
+    assert timings["processor_class"] and "ablate_beta.py" in timings["command"]
+    assert (cache / "shards" / "train-grounding" / "index.json").exists()
+
+
+# ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
+GRID = ROOT / "experiments" / "grid.py"  # the entry point; its logic is gligen.experiments.grid
+
+
+def test_grid_defaults_map_each_modality_to_its_base_config():
+    grid = grid_lib.load_grid()
+    assert grid["gamma_init"] == [0.0, 0.25, 1.0] and grid["modality"] == ["box", "keypoint", "image"]
+    assert {cell["modality"] for cell in grid_lib.cells(grid)} == {"box", "keypoint", "image"}  # every file exists
+    assert grid["base_configs"] == {m: ["experiments/configs/toy_base.yaml", f"experiments/configs/toy_{m}.yaml"]
+                                    for m in ("box", "keypoint", "image")}
+    assert grid_lib.base_config(grid, "box") == [Path("experiments/configs/toy_base.yaml"),
+                                                 Path("experiments/configs/toy_box.yaml")]
+
+
+def test_grid_refuses_a_modality_without_a_base_config_file(tmp_path):
+    grid = grid_lib.load_grid(out=str(tmp_path), modality=["box", "keypoint"])
+    grid["base_configs"] = {"box": [str(ROOT / p) for p in toy_train_config("box")],
+                            "keypoint": [str(ROOT / "experiments/configs/toy_base.yaml"),
+                                         str(tmp_path / "toy_keypoint.yaml")]}
+    with pytest.raises(SystemExit, match=r"modality 'keypoint': its base config .*toy_keypoint.yaml does not exist"):
+        grid_lib.cells(grid)
+    grid["modality"] = ["box", "text_image"]
+    with pytest.raises(SystemExit, match="modality 'text_image' has no base config"):
+        grid_lib.cells(grid)
+
+
+def test_grid_cell_sweep_config_follows_the_cell(tmp_path):
+    grid = grid_lib.load_grid(out=str(tmp_path / "grid"), modality=["box"], gamma_init=[0.25], seeds=[1])
+    grid["base_configs"] = {"box": [str(ROOT / p) for p in toy_train_config("box")]}
+    (path,) = grid_lib.expand(grid)
+    sweep = yaml.safe_load(grid_lib.sweep_path(path).read_text())
+    assert path.name == "gamma0.25_box_seed1.yaml"
+    assert sweep["ckpt"] == str(tmp_path / "grid/gamma0.25_box_seed1/checkpoints/last.ckpt")
+    assert sweep["out"] == str(tmp_path / "grid/gamma0.25_box_seed1/sweep")
+    assert sweep["val_shards"] == "cache/toy/shards/val-grounding" and sweep["pretrained"] == "cache/toy/ldm"
+    assert sweep["taus"] == yaml.safe_load((ROOT / "experiments/configs/ablate_beta.yaml").read_text())["taus"]
+    # not trained yet: the sweep step does nothing (a Slurm task whose fit was requeued reaches it too)
+    assert not grid_lib.is_trained(path) and grid_lib.sweep_cell(path) is None
+    assert grid_lib.max_steps_of(path) == 3000 and grid_lib.max_steps_of(path, ["--trainer.max_steps", "7"]) == 7
+    assert grid_lib.max_steps_of(path, ["--trainer.max_steps=9"]) == 9
+
+
+@pytest.mark.slow
+def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tiny_toy_world, tmp_path):
+    out = tmp_path / "grid"
+    config = tiny_grid_config(tmp_path, tiny_toy_world, out)
+    subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True, cwd=tmp_path)
+    cells = ["gamma0_box_seed0", "gamma1_box_seed0"]
+    for cell in cells:
+        sweep = out / cell / "sweep"
+        rows = list(csv.DictReader((sweep / "metrics.csv").open()))
+        assert [(float(r["tau"]), int(r["seed"])) for r in rows] == [(0.0, 0), (1.0, 0)]
+        assert {r["cell"] for r in rows} == {cell} and {r["train_seed"] for r in rows} == {"0"}
+        assert (sweep / "summary.md").exists() and (sweep / "sweep_done.json").exists()
+        assert (sweep / "ap_fid_vs_tau.png").exists() and list((sweep / "tensorboard").rglob("events.out.*"))
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted((r["cell"], float(r["tau"]), int(r["sample_seed"])) for r in summary) == \
+        [(c, t, 0) for c in cells for t in (0.0, 1.0)]
+    for row in summary:
+        assert row["status"] == "done" and row["sweep_status"] == "done" and row["global_step"] == "2"
+        assert row["modality"] == "box" and row["seed"] == "0" and float(row["gamma_init"]) in (0.0, 1.0)
+        assert row["git_commit"] and row["config_hash"] and row["sweep_config_hash"]
+        assert 0 <= float(row["ap50"]) <= 1 and float(row["fid"]) >= 0
+    assert (out / "grounding_vs_tau.png").stat().st_size > 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # requeue-safety: a second run neither retrains nor re-sweeps a finished cell
+    stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
+                                                                  out / c / "sweep/metrics.csv")}
+    again = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert again.stdout.count("training finished; not retrained") == 2, again.stdout
+    assert again.stdout.count("sweep already done") == 2, again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # the step a Slurm array task runs after training, directly
+    single = subprocess.run([sys.executable, str(GRID), "sweep-cell", str(out / "configs" / f"{cells[0]}.yaml")],
+                            check=True, cwd=tmp_path, capture_output=True, text=True)
+    assert "sweep already done" in single.stdout and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert subprocess.run([sys.executable, str(GRID), "trained", str(out / "configs" / f"{cells[0]}.yaml")],
+                          check=False, cwd=tmp_path).returncode == 0
+
+
+# ----- slurm/train.sh with no arguments: the toy default -------------------------------------------------------
+def test_train_sh_without_arguments_trains_the_toy_box_config(tmp_path):
+    """`sbatch slurm/train.sh` (no CONFIG, no arguments) -> fit of experiments/configs/toy_box.yaml into
+    runs/toy_box, after a build of what cache/toy lacks; trailing arguments (tiny overrides) reach fit last.
+    srun and python are stubs that record their command lines: no 20-minute training here (tests/training/test_slurm.py
+    runs the script for real under Slurm)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "python-stub").write_text(f'#!/bin/bash\necho "python $*" >> {calls}\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("CONFIG", "RUN_DIR")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python-stub"))
+    for args in ([], ["--trainer.max_steps", "2", "--data.init_args.batch_size", "4"]):
+        calls.unlink(missing_ok=True)
+        subprocess.run(["bash", str(ROOT / "slurm/train.sh"), *args], check=True, env=env, cwd=tmp_path,
+                       capture_output=True)
+        lines = calls.read_text().splitlines()
+        fit = lines[-1]
+        assert fit == " ".join(["python -m gligen fit --config experiments/configs/toy_base.yaml",
+                                "--config experiments/configs/toy_box.yaml --run_dir runs/toy_box",
+                                "--trainer.num_nodes 1 --trainer.devices 1", *args])
+        builds = lines[:-1]  # always: the build writes only what cache/toy lacks (train shards after ablate_beta)
+        assert builds == ["python -m gligen.toy build --out cache/toy --config experiments/configs/toy_world.yaml"]
+    toy_box = load_config([ROOT / p for p in toy_train_config("box")])
+    assert toy_box["run_dir"] == "runs/toy_box" and toy_box["model"]["pretrained"].startswith("cache/toy")
+
+
+def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_path):
+    """experiments/configs/sd15_box.yaml, on the tiny toy LDM and shards instead of SD and real data, CPU instead of
+    GPU, one step: its model / optimisation settings (bf16-mixed, channels-last, paper hyperparameters) run as is."""
+    from gligen.module import GLIGENModule
+    from gligen.training.cli import fit_from_config
+
+    config = yaml.safe_load((ROOT / "experiments/configs/sd15_box.yaml").read_text())
+    config["run_dir"] = str(tmp_path / "runs/sd15_box")
+    config["trainer"].update(accelerator="cpu", devices=1, strategy="auto", max_steps=1, limit_val_batches=0,
+                             log_every_n_steps=1)
+    config["trainer"].pop("val_check_interval")
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "SampleGrid" not in c["class_path"]]
+    config["model"]["pretrained"] = str(tiny_toy_world / "ldm")
+    data = config["data"]["init_args"]
+    data["train_shards"] = {k: str(tiny_toy_world / "shards" / f"train-{k}") for k in data["train_shards"]}
+    data["val_shards"] = str(tiny_toy_world / "shards" / "val-grounding")
+    data.update(resolution=32, batch_size=4, num_workers=0, batches_per_epoch=1)
+    path = tmp_path / "sd15_box.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checkpoint = fit_from_config(str(path))
+    module = GLIGENModule.from_checkpoint(str(checkpoint))
+    hp = module.hparams
+    assert (hp.gamma_init, hp.learning_rate, hp.warmup_steps, hp.channels_last) == (0.0, 5e-5, 10000, True)
+    assert module.ldm.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == 1
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
+    """What experiments/time_readme.py times is the README's text, and .ci/run calls that same test command."""
+    from gligen.experiments import time_readme as script
+
+    commands = script.readme_commands(ROOT / "README.md")
+    assert commands["main"].startswith("python3 -m venv .venv") and commands["main"].endswith(
+        "python experiments/ablate_beta.py")
+    assert commands["tests"].endswith("python -m pytest")
+    assert commands["tests"] in (ROOT / ".ci" / "run").read_text()
+    assert script.pytest_summary("==== 3 failed, 410 passed, 3 skipped in 301.52s (0:05:01) ====") == {
+        "pytest_counts": "3 failed, 410 passed, 3 skipped", "pytest_s": 301.52}

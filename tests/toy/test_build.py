@@ -1,0 +1,153 @@
+"""The toy build end to end at test size: shards + a pretrained-by-us LDM loadable through the `pretrained` path."""
+
+import json
+
+import pytest
+import torch
+
+from gligen.data.shards import resolve_shards
+from gligen.ldm import FrozenLDM
+from gligen.toy.build import ToyBuildConfig, build, ldm_dir, shard_dir
+from gligen.toy.pretrain import toy_vocabulary
+from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES, WORLD_VERSION
+from tests.helpers import TINY
+
+PERSONS = {"train": 8, "val": 4}
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                    "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16, pretrain=TINY)
+    out = tmp_path_factory.mktemp("toy")
+    build(out, config, log=lambda *a: None)
+    return out
+
+
+def test_build_writes_every_split_and_a_loadable_pipeline(toy_cache):
+    assert len(resolve_shards(str(shard_dir(toy_cache, "train", "grounding")))) == 2  # 24 samples, 16 per shard
+    index = json.loads((shard_dir(toy_cache, "val", "grounding") / "index.json").read_text())
+    assert index["total"] == 8 and index["kinds"] == {"grounding": 8}
+    ldm = FrozenLDM(str(ldm_dir(toy_cache)))
+    assert ldm.unet.config.sample_size == 8 and ldm.vae.config.scaling_factor != 0.18215  # measured, not copied
+    assert (ldm_dir(toy_cache) / "clip" / "config.json").exists()
+    # the toy CLIP saw pixels in [-1, 1]: image entities must be normalised the same way
+    assert ldm.encode_entity_images(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
+    assert ldm._clip_preprocessing["mean"] == ldm._clip_preprocessing["std"] == (0.5, 0.5, 0.5)
+    latents = ldm.encode_images(torch.zeros(1, 3, 32, 32))
+    assert latents.shape == (1, 4, 8, 8)
+
+
+def test_build_is_cached(toy_cache):
+    before = (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    messages = []
+    build(toy_cache, ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                            "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
+                                    pretrain=TINY),
+          log=messages.append)
+    assert messages == []  # nothing rewritten
+    assert (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_every_toy_caption_word_is_one_token(toy_cache):
+    ldm = FrozenLDM(str(ldm_dir(toy_cache)))
+    words = list(COLOURS) + list(SHAPES) + CAPTION_TEMPLATES[1].replace("{}", "").split()
+    for word in words:
+        assert len(ldm.tokenizer(word).input_ids) == 3, word  # BOS, the word, EOS
+    assert set(words) <= set(toy_vocabulary())
+
+
+def test_yaml_config_is_checked(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text("pretrain: {unet_stepz: 3}\n")
+    with pytest.raises(ValueError, match="unet_stepz"):
+        ToyBuildConfig.from_yaml(path)
+    path.write_text("resolution: 32\npretrain: {vae_channels: [8, 16], unet_steps: 7}\n")
+    config = ToyBuildConfig.from_yaml(path)
+    assert config.pretrain.vae_channels == (8, 16) and config.pretrain.unet_steps == 7
+
+
+def test_toy_report_measures_evaluators_vae_and_base(toy_cache, tmp_path):
+    from gligen.toy.report import evaluate_toy, write_report
+
+    results = evaluate_toy(toy_cache, num_images=8, steps=4, num_persons=4)
+    # the evaluators are exact on real toy images; an untrained (test-size) LDM draws nothing readable
+    assert results["evaluator_real_boxes"]["ap50"] == 1.0 and results["evaluator_real_keypoints"]["pck"] == 1.0
+    assert results["base_ldm_captions_only"]["ap50"] < 0.5
+    # the VAE ceilings: person scenes reconstructed at the build's resolution and read back by joint colour
+    assert 0.0 <= results["vae_reconstruction_persons"]["pck"] < 0.5
+    assert set(results["base_ldm_one_object_captions"]) == {"colour_recall", "shape_accuracy_given_colour"}
+    assert -1.0 <= results["text_encoder_word_similarity"]["shape_word_cosine"] <= 1.0
+    assert {"base_ldm_from_noised_real_strength0.3", "base_ldm_from_noised_real_strength0.5_shape_words_swapped"} \
+        <= set(results)
+    write_report(results, tmp_path)
+    assert "evaluator_real_boxes" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_swap_shape_words_changes_every_shape_and_nothing_else():
+    from gligen.toy.report import swap_shape_words
+
+    assert swap_shape_words("there is a red square, a blue cross and a cyan circle") == \
+        "there is a red circle, a blue square and a cyan triangle"
+    assert swap_shape_words("a person") == "a person"
+
+
+def test_build_refuses_a_cached_ldm_pretrained_with_other_settings(toy_cache):
+    from dataclasses import replace
+
+    config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                    "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
+                            pretrain=replace(TINY, unet_steps=4))
+    with pytest.raises(ValueError, match=r"toy_pretrain.json.*unet_steps.*\[3\] cached vs \[4\]"):
+        build(toy_cache, config, log=lambda *a: None)
+
+
+def test_base_ldm_is_pretrained_on_person_scenes_too(toy_cache):
+    record = json.loads((ldm_dir(toy_cache) / "toy_pretrain.json").read_text())
+    assert record["train_images"] == 24 + 8 + 8 + PERSONS["train"]
+    assert "train-persons" in record["train_shards"] and record["world_version"] == WORLD_VERSION
+    # the same settings without person training data describe another base: refused, naming the key
+    config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
+                                    "val": {"grounding": 8}}, person_splits={"val": 4}, shard_size=16, pretrain=TINY)
+    with pytest.raises(ValueError, match=r"toy_pretrain.json.*train_shards"):
+        build(toy_cache, config, log=lambda *a: None)
+
+
+def test_build_refuses_shards_drawn_by_another_world_version(toy_cache, tmp_path):
+    old = json.loads((toy_cache / "build_config.json").read_text())
+    assert old["world_version"] == WORLD_VERSION
+    del old["world_version"]  # as written before versions were recorded
+    (tmp_path / "build_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=rf"build_config.json.*version 1, this code draws version {WORLD_VERSION}"):
+        build(tmp_path, ToyBuildConfig(splits={"train": {"grounding": 2}}, pretrain=TINY), log=lambda *a: None)
+    assert not (tmp_path / "shards").exists()  # refused before writing anything
+
+
+class _OneHotText:
+    """A text 'encoder' whose state at each position is the one-hot of its token (tokens 0..vocab-1)."""
+
+    def __init__(self, ldm, collapse_shapes: bool):
+        self.tokenizer, self.collapse = ldm.tokenizer, collapse_shapes
+        self.shape_ids = {ldm.tokenizer(s).input_ids[1] for s in SHAPES}
+
+    def tokenize(self, texts):
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+
+    def text_encoder(self, ids):
+        if self.collapse:  # every shape word the same token: the UNet could not tell shapes apart
+            ids = ids.clone()
+            ids[torch.isin(ids, torch.tensor(sorted(self.shape_ids)))] = min(self.shape_ids)
+        states = torch.nn.functional.one_hot(ids, len(self.tokenizer)).float()
+        return type("Out", (), {"last_hidden_state": states})()
+
+
+def test_word_similarity_reads_the_shape_and_colour_word_states(toy_cache):
+    from gligen.toy.report import word_similarity
+
+    ldm = FrozenLDM(str(ldm_dir(toy_cache)))
+    distinct = word_similarity(_OneHotText(ldm, collapse_shapes=False))
+    assert distinct == {"shape_word_cosine": 0.0, "colour_word_cosine": 0.0}
+    collapsed = word_similarity(_OneHotText(ldm, collapse_shapes=True))
+    assert collapsed["shape_word_cosine"] == pytest.approx(1.0) and collapsed["colour_word_cosine"] == 0.0
