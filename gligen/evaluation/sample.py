@@ -57,7 +57,8 @@ def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m gligen.evaluation.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="GLIGENModule checkpoint (.ckpt)")
     parser.add_argument("--pretrained", help="frozen LDM (default: the one the checkpoint was trained on)")
     parser.add_argument("--layout", required=True, help="layout JSON")

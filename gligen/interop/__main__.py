@@ -27,7 +27,8 @@ from gligen.modalities import get_modality
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m gligen.interop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to_diffusers = commands.add_parser("to-diffusers", help="GLIGENModule checkpoint -> diffusers GLIGEN pipeline")
     to_diffusers.add_argument("ckpt", help="GLIGENModule checkpoint (.ckpt)")
