@@ -17,6 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
+from gligen.evaluation import stats
 from gligen.evaluation.results import mean_std_table, write_csv
 from gligen.evaluation.visualize import layouts_grid
 from gligen.modalities import DEFAULT_MODALITY, get_modality, modality_names
@@ -109,12 +110,55 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
         "",
         mean_std_table(rows, "tau", [m for m in beta_metrics() if m in rows[0]]),
         "",
+        *interval_sections(rows, "tau", [grounding, "fid"]),
         "Files: metrics.csv (every row), ap_fid_vs_tau.png, samples_tau*.png (seed 0, layout drawn), "
         "tensorboard/ (`tensorboard --logdir " + str(out / "tensorboard") + "`).",
         "",
     ]
     (out / "summary.md").write_text("\n".join(summary))
     write_tensorboard(out / "tensorboard", rows, grids, layouts, "tau")
+
+
+def interval_sections(rows: list[dict], arm: str, metrics: list[str]) -> list[str]:
+    """Summary lines: each arm's mean over training seeds with its std and 95% bootstrap interval
+    (gligen.evaluation.stats), and every arm minus the first (lowest) one, * where the interval excludes 0."""
+    n_train = len({str(r.get("train_seed", 0) or 0) for r in rows})
+    baseline = min((str(r[arm]) for r in rows), key=lambda v: float(v) if _is_float(v) else 0.0)
+    note = ("one trained model: the intervals cover sampling noise only, not training variance"
+            if n_train == 1 else f"{n_train} trained models (training seeds); sampling seeds nest inside them")
+    return [f"Mean over training seeds ± their std [95% bootstrap interval] ({note}):", "",
+            stats.interval_table(rows, arm, metrics), "",
+            f"Differences from {arm} = {baseline} [95% interval] (* the interval excludes 0; paired: the same models "
+            "and sampling seeds in both arms):", "", stats.comparison_table(rows, arm, baseline, metrics), ""]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def write_seed_summary(out: str | Path, rows: list[dict], config: dict, checkpoints: dict[int, str]) -> None:
+    """metrics.csv, summary.md and the plot over every training seed's sweep (each in <out>/train_seed<s>)."""
+    out = Path(out)
+    write_csv(rows, out / "metrics.csv")
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    grounding = primary_metric(rows[0])
+    plot_against(rows, "tau", grounding, "fid", out / "ap_fid_vs_tau.png",
+                 f"grounding ({grounding}) and quality (FID) vs tau, {len(checkpoints)} training seeds")
+    identity = {str(r["train_seed"]): r for r in rows}
+    lines = ["# Scheduled sampling sweep over training seeds", "", f"Command: `{command_line()}`", "",
+             (f"git commit `{rows[0]['git_commit']}`, {rows[0]['num_images']} layouts per cell, sampling seeds "
+              f"{sorted({r['seed'] for r in rows})}, sampler {config['sampler']}, {config['steps']} steps, guidance "
+              f"{config['guidance']}; base `{config.get('pretrained')}`."), "",
+             "| training seed | checkpoint | step | weights hash |", "|---|---|---|---|",
+             *[f"| {seed} | `{ckpt}` | {identity[str(seed)].get('ckpt_step', '')} | "
+               f"`{identity[str(seed)].get('ckpt_weights_hash', '')}` |" for seed, ckpt in checkpoints.items()], "",
+             *interval_sections(rows, "tau", [grounding, "fid"]),
+             "Per training seed: train_seed<s>/ (metrics.csv, summary.md, sample grids, tensorboard/).", ""]
+    (out / "summary.md").write_text("\n".join(lines))
 
 
 def write_tensorboard(log_dir: Path, rows: list[dict], grids: dict, layouts: list[dict], axis: str) -> None:

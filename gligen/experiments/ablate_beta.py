@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from gligen.bench.machine import machine_columns
-from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import git_commit
+from gligen.evaluation.reporting import command_line, write_seed_summary
+from gligen.evaluation.results import git_commit, read_csv
 from gligen.experiments.config import BetaSweepConfig, parse
 from gligen.experiments.sweep import sweep_checkpoint
 from gligen.toy.build import ensure_toy_world, ldm_dir, shard_dir
 from gligen.toy.shipped import reference_checkpoint
 from gligen.training.cli import fit_from_config
+from gligen.training.rundir import load_config
 
 SWITCHES = ("rebuild", "retrain")  # how to get there, not what is measured: not in the sweep's config (hash)
 
@@ -62,14 +63,54 @@ def main(argv=None) -> None:
         if shipped is not None:
             config["ckpt"] = str(shipped.relative_to(Path.cwd()) if shipped.is_relative_to(Path.cwd()) else shipped)
             print(f"sweeping the shipped reference checkpoint {config['ckpt']} (--retrain trains it here)")
-    if toy and config["ckpt"] is None:  # outside the toy world a ckpt is required (sweep_checkpoint says so)
+    if settings.train_seeds:
+        if toy:  # the other seeds train here: the train shards must exist
+            ensure_toy_world(cache, config["toy_config"], shipped=not settings.rebuild)
+        seed_checkpoints = replicate(config, settings.train_seeds, shipped_ckpt=config["ckpt"] if toy else None,
+                                     stages=stages)
+    else:
+        if toy and config["ckpt"] is None:  # outside the toy world a ckpt is required (sweep_checkpoint says so)
+            start = time.perf_counter()
+            config["ckpt"] = str(fit_from_config(config["train_config"]))
+            stages["train_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        config["ckpt"] = str(fit_from_config(config["train_config"]))
-        stages["train_s"] = round(time.perf_counter() - start, 1)
-    start = time.perf_counter()
-    sweep_checkpoint(config)  # gligen/experiments/sweep.py: the same sweep every grid cell runs
-    stages["sweep_s"] = round(time.perf_counter() - start, 1)
-    timings = {"command": command, "git_commit": git_commit(), **stages, "ckpt": config["ckpt"],
-               **machine_columns()}
+        sweep_checkpoint(config)  # gligen/experiments/sweep.py: the same sweep every grid cell runs
+        stages["sweep_s"] = round(time.perf_counter() - start, 1)
+        seed_checkpoints = {}
+    timings = {"command": command, "git_commit": git_commit(), **stages,
+               "ckpt": seed_checkpoints or config["ckpt"], **machine_columns()}
     (Path(config["out"]) / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     print(f"wrote {config['out']} ({', '.join(f'{k} {v}' for k, v in stages.items())})")
+
+
+def replicate(config: dict, train_seeds: list[int], shipped_ckpt: str | None, stages: dict) -> dict[int, str]:
+    """One model per training seed (the train config's own seed: its run_dir, or the shipped checkpoint when that
+    is what it trains; others: run_dir_seed<s>), each swept into <out>/train_seed<s>; then the summary over all.
+    Returns training seed -> checkpoint."""
+    if config.get("ckpt") and not shipped_ckpt:
+        raise SystemExit("--train_seeds trains one model per seed: give train_config, not ckpt (one checkpoint is "
+                         "one training seed)")
+    settings = load_config(config["train_config"])
+    own_seed, run_dir = int(settings.get("seed_everything", 0)), settings.get("run_dir")
+    out, checkpoints, rows = Path(config["out"]), {}, []
+    for seed in dict.fromkeys(int(s) for s in train_seeds):
+        start = time.perf_counter()
+        if seed == own_seed and shipped_ckpt:
+            ckpt = shipped_ckpt
+        else:
+            overrides = ["--seed_everything", str(seed)]
+            if seed != own_seed:
+                if not run_dir:
+                    raise SystemExit(f"{config['train_config']}: no run_dir, so training seeds cannot get their own")
+                overrides += ["--run_dir", f"{run_dir}_seed{seed}"]
+            ckpt = str(fit_from_config(config["train_config"], *overrides))
+        stages[f"train_seed{seed}_train_s"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        seed_out = out / f"train_seed{seed}"
+        sweep_checkpoint({**config, "ckpt": ckpt, "out": str(seed_out), "train_seed": seed},
+                         provenance={"train_seed": seed})
+        stages[f"train_seed{seed}_sweep_s"] = round(time.perf_counter() - start, 1)
+        checkpoints[seed] = ckpt
+        rows += read_csv(seed_out / "metrics.csv")
+    write_seed_summary(out, rows, config, checkpoints)
+    return checkpoints

@@ -89,6 +89,11 @@ class BetaSweepConfig(SamplingSettings):
     train_config: TrainConfigPaths = _list(toy_train_config("box"))
     """Training config trained first when no ckpt is given (toy world: unless the shipped checkpoint is what it would
     train); one YAML or YAMLs composed in order."""
+    train_seeds: list[int] | None = None
+    """Replicate over training: one model per seed (seed_everything; run_dir gets a _seed<s> suffix except for the
+    config's own seed), each swept into <out>/train_seed<s>, then <out>/metrics.csv and summary.md over all of them
+    with intervals over training seeds. null: one model, the train config's own seed (on the toy world the shipped
+    checkpoint)."""
     toy_cache: str = "cache/toy"
     """Where the toy world is built (shards, base LDM)."""
     toy_config: str | None = None

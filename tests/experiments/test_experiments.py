@@ -41,6 +41,30 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     assert (cache / "shards" / "train-grounding" / "index.json").exists()
 
 
+@pytest.mark.slow
+def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
+    """--train_seeds 3: one model per seed, each swept, rows per (seed, tau, sampling seed) with distinct
+    checkpoint hashes, and a summary whose intervals rest on the 3 training seeds."""
+    cache = tmp_path / "cache"
+    overrides = {"toy_cache": str(cache), "toy_config": str(tiny_toy_config(tmp_path)),
+                 "out": str(tmp_path / "results"), "taus": [0.0, 1.0], "seeds": [0, 1], "num_images": 4,
+                 "steps": 2, "batch_size": 4, "train_seeds": [0, 1, 2]}
+    overrides["train_config"] = str(tiny_train_config(tmp_path, cache))
+    out, rows = run_experiment("ablate_beta.py", overrides, tmp_path)
+    assert sorted((int(r["train_seed"]), float(r["tau"]), int(r["seed"])) for r in rows) == [
+        (t, tau, s) for t in range(3) for tau in (0.0, 1.0) for s in (0, 1)]
+    hashes = {r["train_seed"]: r["ckpt_weights_hash"] for r in rows}
+    assert len(set(hashes.values())) == 3  # three different trained models
+    assert {r["ckpt"] for r in rows if r["train_seed"] == "0"} != {r["ckpt"] for r in rows if r["train_seed"] == "1"}
+    for seed in range(3):
+        assert (out / f"train_seed{seed}" / "metrics.csv").exists()
+    summary = (out / "summary.md").read_text()
+    assert "3 trained models (training seeds)" in summary and "| 1.0 | 3 |" in summary
+    assert "Differences from tau = 0.0" in summary and summary.count("`") > 6
+    timings = json.loads((out / "timings.json").read_text())
+    assert all(f"train_seed{s}_train_s" in timings for s in range(3))
+
+
 # ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
 GRID = ROOT / "experiments" / "grid.py"  # the entry point; its logic is gligen.experiments.grid
 

@@ -1,0 +1,67 @@
+"""gligen.evaluation.stats on synthetic data with known answers: the two-level bootstrap interval covers the true
+mean / difference at about the stated rate, paired comparisons cancel the shared training-seed effect, and one
+training seed gives no training spread."""
+
+import numpy as np
+import pytest
+
+from gligen.evaluation import stats
+
+
+def synthetic_rows(rng, mean, train_sd, sample_sd, n_train, n_sample, arm="a", train_effects=None):
+    effects = rng.normal(0, train_sd, n_train) if train_effects is None else train_effects
+    return [{"arm": arm, "train_seed": t, "seed": s, "m": mean + effects[t] + rng.normal(0, sample_sd)}
+            for t in range(n_train) for s in range(n_sample)], effects
+
+
+def test_interval_of_a_mean_covers_the_truth_at_about_95_percent():
+    rng = np.random.default_rng(0)
+    hits, draws = 0, 300
+    for i in range(draws):
+        rows, _ = synthetic_rows(rng, 0.5, 0.05, 0.02, n_train=20, n_sample=3)
+        s = stats.summarize(rows, "arm", "m", seed=i, samples=400)["a"]
+        hits += s["low"] <= 0.5 <= s["high"]
+    # percentile bootstrap over 20 clusters: a little under nominal; far from it would mean a wrong resampling level
+    assert 0.88 <= hits / draws <= 0.99, hits / draws
+
+
+def test_unpaired_difference_interval_covers_the_true_difference():
+    rng = np.random.default_rng(1)
+    hits, draws = 0, 200
+    for i in range(draws):
+        a, _ = synthetic_rows(rng, 0.30, 0.05, 0.02, 20, 2, arm="a")
+        b, _ = synthetic_rows(rng, 0.36, 0.05, 0.02, 20, 2, arm="b")
+        b = [{**r, "train_seed": r["train_seed"] + 100} for r in b]  # other models: other training seeds
+        c = stats.compare(a + b, "arm", "a", "b", "m", seed=i, samples=400)
+        assert not c["paired"]
+        hits += c["low"] <= 0.06 <= c["high"]
+    assert 0.88 <= hits / draws <= 0.99, hits / draws
+
+
+def test_paired_comparison_removes_the_shared_training_seed_effect():
+    rng = np.random.default_rng(2)
+    a, effects = synthetic_rows(rng, 0.30, 0.10, 0.005, 5, 3, arm="0.0")
+    b, _ = synthetic_rows(rng, 0.32, 0.10, 0.005, 5, 3, arm="1.0", train_effects=effects)  # same models
+    paired = stats.compare(a + b, "arm", "0.0", "1.0", "m")
+    assert paired["paired"] and paired["excludes_zero"] and paired["difference"] == pytest.approx(0.02, abs=0.01)
+    # the same numbers as different models: the training spread (0.10) swamps a 0.02 difference
+    b_unpaired = [{**r, "train_seed": r["train_seed"] + 100} for r in b]
+    unpaired = stats.compare(a + b_unpaired, "arm", "0.0", "1.0", "m")
+    assert not unpaired["paired"] and not unpaired["excludes_zero"]
+    assert unpaired["high"] - unpaired["low"] > 5 * (paired["high"] - paired["low"])
+
+
+def test_one_training_seed_has_no_training_spread_and_says_so():
+    rows = [{"tau": 1.0, "seed": s, "m": v} for s, v in enumerate([0.8, 0.82, 0.81])]  # no train_seed column
+    s = stats.summarize(rows, "tau", "m")["1.0"]
+    assert s["n_train"] == 1 and s["std_train"] == 0.0 and s["mean"] == pytest.approx(0.81)
+    assert s["low"] < 0.81 < s["high"]  # sampling noise only
+    table = stats.interval_table(rows, "tau", ["m"])
+    assert "| 1.0 | 1 | 0.810 ± 0.000 [" in table
+
+
+def test_comparison_table_marks_differences_that_exclude_zero():
+    rows = [{"tau": t, "train_seed": k, "seed": s, "m": t + 0.01 * k + 0.001 * s}
+            for t in (0.0, 0.5) for k in range(3) for s in range(2)]
+    table = stats.comparison_table(rows, "tau", "0.0", ["m"])
+    assert "| 0.5 | +0.500 [+0.500, +0.500] * |" in table
