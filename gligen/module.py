@@ -93,6 +93,9 @@ class GLIGENModule(L.LightningModule):
         if compile_unet:
             self.ldm.unet.compile()
         self._null_caption: torch.Tensor | None = None  # the frozen text encoder's "" features, encoded once
+        # how this model was trained, written into every checkpoint (the CLI fills it: config, data, code)
+        self.training_provenance: dict = {}
+        self._earlier_commits: list[str] = []  # commits of the attempts before a resume
         # Lightning checkpoints hold only trainable weights; `on_load_checkpoint` checks they are all there
         self.strict_loading = False
 
@@ -269,6 +272,11 @@ class GLIGENModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
                                 "base_fingerprint": self.base_fingerprint, "modality": self.modality.name}
+        if self.training_provenance:
+            commits = list(self._earlier_commits)
+            if self.training_provenance.get("commit") and self.training_provenance["commit"] not in commits[-1:]:
+                commits.append(self.training_provenance["commit"])
+            checkpoint["gligen"]["training"] = {**self.training_provenance, "commits": commits}
         try:
             max_steps = self.trainer.max_steps
         except RuntimeError:  # not attached to a Trainer (a checkpoint written by hand)
@@ -293,6 +301,7 @@ class GLIGENModule(L.LightningModule):
                 f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                 f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
+        self._earlier_commits = list((checkpoint["gligen"].get("training") or {}).get("commits") or [])
         trained_on = checkpoint["gligen"].get("base_fingerprint")  # absent in converted / older checkpoints
         if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint \
                 and not self.allow_other_base:

@@ -3,34 +3,9 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import statistics
-import subprocess
 from collections import defaultdict
 from pathlib import Path
-
-CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ipynb")
-
-
-def git_commit() -> str:
-    """The current commit, with '+dirty' when the code differs from it ('unknown' outside git)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True,
-                                text=True, check=True).stdout.splitlines()
-        # changed or new code and configs make results irreproducible from the commit; result files being
-        # rewritten (tracked results/ of an earlier run, new CSVs and images) do not
-        dirty = [line for line in status if line[3:].endswith(CODE_SUFFIXES) and not line[3:].startswith("results/")]
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def config_hash(config: dict) -> str:
-    """Short stable hash of a JSON-able config (key order does not matter)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

@@ -30,9 +30,10 @@ import torch
 
 from gligen.bench.machine import machine_columns
 from gligen.evaluation.reporting import command_line, write_seed_summary
-from gligen.evaluation.results import git_commit, read_csv
+from gligen.evaluation.results import read_csv
 from gligen.experiments.config import BetaSweepConfig, parse
 from gligen.experiments.sweep import sweep_checkpoint
+from gligen.provenance import git_commit
 from gligen.toy.build import ensure_toy_world, ldm_dir, shard_dir
 from gligen.toy.shipped import reference_checkpoint
 from gligen.training.cli import fit_from_config

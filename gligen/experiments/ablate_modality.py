@@ -34,11 +34,12 @@ import torch
 
 from gligen.evaluation.generate import generate, load_layouts, reconstruct
 from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import config_hash, git_commit, mean_std_table, write_csv
+from gligen.evaluation.results import mean_std_table, write_csv
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
+from gligen.provenance import config_hash, git_commit
 from gligen.sampling import tau_schedule
 from gligen.toy.build import ensure_toy_world
 from gligen.toy.evaluate import toy_layouts

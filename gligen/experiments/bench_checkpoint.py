@@ -21,9 +21,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from gligen.bench.machine import machine_columns
-from gligen.evaluation.results import git_commit, write_csv
+from gligen.evaluation.results import write_csv
 from gligen.experiments.config import BenchCheckpointConfig, parse
 from gligen.nn.grounded_unet import add_grounding
+from gligen.provenance import git_commit
 from gligen.training.checkpointing import AtomicCheckpointIO
 
 

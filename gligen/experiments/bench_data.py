@@ -22,8 +22,9 @@ from gligen.bench.machine import machine_columns
 from gligen.data.convert.precompute import PrecomputeConfig, precompute_shards
 from gligen.data.datamodule import GroundingDataModule
 from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import append_csv, git_commit
+from gligen.evaluation.results import append_csv
 from gligen.experiments.config import BenchDataConfig, parse
+from gligen.provenance import git_commit
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
 from gligen.toy.world import write_split
 

@@ -10,8 +10,9 @@ import torch
 from gligen.bench.machine import machine_columns
 from gligen.bench.sampler import bench_sampler
 from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import append_csv, git_commit
+from gligen.evaluation.results import append_csv
 from gligen.experiments.config import BenchSampleConfig, parse
+from gligen.provenance import git_commit
 
 LAYOUT = {"prompt": "a red circle and a blue square", "phrases": ["a red circle", "a blue square"],
           "boxes": [[0.1, 0.1, 0.45, 0.45], [0.5, 0.4, 0.9, 0.85]]}

@@ -24,8 +24,9 @@ import torch
 
 from gligen.bench.train_step import PRECISIONS, SIZES, StepOptions, bench_size, summary
 from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import append_csv, git_commit
+from gligen.evaluation.results import append_csv
 from gligen.experiments.config import BenchTrainConfig, parse
+from gligen.provenance import git_commit
 
 
 def make_size(name: str, image_size: int | None = None, batch_size: int | None = None):

@@ -31,9 +31,10 @@ import yaml
 
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
-from gligen.evaluation.results import config_hash, git_commit, read_csv, write_csv
+from gligen.evaluation.results import read_csv, write_csv
 from gligen.experiments.config import GridConfig, parse, to_dict
 from gligen.experiments.sweep import sweep_checkpoint, sweep_done
+from gligen.provenance import config_hash, git_commit
 from gligen.toy.build import ensure_toy_world
 from gligen.training.cli import fit_from_config
 from gligen.training.preemption import EXIT_INTERRUPTED, PREEMPTION_SIGNALS, requeue_slurm_job, slurm_job_id

@@ -18,8 +18,8 @@ from pathlib import Path
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
 from gligen.evaluation.generate import beta_sweep, load_layouts
-from gligen.evaluation.results import config_hash, git_commit
 from gligen.module import GLIGENModule
+from gligen.provenance import config_hash, git_commit
 
 DONE = "sweep_done.json"
 
@@ -82,6 +82,9 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
               "ckpt": config["ckpt"], "ckpt_step": identity["global_step"], "ckpt_max_steps": identity["max_steps"],
               "ckpt_complete": identity["complete"], "ckpt_weights_hash": identity["weights_hash"],
+              "ckpt_base_fingerprint": identity["base_fingerprint"], "ckpt_train_commits": identity["train_commits"],
+              "ckpt_train_config_hash": identity["train_config_hash"],
+              "ckpt_train_shards": identity["train_shards_fingerprint"],
               "modality": modality.name, **(provenance or {})}
     rows = [{**row, **common} for row in rows]
     reporting.write_beta_sweep(out, rows, grids, layouts, config)

@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 from gligen.bench.machine import cpu_flags, cpu_name, processor_class, torch_cpu_capability
-from gligen.evaluation.results import append_csv, git_commit
+from gligen.evaluation.results import append_csv
 from gligen.experiments.config import TimeReadmeConfig, parse
+from gligen.provenance import git_commit
 
 ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}

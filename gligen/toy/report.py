@@ -21,9 +21,9 @@ import torch
 
 from gligen.evaluation.generate import generate, load_layouts, reconstruct
 from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import git_commit
 from gligen.ldm import FrozenLDM
 from gligen.module import GLIGENModule
+from gligen.provenance import git_commit
 from gligen.sampling import tau_schedule
 from gligen.toy import world
 from gligen.toy.build import ldm_dir, shard_dir

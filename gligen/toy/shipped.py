@@ -28,8 +28,8 @@ import shutil
 from pathlib import Path
 
 from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint
-from gligen.evaluation.results import git_commit
 from gligen.ldm import weights_fingerprint
+from gligen.provenance import git_commit
 from gligen.toy import world
 from gligen.training.rundir import TrainConfig, config_args, config_paths, load_config
 

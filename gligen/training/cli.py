@@ -37,8 +37,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from gligen.data.shards import resolve_shards
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
+from gligen.provenance import config_hash, files_fingerprint, git_commit
 from gligen.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint, resume_path
 from gligen.training.lightning_internals import disable_lightning_signal_handlers
 from gligen.training.nonfinite import NonFiniteGuard
@@ -169,6 +171,19 @@ class GLIGENCLI(LightningCLI):
             config["ckpt_path"] = resume_path(run_dir)  # None: a fresh run
         if run_dir:
             self._guard_run_dir(Path(run_dir), resuming=config.get("ckpt_path") is not None)
+        self.model.training_provenance = self._training_provenance()
+
+    def _training_provenance(self) -> dict:
+        """What every checkpoint of this fit records about its training: the code commit of this attempt, the
+        resolved config (as saved in run_dir/config.yaml) and its hash, and a fingerprint of the train shards."""
+        text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        shards = getattr(self.datamodule, "train_shards", None) or {}
+        try:
+            fingerprint = files_fingerprint(url for spec in shards.values() for url in resolve_shards(spec))
+        except (OSError, ValueError):  # unresolvable specs are the datamodule's to report
+            fingerprint = None
+        return {"commit": git_commit(), "config": text, "config_hash": config_hash(yaml.safe_load(text)),
+                "train_shards_fingerprint": fingerprint}
 
     def _guard_run_dir(self, run_dir: Path, resuming: bool) -> None:
         """Refuse a rerun that would mix two configurations or two jobs in one run_dir; keep the config history."""

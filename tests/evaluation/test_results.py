@@ -1,6 +1,7 @@
 import subprocess
 
-from gligen.evaluation.results import config_hash, git_commit, mean_std_table
+from gligen.evaluation.results import mean_std_table
+from gligen.provenance import config_hash, git_commit
 
 
 def git(cwd, *args):

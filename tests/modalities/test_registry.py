@@ -20,6 +20,7 @@ from gligen.modalities import Modality, get_modality, modality_names, register_m
 from gligen.modalities.box import box_detector, layout_boxes
 from gligen.nn.fourier import fourier_dim, fourier_embed
 from gligen.nn.tokenizers import check_box_grounding
+from gligen.provenance import config_hash, git_commit
 from gligen.training.cli import main as gligen_main
 from tests.helpers import build_tiny_toy_world
 
@@ -118,8 +119,13 @@ def test_a_fifth_modality_registered_here_trains_samples_and_scores(box_only, tm
         "guidance": 2.0, "batch_size": 2, "detector": "toy", "out": str(tmp_path / "sweep")})
     rows = list(csv.DictReader((sweep / "metrics.csv").open()))
     assert [float(r["tau"]) for r in rows] == [0.0, 1.0]
+    training = saved["gligen"]["training"]  # how it was trained, in the checkpoint and in every row
+    assert training["commits"] == [git_commit()] and training["train_shards_fingerprint"]
+    assert training["config_hash"] == config_hash(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
     for row in rows:
         assert row["modality"] == "box_only" and row["ckpt_step"] == "2"
+        assert row["ckpt_train_config_hash"] == training["config_hash"] and row["ckpt_train_commits"] == git_commit()
+        assert row["ckpt_train_shards"] == training["train_shards_fingerprint"] and row["ckpt_base_fingerprint"]
         assert all(0 <= float(row[m]) <= 1 for m in BoxOnlyModality.metric_names)
         assert "ap50" not in row  # its own metrics, not box's
     summary = (sweep / "summary.md").read_text()
