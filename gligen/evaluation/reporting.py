@@ -126,10 +126,13 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str]) -> list[st
     baseline = min((str(r[arm]) for r in rows), key=lambda v: float(v) if _is_float(v) else 0.0)
     note = ("one trained model: the intervals cover sampling noise only, not training variance"
             if n_train == 1 else f"{n_train} trained models (training seeds); sampling seeds nest inside them")
+    flat = stats.indistinct_metrics(rows, arm, baseline, metrics)
+    caveat = ([f"Not a headline here: {', '.join(flat)} (no {arm} differs from {baseline} beyond its interval: a floor, "
+               "a ceiling or noise).", ""] if flat else [])
     return [f"Mean over training seeds ± their std [95% bootstrap interval] ({note}):", "",
             stats.interval_table(rows, arm, metrics), "",
             f"Differences from {arm} = {baseline} [95% interval] (* the interval excludes 0; paired: the same models "
-            "and sampling seeds in both arms):", "", stats.comparison_table(rows, arm, baseline, metrics), ""]
+            "and sampling seeds in both arms):", "", stats.comparison_table(rows, arm, baseline, metrics), "", *caveat]
 
 
 def _is_float(text: str) -> bool:

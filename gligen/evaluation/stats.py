@@ -100,6 +100,17 @@ def compare(rows: Iterable[Mapping], arm: str, a: str, b: str, metric: str, seed
             "paired": paired, "n_train": min(len(first), len(second))}
 
 
+def indistinct_metrics(rows: list[Mapping], arm: str, baseline: str, metrics: list[str]) -> list[str]:
+    """The metrics no arm moves away from `baseline` beyond its interval (every difference's interval holds 0): at a
+    floor, a ceiling, or inside their noise for this run, so not a headline."""
+    flat = []
+    for metric in metrics:
+        others = sorted({str(r[arm]) for r in rows if r.get(metric) not in (None, "")} - {str(baseline)})
+        if others and not any(compare(rows, arm, baseline, o, metric)["excludes_zero"] for o in others):
+            flat.append(metric)
+    return flat
+
+
 def interval_table(rows: list[Mapping], arm: str, metrics: list[str], digits: int = 3) -> str:
     """Markdown: per arm value, each metric as `mean ± std_train [low, high]` (n training seeds)."""
     stats = {m: summarize(rows, arm, m) for m in metrics}

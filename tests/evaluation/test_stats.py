@@ -65,3 +65,11 @@ def test_comparison_table_marks_differences_that_exclude_zero():
             for t in (0.0, 0.5) for k in range(3) for s in range(2)]
     table = stats.comparison_table(rows, "tau", "0.0", ["m"])
     assert "| 0.5 | +0.500 [+0.500, +0.500] * |" in table
+
+
+def test_a_metric_no_arm_moves_is_flagged_as_not_a_headline():
+    rng = np.random.default_rng(3)
+    rows = [{"tau": t, "train_seed": k, "seed": s, "moves": t + rng.normal(0, 0.01),
+             "saturated": 1.0, "noise": rng.normal(0.5, 0.05)}
+            for t in (0.0, 1.0) for k in range(4) for s in range(3)]
+    assert stats.indistinct_metrics(rows, "tau", "0.0", ["moves", "saturated", "noise"]) == ["saturated", "noise"]
