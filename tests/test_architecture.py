@@ -10,6 +10,7 @@ nothing under it imports it: the toy's detectors are found by name (gligen.metri
 """
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -46,6 +47,7 @@ MAX_LINES = 400
 LONG_ON_PURPOSE = re.compile(r"(?i)(one file on purpose|kept in one file|long on purpose)")
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):

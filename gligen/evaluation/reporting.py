@@ -123,24 +123,17 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str]) -> list[st
     """Summary lines: each arm's mean over training seeds with its std and 95% bootstrap interval
     (gligen.evaluation.stats), and every arm minus the first (lowest) one, * where the interval excludes 0."""
     n_train = len({str(r.get("train_seed", 0) or 0) for r in rows})
-    baseline = min((str(r[arm]) for r in rows), key=lambda v: float(v) if _is_float(v) else 0.0)
+    baseline = min((str(r[arm]) for r in rows), key=stats.arm_order)
     note = ("one trained model: the intervals cover sampling noise only, not training variance"
             if n_train == 1 else f"{n_train} trained models (training seeds); sampling seeds nest inside them")
-    flat = stats.indistinct_metrics(rows, arm, baseline, metrics)
-    caveat = ([f"Not a headline here: {', '.join(flat)} (no {arm} differs from {baseline} beyond its interval: a floor, "
-               "a ceiling or noise).", ""] if flat else [])
+    found = stats.comparisons(rows, arm, baseline, metrics)
+    flat = stats.indistinct_metrics(found)
+    caveat = ([f"Not a headline here: {', '.join(flat)} (no {arm} differs from {baseline} beyond its interval: a "
+               "floor, a ceiling or noise).", ""] if flat else [])
     return [f"Mean over training seeds ± their std [95% bootstrap interval] ({note}):", "",
             stats.interval_table(rows, arm, metrics), "",
             f"Differences from {arm} = {baseline} [95% interval] (* the interval excludes 0; paired: the same models "
-            "and sampling seeds in both arms):", "", stats.comparison_table(rows, arm, baseline, metrics), "", *caveat]
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+            "and sampling seeds in both arms):", "", stats.comparison_table(found, arm, baseline), "", *caveat]
 
 
 def write_seed_summary(out: str | Path, rows: list[dict], config: dict, checkpoints: dict[int, str]) -> None:

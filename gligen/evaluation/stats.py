@@ -71,8 +71,8 @@ def summarize(rows: Iterable[Mapping], arm: str, metric: str, **kwargs) -> dict[
     by_arm: dict[str, list[Mapping]] = defaultdict(list)
     for row in rows:
         by_arm[str(row[arm])].append(row)
-    return {key: summarize_values(nested_values(group, metric), **kwargs) for key, group in by_arm.items()
-            if nested_values(group, metric)}
+    nested = {key: nested_values(group, metric) for key, group in by_arm.items()}
+    return {key: summarize_values(values, **kwargs) for key, values in nested.items() if values}
 
 
 def compare(rows: Iterable[Mapping], arm: str, a: str, b: str, metric: str, seed: int = 0,
@@ -100,21 +100,27 @@ def compare(rows: Iterable[Mapping], arm: str, a: str, b: str, metric: str, seed
             "paired": paired, "n_train": min(len(first), len(second))}
 
 
-def indistinct_metrics(rows: list[Mapping], arm: str, baseline: str, metrics: list[str]) -> list[str]:
-    """The metrics no arm moves away from `baseline` beyond its interval (every difference's interval holds 0): at a
-    floor, a ceiling, or inside their noise for this run, so not a headline."""
-    flat = []
+def comparisons(rows: list[Mapping], arm: str, baseline: str, metrics: list[str]) -> dict[str, dict[str, dict]]:
+    """metric -> other arm value -> `compare(rows, arm, baseline, other, metric)` (arms without the metric left out)."""
+    out: dict[str, dict[str, dict]] = {}
     for metric in metrics:
-        others = sorted({str(r[arm]) for r in rows if r.get(metric) not in (None, "")} - {str(baseline)})
-        if others and not any(compare(rows, arm, baseline, o, metric)["excludes_zero"] for o in others):
-            flat.append(metric)
-    return flat
+        measured = {str(r[arm]) for r in rows if r.get(metric) not in (None, "")}
+        others = sorted(measured - {str(baseline)}, key=arm_order) if str(baseline) in measured else []
+        out[metric] = {other: compare(rows, arm, baseline, other, metric) for other in others}
+    return out
+
+
+def indistinct_metrics(found: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
+    """The metrics of `comparisons` that no arm moves away from the baseline beyond its interval (every difference's
+    interval holds 0): at a floor, a ceiling, or inside their noise for this run, so not a headline."""
+    return [metric for metric, by_arm in found.items()
+            if by_arm and not any(c["excludes_zero"] for c in by_arm.values())]
 
 
 def interval_table(rows: list[Mapping], arm: str, metrics: list[str], digits: int = 3) -> str:
     """Markdown: per arm value, each metric as `mean ± std_train [low, high]` (n training seeds)."""
     stats = {m: summarize(rows, arm, m) for m in metrics}
-    keys = sorted({k for s in stats.values() for k in s}, key=_order)
+    keys = sorted({k for s in stats.values() for k in s}, key=arm_order)
     lines = [f"| {arm} | training seeds | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
     for key in keys:
         n = max(stats[m][key]["n_train"] for m in metrics if key in stats[m])
@@ -124,25 +130,25 @@ def interval_table(rows: list[Mapping], arm: str, metrics: list[str], digits: in
     return "\n".join(lines)
 
 
-def comparison_table(rows: list[Mapping], arm: str, baseline: str, metrics: list[str], digits: int = 3) -> str:
-    """Markdown: every other arm value minus `baseline`, per metric `difference [low, high]` (* = excludes 0)."""
-    others = sorted({str(r[arm]) for r in rows} - {str(baseline)}, key=_order)
+def comparison_table(found: Mapping[str, Mapping[str, Mapping]], arm: str, baseline: str, digits: int = 3) -> str:
+    """Markdown of `comparisons`: every other arm value minus `baseline`, per metric `difference [low, high]` (* =
+    excludes 0)."""
+    metrics = list(found)
+    others = sorted({other for by_arm in found.values() for other in by_arm}, key=arm_order)
     lines = [f"| {arm} - {baseline} | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     for other in others:
         cells = []
         for metric in metrics:
-            try:
-                c = compare(rows, arm, baseline, other, metric)
-            except ValueError:
-                cells.append("")
-                continue
-            mark = " *" if c["excludes_zero"] else ""
-            cells.append(f"{c['difference']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]{mark}")
+            c = found[metric].get(other)
+            mark = " *" if c and c["excludes_zero"] else ""
+            cells.append(f"{c['difference']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]{mark}"
+                         if c else "")
         lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _order(key: str):
+def arm_order(key: str):
+    """Sort key of arm values: numbers by value, then names."""
     try:
         return (0, float(key), "")
     except ValueError:

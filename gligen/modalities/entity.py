@@ -118,7 +118,7 @@ class EntityModality(Modality):
         if not user_layout:
             return
         has_image = batch["entity_masks"].float() * masks
-        has_text = masks * _nonempty(batch["phrases"], masks) if self.text else torch.zeros_like(masks)
+        has_text = masks * batch["phrase_masks"] if self.text else torch.zeros_like(masks)
         missing = (masks > 0) & (has_image + has_text == 0)
         if missing.any():
             i, j = (int(v) for v in missing.nonzero()[0])
@@ -140,7 +140,8 @@ class EntityModality(Modality):
         image_masks = masks * has_image.to(masks.dtype)
         if self.text:
             texts = phrase_features(ldm, batch)
-            phrases_masks = masks * _nonempty(batch["phrases"], masks) if "phrases" in batch else masks
+            # layouts say which boxes have a phrase; in training data every box has one (check_batch)
+            phrases_masks = masks * batch["phrase_masks"].to(masks) if "phrase_masks" in batch else masks
             if training:  # only boxes with both features can lose one; text-only boxes keep their text
                 both = image_masks * phrases_masks
                 kept_text, dropped_images = text_or_image_drop(both, generator)
@@ -153,7 +154,8 @@ class EntityModality(Modality):
 
     def layouts_batch(self, layouts, max_objects=MAX_OBJECTS, max_persons=MAX_PERSONS, ldm=None):
         boxes, masks, phrases = layout_boxes(layouts, max_objects)
-        batch = {"boxes": boxes, "masks": masks, "phrases": phrases}
+        phrase_masks = torch.tensor([[1.0 if p else 0.0 for p in row] for row in phrases])
+        batch = {"boxes": boxes, "masks": masks, "phrases": phrases, "phrase_masks": phrase_masks}
         if ldm is None:
             batch["entity_masks"] = torch.tensor(
                 [[float(has_entity(o)) for o in layout.get("objects", [])[:max_objects]]
@@ -192,8 +194,3 @@ class EntityModality(Modality):
                 f"project's text_image modality needs the text encoder width {text_width} and 8")
         return TextImageBoxTokenizer(in_dim=text_width, out_dim=width), {"modality": self.name}
 
-
-def _nonempty(phrases, masks: torch.Tensor) -> torch.Tensor:
-    """1 where a box's phrase is non-empty, as masks' dtype and device."""
-    return torch.tensor([[1.0 if p else 0.0 for p in row] for row in phrases], dtype=masks.dtype,
-                        device=masks.device)

@@ -169,14 +169,15 @@ class GLIGENCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if run_dir and config.get("ckpt_path") == "last":
             config["ckpt_path"] = resume_path(run_dir)  # None: a fresh run
-        if run_dir:
-            self._guard_run_dir(Path(run_dir), resuming=config.get("ckpt_path") is not None)
-        self.model.training_provenance = self._training_provenance()
-
-    def _training_provenance(self) -> dict:
-        """What every checkpoint of this fit records about its training: the code commit of this attempt, the
-        resolved config (as saved in run_dir/config.yaml) and its hash, and a fingerprint of the train shards."""
         text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        if run_dir:
+            self._guard_run_dir(Path(run_dir), text, resuming=config.get("ckpt_path") is not None)
+        self.model.training_provenance = self._training_provenance(text)
+
+    def _training_provenance(self, text: str) -> dict:
+        """What every checkpoint of this fit records about its training: the code commit of this attempt, the
+        resolved config `text` (as saved in run_dir/config.yaml) and its hash, and a fingerprint of the train
+        shards."""
         shards = getattr(self.datamodule, "train_shards", None) or {}
         try:
             fingerprint = files_fingerprint(url for spec in shards.values() for url in resolve_shards(spec))
@@ -185,9 +186,9 @@ class GLIGENCLI(LightningCLI):
         return {"commit": git_commit(), "config": text, "config_hash": config_hash(yaml.safe_load(text)),
                 "train_shards_fingerprint": fingerprint}
 
-    def _guard_run_dir(self, run_dir: Path, resuming: bool) -> None:
-        """Refuse a rerun that would mix two configurations or two jobs in one run_dir; keep the config history."""
-        text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+    def _guard_run_dir(self, run_dir: Path, text: str, resuming: bool) -> None:
+        """Refuse a rerun that would mix two configurations or two jobs in one run_dir (`text`: this run's resolved
+        config); keep the config history."""
         saved_path = run_dir / "config.yaml"
         if resuming and saved_path.exists() and not self._get(self.config, "allow_config_change", default=False):
             # a config.yaml saved before the links listed the linked data keys; they follow the model keys compared

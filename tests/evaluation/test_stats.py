@@ -63,7 +63,7 @@ def test_one_training_seed_has_no_training_spread_and_says_so():
 def test_comparison_table_marks_differences_that_exclude_zero():
     rows = [{"tau": t, "train_seed": k, "seed": s, "m": t + 0.01 * k + 0.001 * s}
             for t in (0.0, 0.5) for k in range(3) for s in range(2)]
-    table = stats.comparison_table(rows, "tau", "0.0", ["m"])
+    table = stats.comparison_table(stats.comparisons(rows, "tau", "0.0", ["m"]), "tau", "0.0")
     assert "| 0.5 | +0.500 [+0.500, +0.500] * |" in table
 
 
@@ -72,4 +72,5 @@ def test_a_metric_no_arm_moves_is_flagged_as_not_a_headline():
     rows = [{"tau": t, "train_seed": k, "seed": s, "moves": t + rng.normal(0, 0.01),
              "saturated": 1.0, "noise": rng.normal(0.5, 0.05)}
             for t in (0.0, 1.0) for k in range(4) for s in range(3)]
-    assert stats.indistinct_metrics(rows, "tau", "0.0", ["moves", "saturated", "noise"]) == ["saturated", "noise"]
+    found = stats.comparisons(rows, "tau", "0.0", ["moves", "saturated", "noise"])
+    assert stats.indistinct_metrics(found) == ["saturated", "noise"]
