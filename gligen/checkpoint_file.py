@@ -51,16 +51,19 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, Any]:
     """What a result must name about the checkpoint it came from: `global_step`, the run's `max_steps` when the
     checkpoint was written (None: unknown, e.g. converted or older checkpoints), `complete` (step >= max_steps;
     None when unknown), `weights_hash`, the base LDM's fingerprint, and how it was trained when the checkpoint says
-    (older ones do not): the commits of its training attempts, its config's hash, its train shards' fingerprint."""
+    (older ones do not): the commits of its training attempts, its config's hash, its train shards' fingerprint;
+    `weights_changed`: True when the weights differ from the hash training recorded on saving them (the file was
+    edited since), None when no hash was recorded (older, converted or hand-written checkpoints)."""
     checkpoint = read_checkpoint(path)
     step = checkpoint.get("global_step")
     gligen = checkpoint.get("gligen") or {}
+    current, recorded = weights_hash(checkpoint["state_dict"]), gligen.get("weights_hash")
     max_steps = gligen.get("max_steps")
     max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
     training = gligen.get("training") or {}
     return {"global_step": step, "max_steps": max_steps,
             "complete": None if max_steps is None or step is None else step >= max_steps,
-            "weights_hash": weights_hash(checkpoint["state_dict"]),
+            "weights_hash": current, "weights_changed": None if recorded is None else recorded != current,
             "base_fingerprint": gligen.get("base_fingerprint"),
             "train_commits": " ".join(training.get("commits") or []) or None,
             "train_config_hash": training.get("config_hash"),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from gligen.checkpoint_file import read_checkpoint
+from gligen.checkpoint_file import read_checkpoint, weights_hash
 from gligen.constants import MAX_OBJECTS, MAX_PERSONS
 from gligen.ldm import FrozenLDM, weights_fingerprint
 from gligen.modalities import DEFAULT_MODALITY, Modality, get_modality
@@ -270,8 +270,10 @@ class GLIGENModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, _ in self.trainable_named_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # the weights as training saved them: a later edit of the file shows (checkpoint_identity: weights_changed)
         checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
-                                "base_fingerprint": self.base_fingerprint, "modality": self.modality.name}
+                                "base_fingerprint": self.base_fingerprint, "modality": self.modality.name,
+                                "weights_hash": weights_hash(checkpoint["state_dict"])}
         if self.training_provenance:
             commits = list(self._earlier_commits)
             if self.training_provenance.get("commit") and self.training_provenance["commit"] not in commits[-1:]:

@@ -91,6 +91,13 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
                  f"grounding ({grounding}) and quality (FID) vs tau")
     for tau, images in grids.items():
         save_image(grid_image(images, layouts).float() / 255, out / f"samples_tau{tau:g}.png")
+    (out / "summary.md").write_text(beta_sweep_summary(out, rows, config))
+    write_tensorboard(out / "tensorboard", rows, grids, layouts, "tau")
+
+
+def beta_sweep_summary(out: Path, rows: list[dict], config: dict) -> str:
+    """summary.md of one tau sweep, from its rows (metrics.csv) and config (config.json) alone."""
+    grounding = primary_metric(rows[0])
     provenance = rows[0]
     modality = f" ({provenance['modality']})" if provenance.get("modality") else ""
     summary = [
@@ -115,46 +122,80 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
         "tensorboard/ (`tensorboard --logdir " + str(out / "tensorboard") + "`).",
         "",
     ]
-    (out / "summary.md").write_text("\n".join(summary))
-    write_tensorboard(out / "tensorboard", rows, grids, layouts, "tau")
+    return "\n".join([*summary, summary_marker("beta_sweep"), ""])
 
 
-def interval_sections(rows: list[dict], arm: str, metrics: list[str]) -> list[str]:
+def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bool | None = None) -> list[str]:
     """Summary lines: each arm's mean over training seeds with its std and 95% bootstrap interval
-    (gligen.evaluation.stats), and every arm minus the first (lowest) one, * where the interval excludes 0."""
+    (gligen.evaluation.stats), and every arm minus the first (lowest) one, * where the interval excludes 0.
+    `paired` as in stats.compare: False for arms that are different trained models under the same seed numbers
+    (the gamma_init arms of a grid), None to pair arms with the same seeds (the tau values of one model)."""
     n_train = len({str(r.get("train_seed", 0) or 0) for r in rows})
     baseline = min((str(r[arm]) for r in rows), key=stats.arm_order)
-    note = ("one trained model: the intervals cover sampling noise only, not training variance"
-            if n_train == 1 else f"{n_train} trained models (training seeds); sampling seeds nest inside them")
-    found = stats.comparisons(rows, arm, baseline, metrics)
+    if paired is False:
+        note = ("one trained model per arm: the intervals cover sampling noise only, not training variance"
+                if n_train == 1 else f"{n_train} training seeds per arm, each arm its own trained models; sampling "
+                "seeds nest inside them")
+        pairing = f"unpaired: every {arm} is a different trained model, each arm resampled on its own"
+    else:
+        note = ("one trained model: the intervals cover sampling noise only, not training variance"
+                if n_train == 1 else f"{n_train} trained models (training seeds); sampling seeds nest inside them")
+        pairing = "paired: the same models and sampling seeds in both arms"
+    found = stats.comparisons(rows, arm, baseline, metrics, paired=paired)
     flat = stats.indistinct_metrics(found)
     caveat = ([f"Not a headline here: {', '.join(flat)} (no {arm} differs from {baseline} beyond its interval: a "
                "floor, a ceiling or noise).", ""] if flat else [])
     return [f"Mean over training seeds ± their std [95% bootstrap interval] ({note}):", "",
             stats.interval_table(rows, arm, metrics), "",
-            f"Differences from {arm} = {baseline} [95% interval] (* the interval excludes 0; paired: the same models "
-            "and sampling seeds in both arms):", "", stats.comparison_table(found, arm, baseline), "", *caveat]
+            f"Differences from {arm} = {baseline} [95% interval] (* the interval excludes 0; {pairing}):", "",
+            stats.comparison_table(found, arm, baseline), "", *caveat]
 
 
-def write_seed_summary(out: str | Path, rows: list[dict], config: dict, checkpoints: dict[int, str]) -> None:
+def write_seed_summary(out: str | Path, rows: list[dict], config: dict) -> None:
     """metrics.csv, summary.md and the plot over every training seed's sweep (each in <out>/train_seed<s>)."""
     out = Path(out)
     write_csv(rows, out / "metrics.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     grounding = primary_metric(rows[0])
+    n_train = len({str(r["train_seed"]) for r in rows})
     plot_against(rows, "tau", grounding, "fid", out / "ap_fid_vs_tau.png",
-                 f"grounding ({grounding}) and quality (FID) vs tau, {len(checkpoints)} training seeds")
-    identity = {str(r["train_seed"]): r for r in rows}
+                 f"grounding ({grounding}) and quality (FID) vs tau, {n_train} training seeds")
+    (out / "summary.md").write_text(seed_summary(rows, config))
+
+
+def seed_summary(rows: list[dict], config: dict) -> str:
+    """summary.md over training seeds, from the rows of every seed's sweep (metrics.csv) and config (config.json)."""
+    grounding = primary_metric(rows[0])
+    models = {str(r["train_seed"]): r for r in rows}  # training seed -> one of its rows (its checkpoint's identity)
     lines = ["# Scheduled sampling sweep over training seeds", "", f"Command: `{command_line()}`", "",
              (f"git commit `{rows[0]['git_commit']}`, {rows[0]['num_images']} layouts per cell, sampling seeds "
-              f"{sorted({r['seed'] for r in rows})}, sampler {config['sampler']}, {config['steps']} steps, guidance "
-              f"{config['guidance']}; base `{config.get('pretrained')}`."), "",
+              f"{sorted({int(r['seed']) for r in rows})}, sampler {config['sampler']}, {config['steps']} steps, "
+              f"guidance {config['guidance']}; base `{config.get('pretrained')}`."), "",
              "| training seed | checkpoint | step | weights hash |", "|---|---|---|---|",
-             *[f"| {seed} | `{ckpt}` | {identity[str(seed)].get('ckpt_step', '')} | "
-               f"`{identity[str(seed)].get('ckpt_weights_hash', '')}` |" for seed, ckpt in checkpoints.items()], "",
+             *[f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` |"
+               for seed, r in models.items()], "",
              *interval_sections(rows, "tau", [grounding, "fid"]),
-             "Per training seed: train_seed<s>/ (metrics.csv, summary.md, sample grids, tensorboard/).", ""]
-    (out / "summary.md").write_text("\n".join(lines))
+             "Per training seed: train_seed<s>/ (metrics.csv, summary.md, sample grids, tensorboard/).", "",
+             summary_marker("seed_sweeps"), ""]
+    return "\n".join(lines)
+
+
+def summary_marker(kind: str) -> str:
+    """The last line of a summary.md: which function wrote it, so `python experiments/verify.py` can recompute its
+    tables from the rows."""
+    return f"<!-- gligen summary: {kind}; its tables recompute from the rows (python experiments/verify.py) -->"
+
+
+def table_blocks(text: str) -> list[str]:
+    """The markdown tables of a text, in order (each a block of consecutive lines starting with '|')."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    return blocks + (["\n".join(current)] if current else [])
 
 
 def write_tensorboard(log_dir: Path, rows: list[dict], grids: dict, layouts: list[dict], axis: str) -> None:
@@ -212,3 +253,76 @@ def write_grid_report(out: str | Path, rows: list[dict]) -> None:
             values = {f"hp/{m}": float(row[m]) for m in beta_metrics() if row.get(m) is not None}
             writer.add_hparams(hparams, values, run_name=f"{row['cell']}/tau{float(row['tau']):g}_seed"
                                                          f"{row['sample_seed']}")
+
+
+def grid_stats_rows(rows: list[dict]) -> list[dict]:
+    """A grid summary's swept rows in the keys gligen.evaluation.stats reads: its `seed` (the cell's training seed)
+    as train_seed, its `sample_seed` as seed; tau and gamma_init as numbers. Rows without a tau (cells not swept)
+    are left out."""
+    return [{**r, "train_seed": r["seed"], "seed": r["sample_seed"], "tau": float(r["tau"]),
+             "gamma_init": float(r["gamma_init"])} for r in rows if r.get("tau") not in (None, "")]
+
+
+def write_grid_summary(out: str | Path, rows: list[dict], command: str | None = None) -> Path:
+    """<out>/summary.md of a training grid's summary rows (experiments/grid.py collect)."""
+    path = Path(out) / "summary.md"
+    path.write_text(grid_summary(rows, command))
+    return path
+
+
+def grid_summary(rows: list[dict], command: str | None = None) -> str:
+    """A grid's summary from its summary.csv rows alone: the command, git commits, cells trained / swept, then per
+    modality, at the smallest tau (the base LDM at tau 0) and the largest (full grounding), the 95% intervals over
+    training seeds per gamma_init of its grounding metric and FID with the (unpaired) differences from the first
+    gamma_init, and the (paired) largest minus smallest tau per gamma_init."""
+    cells = {}  # cell -> one of its rows (status and sweep_status are the cell's)
+    for row in rows:
+        cells.setdefault(row.get("cell") or (row["gamma_init"], row["modality"], row["seed"]), row)
+    trained = sum(r.get("status") == "done" for r in cells.values())
+    swept_cells = sum(r.get("sweep_status") == "done" for r in cells.values())
+    commits = sorted({str(r["git_commit"]) for r in rows if r.get("git_commit")})
+    swept = grid_stats_rows(rows)
+    lines = ["# Training grid: gamma_init x modality x training seed, a tau sweep per cell", "",
+             f"Command: `{command or command_line()}`", "",
+             f"git commit{'s' if len(commits) > 1 else ''}: {', '.join(f'`{c}`' for c in commits) or 'unknown'}.", "",
+             f"{trained}/{len(cells)} cells trained, {swept_cells} swept ({len(swept)} rows of cell x tau x sampling "
+             "seed).", ""]
+    if not swept:
+        lines += ["No cell is swept yet: no intervals. Sweep the cells (run-local or submit), then collect again.", ""]
+    else:
+        lines += ["Intervals rest on the training seeds (each a separately trained model), sampling seeds nested "
+                  "inside them (gligen.evaluation.stats). Differences between gamma_init values are unpaired: every "
+                  "gamma_init is a different trained model, even under the same seed numbers. Differences between "
+                  "tau values are paired: the same model and sampling seeds at both.", ""]
+        for modality in dict.fromkeys(str(r["modality"]) for r in swept):
+            lines += _grid_modality_sections(modality, [r for r in swept if str(r["modality"]) == modality])
+    lines += ["Files: summary.csv (every row)" + (", grounding_vs_tau.png, tensorboard/ (HParams: one run per row)."
+                                                  if swept else "."), "", summary_marker("grid"), ""]
+    return "\n".join(lines)
+
+
+def _grid_modality_sections(modality: str, rows: list[dict]) -> list[str]:
+    """One modality's part of the grid summary (rows: grid_stats_rows of its cells)."""
+    metrics = [primary_metric(rows[0]), "fid"]
+    taus = sorted({r["tau"] for r in rows})
+    lines = [f"## {modality}", "", f"Grounding metric: {metrics[0]}; quality: fid.", ""]
+    for tau in dict.fromkeys((taus[0], taus[-1])):
+        what = " (the base LDM: no grounding)" if tau == 0 else " (grounding at every step)" if tau == 1 else ""
+        lines += [f"### tau = {tau:g}{what}: per gamma_init", "",
+                  *interval_sections([r for r in rows if r["tau"] == tau], "gamma_init", metrics, paired=False)]
+    if len(taus) > 1:
+        found: dict[str, dict[str, dict]] = {m: {} for m in metrics}
+        for gamma in sorted({r["gamma_init"] for r in rows}):
+            ends = [r for r in rows if r["gamma_init"] == gamma and r["tau"] in (taus[0], taus[-1])]
+            for metric, by_tau in stats.comparisons(ends, "tau", str(taus[0]), metrics).items():
+                if str(taus[-1]) in by_tau:
+                    found[metric][str(gamma)] = by_tau[str(taus[-1])]
+        found_all = [c for by_gamma in found.values() for c in by_gamma.values()]
+        n_train = sorted({c["n_train"] for c in found_all})
+        pairing = ("paired: the same model and sampling seeds at both tau" if all(c["paired"] for c in found_all)
+                   else "paired where both tau have the same sampling seeds, else unpaired")
+        lines += [f"### tau = {taus[-1]:g} minus tau = {taus[0]:g}, per gamma_init", "",
+                  f"Each gamma_init's tau = {taus[-1]:g} minus tau = {taus[0]:g} [95% interval] (* the interval "
+                  f"excludes 0; {pairing}; {' / '.join(map(str, n_train))} training seeds per gamma_init):", "",
+                  stats.comparison_table(found, f"gamma_init: tau {taus[-1]:g}", f"tau {taus[0]:g}"), ""]
+    return lines

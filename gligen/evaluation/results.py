@@ -8,6 +8,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def checkpoint_columns(ckpt, identity: dict) -> dict:
+    """The columns naming the model a result row came from (`gligen.checkpoint_file.checkpoint_identity` of `ckpt`):
+    its path, step, whether training finished, the hash of its weights, the base it was trained on, and how it was
+    trained (commits, config hash, train shards)."""
+    return {"ckpt": str(ckpt), "ckpt_step": identity["global_step"], "ckpt_max_steps": identity["max_steps"],
+            "ckpt_complete": identity["complete"], "ckpt_weights_hash": identity["weights_hash"],
+            "ckpt_base_fingerprint": identity["base_fingerprint"], "ckpt_train_commits": identity["train_commits"],
+            "ckpt_train_config_hash": identity["train_config_hash"],
+            "ckpt_train_shards": identity["train_shards_fingerprint"]}
+
+
 def write_csv(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

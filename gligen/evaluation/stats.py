@@ -8,7 +8,8 @@ seeds are the unit of replication (each is a separately trained model); sampling
   bootstrap (training seeds with replacement, then sampling seeds with replacement inside each).
 - `compare`: arm b minus arm a, with its bootstrap interval and whether it excludes 0. Paired when both arms share
   their training seeds (tau values of one model: the difference is taken per training and sampling seed before
-  resampling), unpaired otherwise (different models per arm: each arm is resampled on its own).
+  resampling), unpaired otherwise (different models per arm: each arm is resampled on its own). `paired=False`
+  forces unpaired for arms that are different models under the same seed numbers (gamma_init arms of a grid).
 
 Layouts are not resampled: the set-level metrics (AP over all layouts of a cell) have no per-layout value. With few
 training seeds a percentile bootstrap is too narrow (3 seeds: 10 distinct resamples); the summaries say how many
@@ -76,16 +77,22 @@ def summarize(rows: Iterable[Mapping], arm: str, metric: str, **kwargs) -> dict[
 
 
 def compare(rows: Iterable[Mapping], arm: str, a: str, b: str, metric: str, seed: int = 0,
-            samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE) -> dict[str, float | bool]:
+            samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE, paired: bool | None = None
+            ) -> dict[str, float | bool]:
     """b - a for `metric` between two values of `arm`: difference of means, its interval, whether the interval
-    excludes 0, and whether it was paired (same training and sampling seeds in both arms)."""
+    excludes 0, and whether it was paired. `paired` None: paired when both arms have the same training and sampling
+    seeds; False: unpaired whatever the seeds (arms that are different trained models under the same seed numbers,
+    e.g. gamma_init values); True: paired, a ValueError when the seeds differ."""
     rows = list(rows)
     first = nested_values([r for r in rows if str(r[arm]) == str(a)], metric)
     second = nested_values([r for r in rows if str(r[arm]) == str(b)], metric)
     if not first or not second:
         raise ValueError(f"no {metric} rows for {arm} = {a!r} or {b!r}")
     rng = np.random.default_rng(seed)
-    paired = first.keys() == second.keys() and all(first[t].keys() == second[t].keys() for t in first)
+    same_seeds = first.keys() == second.keys() and all(first[t].keys() == second[t].keys() for t in first)
+    if paired and not same_seeds:
+        raise ValueError(f"{arm} = {a!r} and {b!r} do not have the same training and sampling seeds: no pairs")
+    paired = same_seeds if paired is None else paired
     if paired:
         groups = [np.array([second[t][s] - first[t][s] for s in first[t]]) for t in first]
         draws = _bootstrap_means(groups, rng, samples)
@@ -100,13 +107,15 @@ def compare(rows: Iterable[Mapping], arm: str, a: str, b: str, metric: str, seed
             "paired": paired, "n_train": min(len(first), len(second))}
 
 
-def comparisons(rows: list[Mapping], arm: str, baseline: str, metrics: list[str]) -> dict[str, dict[str, dict]]:
-    """metric -> other arm value -> `compare(rows, arm, baseline, other, metric)` (arms without the metric left out)."""
+def comparisons(rows: list[Mapping], arm: str, baseline: str, metrics: list[str], paired: bool | None = None
+                ) -> dict[str, dict[str, dict]]:
+    """metric -> other arm value -> `compare(rows, arm, baseline, other, metric, paired=paired)` (arms without the
+    metric left out)."""
     out: dict[str, dict[str, dict]] = {}
     for metric in metrics:
         measured = {str(r[arm]) for r in rows if r.get(metric) not in (None, "")}
         others = sorted(measured - {str(baseline)}, key=arm_order) if str(baseline) in measured else []
-        out[metric] = {other: compare(rows, arm, baseline, other, metric) for other in others}
+        out[metric] = {other: compare(rows, arm, baseline, other, metric, paired=paired) for other in others}
     return out
 
 

@@ -37,7 +37,7 @@ from gligen.provenance import git_commit
 from gligen.toy.build import ensure_toy_world, ldm_dir, shard_dir
 from gligen.toy.shipped import reference_checkpoint
 from gligen.training.cli import fit_from_config
-from gligen.training.rundir import load_config
+from gligen.training.rundir import seed_run
 
 SWITCHES = ("rebuild", "retrain")  # how to get there, not what is measured: not in the sweep's config (hash)
 
@@ -91,19 +91,13 @@ def replicate(config: dict, train_seeds: list[int], shipped_ckpt: str | None, st
     if config.get("ckpt") and not shipped_ckpt:
         raise SystemExit("--train_seeds trains one model per seed: give train_config, not ckpt (one checkpoint is "
                          "one training seed)")
-    settings = load_config(config["train_config"])
-    own_seed, run_dir = int(settings.get("seed_everything", 0)), settings.get("run_dir")
     out, checkpoints, rows = Path(config["out"]), {}, []
     for seed in dict.fromkeys(int(s) for s in train_seeds):
         start = time.perf_counter()
-        if seed == own_seed and shipped_ckpt:
+        overrides, _ = seed_run(config["train_config"], seed)
+        if not overrides and shipped_ckpt:  # the config's own seed: the shipped checkpoint is what it trains
             ckpt = shipped_ckpt
         else:
-            overrides = ["--seed_everything", str(seed)]
-            if seed != own_seed:
-                if not run_dir:
-                    raise SystemExit(f"{config['train_config']}: no run_dir, so training seeds cannot get their own")
-                overrides += ["--run_dir", f"{run_dir}_seed{seed}"]
             ckpt = str(fit_from_config(config["train_config"], *overrides))
         stages[f"train_seed{seed}_train_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
@@ -113,5 +107,5 @@ def replicate(config: dict, train_seeds: list[int], shipped_ckpt: str | None, st
         stages[f"train_seed{seed}_sweep_s"] = round(time.perf_counter() - start, 1)
         checkpoints[seed] = ckpt
         rows += read_csv(seed_out / "metrics.csv")
-    write_seed_summary(out, rows, config, checkpoints)
+    write_seed_summary(out, rows, config)
     return checkpoints

@@ -15,8 +15,13 @@ any step), and scored with the modality's metric (gligen.modalities, Modality.me
 the boxes; keypoint PCK@0.1 and OKS AP of the pose read-back vs the persons; image / text_image entity AP50, the class
 to find in each box being the class of its reference image.
 
-Writes <out>/metrics.csv (one row per modality x tau x seed, with git commit and config hash), summary.md (mean +- std
-per modality and tau, and the command), modalities.png (bar plots of each modality's primary and placement metrics),
+--train_seeds [0,1,2] replicates over training: one model per modality and seed (the config's own seed in its
+run_dir, another in <run_dir>_seed<s>), each trained when missing; the summary's intervals are over those models.
+
+Writes <out>/metrics.csv (one row per modality x training seed x tau x sampling seed, with git commit, config hash and
+the checkpoint's identity: step, weights hash, base, training commits), summary.md (per modality and tau: mean over
+training seeds, their std and a 95% bootstrap interval; tau 1 - tau 0 with its interval; metrics at the VAE ceiling
+or saturated; the command), modalities.png (bar plots of each modality's primary and placement metrics),
 sample grids samples_<modality>_tau<tau>.png (seed seeds[0], layout drawn: boxes, keypoints, skeletons) and TensorBoard
 events in <out>/tensorboard.
 """
@@ -32,9 +37,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from gligen.checkpoint_file import checkpoint_identity
+from gligen.evaluation import stats
 from gligen.evaluation.generate import generate, load_layouts, reconstruct
-from gligen.evaluation.reporting import command_line
-from gligen.evaluation.results import mean_std_table, write_csv
+from gligen.evaluation.reporting import command_line, interval_sections, summary_marker
+from gligen.evaluation.results import checkpoint_columns, write_csv
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
 from gligen.modalities import get_modality, modality_names
@@ -44,7 +51,7 @@ from gligen.sampling import tau_schedule
 from gligen.toy.build import ensure_toy_world
 from gligen.toy.evaluate import toy_layouts
 from gligen.training.cli import fit_from_config
-from gligen.training.rundir import config_paths, describe_config, is_trained, load_config
+from gligen.training.rundir import config_paths, describe_config, is_trained, seed_run
 
 
 def parse_args(argv=None) -> dict:
@@ -58,22 +65,35 @@ def parse_args(argv=None) -> dict:
     return to_dict(config)
 
 
-def checkpoint_for(modality: str, config: dict) -> str:
-    """The modality's checkpoint: given, found in its run_dir, or trained now."""
+def checkpoint_for(modality: str, config: dict, train_seed: int | None = None) -> str:
+    """The modality's checkpoint for one training seed (None: the train config's own): given, found finished in
+    its run_dir (<run_dir>_seed<s> for another seed, gligen.training.rundir.seed_run), or trained now."""
     if config["ckpts"].get(modality):
         return str(config["ckpts"][modality])
     train_config = config["train_configs"].get(modality)
     if not train_config or not all(path.exists() for path in config_paths(train_config)):
         raise SystemExit(f"{modality}: no checkpoint and no train config ({train_config!r}); pass --ckpts.{modality} "
                          f"<file> or --train_configs.{modality} <yaml>")
-    run_dir = load_config(train_config).get("run_dir")
-    last = Path(run_dir) / "checkpoints" / "last.ckpt" if run_dir else None
-    if last is not None and last.exists() and is_trained(train_config):
+    overrides, run_dir = seed_run(train_config, train_seed)
+    last = run_dir / "checkpoints" / "last.ckpt" if run_dir else None
+    if last is not None and last.exists() and is_trained(train_config, overrides):
         return str(last)
     # none yet, or half-trained (a run cut short): fit resumes it to its max_steps; never scored half-way
     resuming = " (resuming a half-trained run)" if last and last.exists() else ""
-    print(f"{modality}: training {describe_config(train_config)}{resuming}")
-    return str(fit_from_config(train_config))
+    seed = f", training seed {train_seed}" if overrides else ""
+    print(f"{modality}: training {describe_config(train_config)}{seed}{resuming}")
+    return str(fit_from_config(train_config, *overrides))
+
+
+def training_seeds(config: dict) -> list[int | None]:
+    """The training seeds to replicate over ([None]: one model, the train config's own seed). Given checkpoints
+    are one training seed each: they cannot be replicated."""
+    seeds = list(dict.fromkeys(int(s) for s in config.get("train_seeds") or [])) or [None]
+    given = sorted(m for m in config["modalities"] if config["ckpts"].get(m))
+    if given and len(seeds) > 1:
+        raise SystemExit(f"--train_seeds trains one model per seed; --ckpts.{given[0]} is one trained model: give "
+                         "train configs instead, or one training seed")
+    return seeds
 
 
 def modality_layouts(modality: str, config: dict, toy: bool) -> tuple[list[dict], list[np.ndarray]]:
@@ -87,12 +107,11 @@ def modality_layouts(modality: str, config: dict, toy: bool) -> tuple[list[dict]
                         entity_images=get_modality(modality).entity_images)
 
 
-def evaluate_modality(modality: str, config: dict, toy: bool
-                      ) -> tuple[list[dict], dict[float, list[np.ndarray]], list[dict], dict]:
-    """Rows (tau x seed), sample grids, layouts, and the VAE ceiling: the same metrics on VAE reconstructions of the
-    real images (no model in this latent space can score higher; a low ceiling means the autoencoder, not
-    grounding, caps the metric)."""
-    ckpt = checkpoint_for(modality, config)
+def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | None = None
+                      ) -> tuple[list[dict], dict[float, list[np.ndarray]], list[dict], GLIGENModule]:
+    """Rows (tau x sampling seed) of one trained model (training seed `train_seed`), its sample grids, the layouts,
+    and the model."""
+    ckpt = checkpoint_for(modality, config, train_seed)
     module = GLIGENModule.from_checkpoint(ckpt, config.get("pretrained"))
     if module.modality is not get_modality(modality):
         raise SystemExit(f"{ckpt}: a {module.modality.name!r} checkpoint, listed for {modality!r}")
@@ -100,9 +119,11 @@ def evaluate_modality(modality: str, config: dict, toy: bool
         module = module.cuda()
     layouts, references = modality_layouts(modality, config, toy)
     detector = module.modality.detector(config)
-    provenance = {"git_commit": git_commit(), "num_images": len(layouts), "ckpt": ckpt,
+    provenance = {"git_commit": git_commit(), "num_images": len(layouts),
                   "config_hash": config_hash({**config, "modality": modality, "train_config": _text(
-                      config["train_configs"].get(modality))})}
+                      config["train_configs"].get(modality))}),
+                  "train_seed": 0 if train_seed is None else train_seed,
+                  **checkpoint_columns(ckpt, checkpoint_identity(ckpt))}
     rows, grids = [], {}
     for tau in config["taus"]:
         for seed in config["seeds"]:
@@ -116,11 +137,19 @@ def evaluate_modality(modality: str, config: dict, toy: bool
             rows.append(row)
             if seed == config["seeds"][0]:
                 grids[tau] = images[: config["grid_size"]]
-            print(f"{modality} tau={tau:g} seed={seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    metrics = module.modality.metrics(reconstruct(module.ldm, references), layouts, detector)
-    ceiling = {"modality": modality, **headline(module.modality, metrics), **metrics, **provenance}
+            print(f"{modality} train seed {provenance['train_seed']} tau={tau:g} seed={seed}: "
+                  + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return rows, grids, layouts, module
+
+
+def vae_ceiling(modality: str, module: GLIGENModule, config: dict, toy: bool) -> dict:
+    """The modality's metrics on VAE reconstructions of the real images of its layouts: no model in this latent
+    space can score higher; a low ceiling means the autoencoder, not grounding, caps the metric."""
+    layouts, references = modality_layouts(modality, config, toy)
+    metrics = module.modality.metrics(reconstruct(module.ldm, references), layouts, module.modality.detector(config))
     print(f"{modality} VAE reconstructions: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    return rows, grids, layouts, ceiling
+    return {"modality": modality, **headline(module.modality, metrics), **metrics, "git_commit": git_commit(),
+            "num_images": len(layouts), "base_fingerprint": module.base_fingerprint}
 
 
 def headline(modality, metrics: dict) -> dict:
@@ -180,31 +209,7 @@ def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, confi
         grid = layouts_grid(images, layouts[modality])
         grid_images[(modality, tau)] = grid
         save_image(grid.float() / 255, out / f"samples_{modality}_tau{tau:g}.png")
-    first = rows[0]
-    summary = ["# Grounding modalities: each modality's own metric, GLIGEN (tau = 1) vs the base LDM (tau = 0)", "",
-               f"Command: `{command_line()}`", "",
-               (f"git commit `{first['git_commit']}`, seeds {config['seeds']}, {config['num_images']} layouts per cell, "
-               f"sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}. "
-               "tau = 0 is the frozen base LDM on the same layouts and seeds."), "",
-               ("Primary metric (class / joint aware) and placement metric (class = colour; persons class-agnostic) "
-                "per modality, mean ± std over seeds:"), "",
-               mean_std_table([{**r, "cell": f"{r['modality']} ({r['metric']} / {r['placement_metric']}) "
-                                             f"tau={r['tau']:g}"} for r in rows], "cell", ["value", "placement"]),
-               "", ("VAE ceiling: the same metrics on VAE reconstructions of the real images of the same layouts "
-                    "(what the latent space can carry; no model on this VAE can score higher):"), "",
-               "| modality | primary | placement |", "|---|---|---|",
-               *[f"| {c['modality']} | {c['metric']} {c['value']:.3f} | {c['placement_metric']} {c['placement']:.3f} |"
-                 for c in ceilings], ""]
-    for modality in dict.fromkeys(r["modality"] for r in rows):
-        mine = [r for r in rows if r["modality"] == modality]
-        metrics = [m for m in get_modality(modality).metric_names if m in mine[0]]
-        summary += [f"## {modality}", "", f"checkpoint `{mine[0]['ckpt']}`, config hash `{mine[0]['config_hash']}`",
-                    "", mean_std_table(mine, "tau", metrics), "",
-                    "Samples: " + ", ".join(f"samples_{modality}_tau{t:g}.png" for t in config["taus"]), ""]
-    summary += [("Files: metrics.csv (every row), vae_ceiling.csv, modalities.png, samples_*.png (seed "
-                f"{config['seeds'][0]}, layout drawn), tensorboard/ (`tensorboard --logdir {out / 'tensorboard'}`)."),
-                ""]
-    (out / "summary.md").write_text("\n".join(summary))
+    (out / "summary.md").write_text(summary_text(out, rows, config, ceilings))
     log_dir = out / "tensorboard"
     if log_dir.exists():
         shutil.rmtree(log_dir)
@@ -214,8 +219,79 @@ def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, confi
         for row in rows:
             names = [*get_modality(row["modality"]).metric_names, "value"]
             metrics = {f"hp/{m}": float(row[m]) for m in names if m in row}
-            writer.add_hparams({"modality": row["modality"], "tau": float(row["tau"]), "seed": int(row["seed"])},
-                               metrics, run_name=f"{row['modality']}_tau{row['tau']:g}_seed{row['seed']}")
+            writer.add_hparams({"modality": row["modality"], "train_seed": int(row["train_seed"]),
+                                "tau": float(row["tau"]), "seed": int(row["seed"])}, metrics,
+                               run_name=f"{row['modality']}_train{row['train_seed']}_tau{row['tau']:g}_seed{row['seed']}")
+
+
+def cells(rows: list[dict]) -> list[dict]:
+    """Rows with a `cell` column naming modality, its metrics and tau (the arm of the headline table)."""
+    return [{**r, "cell": f"{r['modality']} ({r['metric']} / {r['placement_metric']}) tau={float(r['tau']):g}"}
+            for r in rows]
+
+
+def bound_notes(rows: list[dict], ceilings: list[dict]) -> list[str]:
+    """Per modality, the headline metrics that cannot rank anything at full grounding: those whose 95% interval
+    reaches the VAE ceiling (the autoencoder caps them) or that sit at their maximum 1 in every row (saturated)."""
+    notes = []
+    top = max(float(r["tau"]) for r in rows)
+    for ceiling in ceilings:
+        mine = [r for r in rows if r["modality"] == ceiling["modality"] and float(r["tau"]) == top]
+        for key in ("value", "placement"):
+            metric = ceiling["metric" if key == "value" else "placement_metric"]
+            values = [float(r[key]) for r in mine if r.get(key) not in (None, "")]
+            if not values:
+                continue
+            found = stats.summarize_values(stats.nested_values(mine, key))
+            if min(values) >= 1.0:
+                notes.append(f"{ceiling['modality']} {metric} = 1 in every row at tau {top:g}: saturated")
+            elif found["high"] >= float(ceiling[key]):
+                notes.append(f"{ceiling['modality']} {metric} at tau {top:g} reaches the VAE ceiling "
+                             f"{float(ceiling[key]):.3f} (interval up to {found['high']:.3f}): capped by the "
+                             "autoencoder")
+    return notes
+
+
+def modality_metrics(modality: str, rows: list[dict]) -> list[str]:
+    return [m for m in get_modality(modality).metric_names if rows[0].get(m) not in (None, "")]
+
+
+def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]) -> str:
+    """summary.md from the rows (metrics.csv), config (config.json) and VAE ceilings (vae_ceiling.csv) alone."""
+    headline_table = stats.interval_table(cells(rows), "cell", ["value", "placement"])
+    ceiling_table = "\n".join(["| modality | primary | placement |", "|---|---|---|",
+                               *[f"| {c['modality']} | {c['metric']} {float(c['value']):.3f} | "
+                                 f"{c['placement_metric']} {float(c['placement']):.3f} |" for c in ceilings]])
+    n_train = len({str(r["train_seed"]) for r in rows})
+    notes = bound_notes(rows, ceilings)
+    summary = ["# Grounding modalities: each modality's own metric, GLIGEN (tau = 1) vs the base LDM (tau = 0)", "",
+               f"Command: `{command_line()}`", "",
+               (f"git commit `{rows[0]['git_commit']}`, training seeds {sorted({r['train_seed'] for r in rows})} "
+                f"(one model per modality and seed), sampling seeds {config['seeds']}, {config['num_images']} layouts "
+                f"per cell, sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}. "
+                "tau = 0 is the frozen base LDM on the same layouts and seeds."), "",
+               ("Primary metric (class / joint aware) and placement metric (class = colour; persons class-agnostic) "
+                "per modality: mean over training seeds ± their std [95% bootstrap interval] ("
+                + ("one trained model per modality: the intervals cover sampling noise only" if n_train == 1 else
+                   f"{n_train} trained models per modality") + "):"), "", headline_table,
+               "", ("VAE ceiling: the same metrics on VAE reconstructions of the real images of the same layouts "
+                    "(what the latent space can carry; no model on this VAE can score higher):"), "", ceiling_table,
+               ""]
+    if notes:
+        summary += ["Not a headline (ceiling or saturation): " + "; ".join(notes) + ".", ""]
+    for modality in dict.fromkeys(r["modality"] for r in rows):
+        mine = [r for r in rows if r["modality"] == modality]
+        models = {str(r["train_seed"]): r for r in mine}
+        summary += [f"## {modality}", "", f"config hash `{mine[0]['config_hash']}`", "",
+                    "| training seed | checkpoint | step | weights hash |", "|---|---|---|---|",
+                    *[f"| {seed} | `{r['ckpt']}` | {r['ckpt_step']} | `{r['ckpt_weights_hash']}` |"
+                      for seed, r in models.items()], "",
+                    *interval_sections(mine, "tau", modality_metrics(modality, mine)),
+                    "Samples: " + ", ".join(f"samples_{modality}_tau{t:g}.png" for t in config["taus"]), ""]
+    summary += [("Files: metrics.csv (every row), vae_ceiling.csv, modalities.png, samples_*.png (first training "
+                 f"seed, sampling seed {config['seeds'][0]}, layout drawn), tensorboard/ "
+                 f"(`tensorboard --logdir {out / 'tensorboard'}`)."), "", summary_marker("modality"), ""]
+    return "\n".join(summary)
 
 
 def main(argv=None) -> None:
@@ -223,11 +299,15 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     locations = [config.get("pretrained"), config.get("val_shards")]  # gligen.toy.build.is_toy_world decides
     toy = ensure_toy_world(config["toy_cache"], config["toy_config"], locations) is not None
+    train_seeds = training_seeds(config)
     rows, grids, layouts, ceilings = [], {}, {}, []
     for modality in config["modalities"]:
-        modality_rows, modality_grids, layouts[modality], ceiling = evaluate_modality(modality, config, toy)
-        rows += modality_rows
-        ceilings.append(ceiling)
-        grids.update({(modality, tau): images for tau, images in modality_grids.items()})
+        for train_seed in train_seeds:
+            modality_rows, modality_grids, layouts[modality], module = evaluate_modality(modality, config, toy,
+                                                                                        train_seed)
+            rows += modality_rows
+            if train_seed == train_seeds[0]:  # one model's samples and the VAE (the same base for every seed)
+                grids.update({(modality, tau): images for tau, images in modality_grids.items()})
+                ceilings.append(vae_ceiling(modality, module, config, toy))
     write_results(Path(config["out"]), rows, grids, layouts, config, ceilings)
     print(f"wrote {config['out']}")

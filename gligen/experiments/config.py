@@ -191,6 +191,9 @@ class ModalityAblationConfig(SamplingSettings):
     """Modality -> training config, trained first when the run's checkpoint is missing or unfinished."""
     ckpts: dict[str, str] = _dict({})
     """Modality -> checkpoint, skips training (outside the toy world: required)."""
+    train_seeds: list[int] | None = None
+    """Replicate over training: one model per modality and seed (seed_everything; run_dir gets a _seed<s> suffix
+    except for the config's own seed), trained when missing. null: one model per modality, the config's own seed."""
     toy_cache: str = "cache/toy"
     """Where the toy world is built."""
     toy_config: str | None = None
@@ -209,6 +212,16 @@ class ModalityAblationConfig(SamplingSettings):
     """keypoint: toy | "package.module:callable" returning per image keypoints [P, 17, 3]."""
     out: str = "results/ablate_modality"
     """Output directory."""
+
+
+@dataclass
+class VerifyConfig:
+    """Re-verify results folders from their own files (experiments/verify.py)."""
+
+    dirs: list[str] = _list(["results"])
+    """Folders to verify: each, and every folder under it holding result rows (metrics.csv / summary.csv)."""
+    out: str | None = None
+    """Also write the report to this file; null: print it only."""
 
 
 # ----- benchmarks and time_readme ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "bench_sample": "gligen.experiments.bench_sample",
     "bench_checkpoint": "gligen.experiments.bench_checkpoint",
     "time_readme": "gligen.experiments.time_readme",
+    "verify": "gligen.experiments.verify",
 }
 
 

@@ -4,7 +4,8 @@ cell trains, then sweeps tau on its checkpoint (the sweep of experiments/ablate_
     python experiments/grid.py expand                 # <out>/configs/<cell>.yaml, <out>/sweeps/<cell>.yaml, cells.txt
     python experiments/grid.py submit [-- sbatch args] # expand, then one sbatch array over the cells (slurm/grid.sh)
     python experiments/grid.py run-local              # expand, then train + sweep the cells one after another, here
-    python experiments/grid.py collect                # <out>/summary.csv (cell x tau x seed), plots, TensorBoard
+    python experiments/grid.py collect                # <out>/summary.csv (cell x tau x seed), summary.md (95%
+                                                      # intervals over training seeds), plots, TensorBoard
     python experiments/grid.py trained CONFIG         # exit 0 when the cell of CONFIG finished training (grid.sh)
     python experiments/grid.py sweep-cell CONFIG      # the tau sweep of that cell, once (grid.sh, run-local)
 
@@ -301,7 +302,7 @@ SWEEP_KEEP = ("tau", "seed", "git_commit", "config_hash", "num_images")  # colum
 def collect(grid: dict) -> Path:
     """<out>/summary.csv: one row per cell x tau x sampling seed (one row with an empty tau for a cell without a
     finished sweep), with the cell's axes, its training summary, git commit and config hashes; then
-    <out>/grounding_vs_tau.png and <out>/tensorboard (HParams: one run per row)."""
+    <out>/grounding_vs_tau.png, <out>/tensorboard (HParams: one run per row) and <out>/summary.md (95% intervals)."""
     rows, commit = [], git_commit()
     done = swept = 0
     grid_cells = cells(grid)
@@ -335,6 +336,7 @@ def collect(grid: dict) -> Path:
     path = Path(grid["out"]) / "summary.csv"
     write_csv(rows, path)
     reporting.write_grid_report(Path(grid["out"]), rows)
+    reporting.write_grid_summary(Path(grid["out"]), rows, reporting.command_line())
     print(f"wrote {path} ({done}/{len(grid_cells)} cells trained, {swept} swept; {len(rows)} rows)")
     return path
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
 from gligen.evaluation.generate import beta_sweep, load_layouts
+from gligen.evaluation.results import checkpoint_columns
 from gligen.module import GLIGENModule
 from gligen.provenance import config_hash, git_commit
 
@@ -55,6 +56,9 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     if not config.get("ckpt") or not config.get("val_shards"):
         raise SystemExit("--ckpt and --val-shards are required outside the toy world")
     identity = checkpoint_identity(config["ckpt"])
+    if identity["weights_changed"]:
+        raise SystemExit(f"{config['ckpt']}: its weights are not those its training saved (weights hash "
+                         f"{identity['weights_hash']}, training recorded another): edited after training; not swept")
     if resume and sweep_done(out, config, identity):
         print(f"sweep already done: {out} ({DONE}, same config and checkpoint weights); not redone")
         return out
@@ -80,12 +84,7 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
         batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None, modality=modality,
     )
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
-              "ckpt": config["ckpt"], "ckpt_step": identity["global_step"], "ckpt_max_steps": identity["max_steps"],
-              "ckpt_complete": identity["complete"], "ckpt_weights_hash": identity["weights_hash"],
-              "ckpt_base_fingerprint": identity["base_fingerprint"], "ckpt_train_commits": identity["train_commits"],
-              "ckpt_train_config_hash": identity["train_config_hash"],
-              "ckpt_train_shards": identity["train_shards_fingerprint"],
-              "modality": modality.name, **(provenance or {})}
+              **checkpoint_columns(config["ckpt"], identity), "modality": modality.name, **(provenance or {})}
     rows = [{**row, **common} for row in rows]
     reporting.write_beta_sweep(out, rows, grids, layouts, config)
     if resume:

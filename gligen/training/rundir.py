@@ -128,6 +128,20 @@ def describe_config(config: TrainConfig) -> str:
     return " + ".join(str(p) for p in config_paths(config))
 
 
+def seed_run(config: TrainConfig, seed: int | None) -> tuple[list[str], Path | None]:
+    """How to train `config` with training seed `seed` (replication: one model per seed): the fit overrides and the
+    run directory. The config's own seed_everything (or seed None) keeps its run_dir and needs no override; another
+    seed trains with seed_everything = seed in <run_dir>_seed<seed>, so every seed's model is kept."""
+    settings = load_config(config)
+    run_dir = settings.get("run_dir")
+    if seed is None or int(seed) == int(settings.get("seed_everything", 0) or 0):
+        return [], Path(run_dir) if run_dir else None
+    if not run_dir:
+        raise SystemExit(f"{describe_config(config)}: no run_dir, so training seed {seed} cannot get its own")
+    run_dir = f"{run_dir}_seed{int(seed)}"
+    return ["--seed_everything", str(int(seed)), "--run_dir", run_dir], Path(run_dir)
+
+
 # ----- is a run finished? ---------------------------------------------------------------------------------------
 def max_steps_of(config_path: TrainConfig, fit_args: list[str] = ()) -> int | None:
     """trainer.max_steps of a training config, after `--trainer.max_steps N` in fit_args (None when unset / -1)."""
@@ -143,10 +157,15 @@ def max_steps_of(config_path: TrainConfig, fit_args: list[str] = ()) -> int | No
     return steps if steps is not None and steps >= 0 else None
 
 
-def trained_step(config_path: TrainConfig) -> int | None:
-    """global_step of the run's checkpoints/last.ckpt (None when there is none)."""
-    config = load_config(config_path)
-    last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
+def trained_step(config_path: TrainConfig, fit_args: list[str] = ()) -> int | None:
+    """global_step of the run's checkpoints/last.ckpt (None when there is none); `--run_dir D` in fit_args moves
+    the run."""
+    run_dir = load_config(config_path)["run_dir"]
+    args = list(fit_args)
+    for i, arg in enumerate(args):
+        if arg == "--run_dir" and i + 1 < len(args):
+            run_dir = args[i + 1]
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
     return int(read_checkpoint(last)["global_step"])
@@ -154,7 +173,7 @@ def trained_step(config_path: TrainConfig) -> int | None:
 
 def is_trained(config_path: TrainConfig, fit_args: list[str] = ()) -> bool:
     """True when the run's last.ckpt reached trainer.max_steps (unknown max_steps: False, and fit decides)."""
-    steps, step = max_steps_of(config_path, fit_args), trained_step(config_path)
+    steps, step = max_steps_of(config_path, fit_args), trained_step(config_path, fit_args)
     return steps is not None and step is not None and step >= steps
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from gligen.evaluation.visualize import layouts_grid
+from gligen.experiments import verify
 from gligen.ldm import FrozenLDM
 from gligen.metrics.grounding import entity_grounding_metrics, entity_label, keypoint_metrics
 from gligen.modalities import get_modality, modality_of
@@ -211,12 +212,16 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     cache = tmp_path / "cache"
     modalities = ["box", "image"]
     train_configs = {m: str(tiny_train_config(tmp_path, cache, m, steps=1, validate=False)) for m in modalities}
-    overrides = {"toy_cache": str(cache), "toy_config": str(tiny_toy_config(tmp_path)), "out": str(tmp_path / "results"),
+    overrides = {"toy_cache": str(cache), "toy_config": str(tiny_toy_config(tmp_path)),
+                 "out": str(tmp_path / "results"),
                  "modalities": modalities, "seeds": [0, 1], "num_images": 4, "steps": 2, "batch_size": 4,
-                 "grid_size": 4, "train_configs": train_configs}
+                 "grid_size": 4, "train_configs": train_configs, "train_seeds": [0, 1]}
     out, rows = run_experiment("ablate_modality.py", overrides, tmp_path)
-    assert [(r["modality"], float(r["tau"]), int(r["seed"])) for r in rows] == [
-        (m, t, s) for m in modalities for t in (0.0, 1.0) for s in (0, 1)]
+    assert [(r["modality"], int(r["train_seed"]), float(r["tau"]), int(r["seed"])) for r in rows] == [
+        (m, t, tau, s) for m in modalities for t in (0, 1) for tau in (0.0, 1.0) for s in (0, 1)]
+    for modality in modalities:  # one model per training seed
+        models = {(r["train_seed"], r["ckpt"], r["ckpt_weights_hash"]) for r in rows if r["modality"] == modality}
+        assert len(models) == 2 and len({m[2] for m in models}) == 2 and all(m[1] for m in models)
     for row in rows:
         assert row["git_commit"] and row["config_hash"] and 0 <= float(row["value"]) <= 1
         assert row["metric"] == {"box": "ap50", "image": "entity_ap50"}[row["modality"]]
@@ -224,6 +229,9 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
         assert float(row["placement"]) == float(row[row["placement_metric"]])
     summary = (out / "summary.md").read_text()
     assert "## box" in summary and "## image" in summary and "ablate_modality.py" in summary
+    assert "2 trained models per modality" in summary and "Differences from tau = 0.0" in summary
+    report = verify.verify_folder(out)  # the summary recomputes from metrics.csv + vae_ceiling.csv + config.json
+    assert not report.failures and any("tables recompute" in line for line in report.passed), report.text()
     with open(out / "vae_ceiling.csv") as f:
         ceilings = list(csv.DictReader(f))
     assert [(c["modality"], c["metric"]) for c in ceilings] == [("box", "ap50"), ("image", "entity_ap50")]

@@ -74,3 +74,22 @@ def test_a_metric_no_arm_moves_is_flagged_as_not_a_headline():
             for t in (0.0, 1.0) for k in range(4) for s in range(3)]
     found = stats.comparisons(rows, "tau", "0.0", ["moves", "saturated", "noise"])
     assert stats.indistinct_metrics(found) == ["saturated", "noise"]
+
+
+def test_paired_false_forces_unpaired_arms_that_share_seed_numbers():
+    """Different models under the same seed numbers (the gamma_init arms of a grid): the automatic rule pairs them,
+    paired=False resamples each arm on its own, which with a strong shared per-seed offset is far wider."""
+    rng = np.random.default_rng(4)
+    a, effects = synthetic_rows(rng, 0.30, 0.10, 0.005, 5, 3, arm="0.0")
+    b, _ = synthetic_rows(rng, 0.32, 0.10, 0.005, 5, 3, arm="1.0", train_effects=effects)  # same seed keys
+    auto = stats.compare(a + b, "arm", "0.0", "1.0", "m")
+    unpaired = stats.compare(a + b, "arm", "0.0", "1.0", "m", paired=False)
+    assert auto["paired"] and not unpaired["paired"]
+    assert unpaired["difference"] == pytest.approx(auto["difference"])
+    assert unpaired["high"] - unpaired["low"] > 5 * (auto["high"] - auto["low"])
+    assert stats.compare(a + b, "arm", "0.0", "1.0", "m", paired=True) == auto
+    assert stats.comparisons(a + b, "arm", "0.0", ["m"], paired=False)["m"]["1.0"] == unpaired
+    assert stats.comparisons(a + b, "arm", "0.0", ["m"])["m"]["1.0"] == auto  # None: today's rule
+    other_models = [{**r, "train_seed": r["train_seed"] + 100} for r in b]
+    with pytest.raises(ValueError, match="same training and sampling seeds"):
+        stats.compare(a + other_models, "arm", "0.0", "1.0", "m", paired=True)

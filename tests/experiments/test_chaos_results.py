@@ -64,6 +64,22 @@ def test_a_sweep_of_a_checkpoint_trained_further_is_redone(tiny_toy_world, tmp_p
                   "the done marker holds the weights hash; collect ignores the stale sweep")
 
 
+def test_a_sweep_of_a_checkpoint_edited_after_training_is_refused(tiny_toy_world, tmp_path, chaos_outcome):
+    grid, path = one_cell_grid(tmp_path, tiny_toy_world)
+    checkpoint_path = fit_from_config(str(path))
+    assert checkpoint_identity(checkpoint_path)["weights_changed"] is False  # as training saved it
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    name = next(k for k in checkpoint["state_dict"] if k.endswith("alpha_attn"))
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 0.5  # a hand edit of one gate
+    torch.save(checkpoint, checkpoint_path)
+    assert checkpoint_identity(checkpoint_path)["weights_changed"] is True
+    with pytest.raises(SystemExit, match="edited after training; not swept"):
+        grid_lib.sweep_cell(path)
+    assert not (Path(yaml.safe_load(grid_lib.sweep_path(path).read_text())["out"]) / "metrics.csv").exists()
+    chaos_outcome("results", "checkpoint whose weights were edited after training", "refused",
+                  "training records the weights hash on saving; the sweep compares it")
+
+
 def test_a_half_trained_checkpoint_is_never_scored_as_finished(tiny_toy_world, tmp_path, chaos_outcome):
     grid, path = one_cell_grid(tmp_path, tiny_toy_world)
     fit_from_config(str(path), "--trainer.max_steps", "1")  # a run cut short at step 1 of 2

@@ -32,6 +32,7 @@ OVERRIDES = {
     "bench_sample": (["--tau", "0.5"], {"tau": 0.5}),
     "bench_checkpoint": (["--repeats", "1"], {"repeats": 1}),
     "time_readme": (["--isa", "avx2"], {"isa": "avx2"}),
+    "verify": (["--dirs", "[results/ablate_beta]"], {"dirs": ["results/ablate_beta"]}),
 }
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from gligen.experiments import grid as grid_lib
+from gligen.experiments import verify
 from gligen.experiments.config import toy_train_config
 from gligen.training.rundir import load_config
 from tests.helpers import ROOT, run_experiment, tiny_grid_config, tiny_toy_config, tiny_train_config
@@ -63,6 +64,9 @@ def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
     assert "Differences from tau = 0.0" in summary and summary.count("`") > 6
     timings = json.loads((out / "timings.json").read_text())
     assert all(f"train_seed{s}_train_s" in timings for s in range(3))
+    reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]  # the summary and each seed's
+    assert len(reports) == 4 and not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
+    assert all(any("tables recompute" in line for line in r.passed) for r in reports)
 
 
 # ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
@@ -130,6 +134,19 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
         assert 0 <= float(row["ap50"]) <= 1 and float(row["fid"]) >= 0
     assert (out / "grounding_vs_tau.png").stat().st_size > 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    # summary.md: intervals per gamma_init at tau 0 and 1 (one training seed: sampling noise only), unpaired
+    # gamma_init differences, paired tau 1 - tau 0 per gamma_init
+    text = (out / "summary.md").read_text()
+    assert "grid.py run-local" in text and f"`{summary[0]['git_commit']}`" in text
+    assert "2/2 cells trained, 2 swept (4 rows" in text and "## box" in text
+    assert text.count("| gamma_init | training seeds | coarse_ap50 | fid |") == 2
+    assert "| 0.0 | 1 | " in text and "| 1.0 | 1 | " in text and "one trained model per arm" in text
+    assert text.count("| gamma_init - 0.0 | coarse_ap50 | fid |") == 2 and "unpaired: every gamma_init" in text
+    assert "| gamma_init: tau 1 - tau 0 | coarse_ap50 | fid |" in text
+    # the grid's summary and every cell's sweep recompute from their rows; the cells' checkpoints match the rows
+    reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]
+    assert len(reports) == 3 and not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
+    assert sum("weights hash" in line for r in reports for line in r.passed) >= 4
 
     # requeue-safety: a second run neither retrains nor re-sweeps a finished cell
     stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
