@@ -47,6 +47,7 @@ from gligen.bench.machine import machine_columns, native_bf16
 from gligen.module import GLIGENModule
 from gligen.toy.pipeline import TinyPipelineConfig, build_tiny_pipeline
 from gligen.toy.pretrain import PretrainConfig
+from gligen.toy.shipped import shipped_ldm
 
 VARIANTS = ("ours", "official")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -84,6 +85,7 @@ class BenchSize:
     num_objects: int = 30  # official max_objects
     objects_per_sample: int = 3
     note: str = ""
+    pretrained: str | None = None  # an LDM directory to measure (its real weights) instead of building `pipeline`'s
     extra: dict = field(default_factory=dict)
 
     @property
@@ -92,7 +94,9 @@ class BenchSize:
 
 
 def toy_size() -> BenchSize:
-    """The toy world's LDM as gligen/toy/pretrain.py builds it by default (32 px -> 8x8x4 latents, batch 64)."""
+    """The toy world's LDM, the one its GLIGEN models train on: the shipped toy LDM (gligen/toy/shipped/ldm, what
+    `python -m gligen.toy build` copies or pretrains: 32 px -> 8x8x4 latents) at the toy configs' batch 64. Without
+    the shipped files, a random LDM of the same shape (gligen/toy/pretrain.py's PretrainConfig)."""
     c = PretrainConfig()
     pipeline = TinyPipelineConfig(
         image_size=32, vae_channels=c.vae_channels, unet_channels=c.unet_channels,
@@ -100,7 +104,11 @@ def toy_size() -> BenchSize:
         attention_heads=c.attention_heads, text_width=c.text_width, text_layers=c.text_layers, text_heads=4,
         norm_num_groups=16,
     )
-    return BenchSize("toy", pipeline, batch_size=c.batch_size, note="toy LDM of gligen/toy/pretrain.py defaults")
+    ldm = shipped_ldm()
+    if (ldm / "model_index.json").exists():
+        return BenchSize("toy", pipeline, batch_size=c.batch_size, pretrained=str(ldm),
+                         note="the shipped toy LDM (gligen/toy/shipped/ldm), the base every toy GLIGEN trains on")
+    return BenchSize("toy", pipeline, batch_size=c.batch_size, note="random LDM of the toy LDM's shape")
 
 
 def sd_size(image_size: int = 128, batch_size: int = 1) -> BenchSize:
@@ -335,7 +343,7 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
     precision = {"ours": options.precision, "official": "fp32"}
     with tempfile.TemporaryDirectory(prefix=f"bench_{size.name}_", dir=workdir) as tmp:
         t0 = time.perf_counter()
-        pretrained = str(build_tiny_pipeline(Path(tmp) / "ldm", size.pipeline, seed=0))
+        pretrained = size.pretrained or str(build_tiny_pipeline(Path(tmp) / "ldm", size.pipeline, seed=0))
         torch.manual_seed(0)
         module = make_module(pretrained, device)
         batch = make_batch(module, size)

@@ -287,8 +287,10 @@ def grid_summary(rows: list[dict], command: str | None = None) -> str:
              f"git commit{'s' if len(commits) > 1 else ''}: {', '.join(f'`{c}`' for c in commits) or 'unknown'}.", "",
              f"{trained}/{len(cells)} cells trained, {swept_cells} swept ({len(swept)} rows of cell x tau x sampling "
              "seed).", ""]
+    lines += _grid_training_sections(cells)
     if not swept:
-        lines += ["No cell is swept yet: no intervals. Sweep the cells (run-local or submit), then collect again.", ""]
+        lines += ["No cell is swept yet: no grounding intervals. Sweep the cells (run-local or submit), then collect "
+                  "again.", ""]
     else:
         lines += ["Intervals rest on the training seeds (each a separately trained model), sampling seeds nested "
                   "inside them (gligen.evaluation.stats). Differences between gamma_init values are unpaired: every "
@@ -299,6 +301,24 @@ def grid_summary(rows: list[dict], command: str | None = None) -> str:
     lines += ["Files: summary.csv (every row)" + (", grounding_vs_tau.png, tensorboard/ (HParams: one run per row)."
                                                   if swept else "."), "", summary_marker("grid"), ""]
     return "\n".join(lines)
+
+
+TRAINING_METRICS = ["gate_attn_mean_final", "train_loss_last10", "val_loss_last"]  # per cell, from its TensorBoard
+
+
+def _grid_training_sections(cells: dict) -> list[str]:
+    """Per modality, what training did per gamma_init (the gates' final tanh(gamma), losses): one value per trained
+    cell, so the interval is over training seeds; differences unpaired (every gamma_init its own models)."""
+    done = [{**r, "train_seed": r["seed"], "seed": 0, "gamma_init": float(r["gamma_init"])}
+            for r in cells.values() if r.get("status") == "done"]
+    lines = []
+    for modality in dict.fromkeys(str(r["modality"]) for r in done):
+        mine = [r for r in done if str(r["modality"]) == modality]
+        metrics = [m for m in TRAINING_METRICS if any(r.get(m) not in (None, "") for r in mine)]
+        if metrics:
+            lines += [f"## {modality}: training, per gamma_init", "",
+                      *interval_sections(mine, "gamma_init", metrics, paired=False)]
+    return lines
 
 
 def _grid_modality_sections(modality: str, rows: list[dict]) -> list[str]:

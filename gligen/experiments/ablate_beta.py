@@ -1,6 +1,6 @@
 """Scheduled-sampling sweep: grounding accuracy and image quality against tau (beta = 1 for the first tau of steps).
 
-    python experiments/ablate_beta.py                       # toy world: writes its shards, sweeps the shipped model
+    python experiments/ablate_beta.py                       # toy world: writes its shards, sweeps the 3 shipped models
     python experiments/ablate_beta.py --rebuild --retrain   # ... pretrains the toy LDM and trains GLIGEN here first
     python experiments/ablate_beta.py --pretrained runwayml/stable-diffusion-v1-5 --ckpt my.ckpt \\
         --val_shards data/coco2014val --detector my/detr-dir --resolution 512 --steps 50 --guidance 7.5
@@ -8,17 +8,21 @@
 
 Settings: BetaSweepConfig (gligen/experiments/config.py), defaults experiments/configs/ablate_beta.yaml.
 
-Writes <out>/metrics.csv (one row per tau x seed, with git commit and config hash), summary.md (mean +- std per
-tau), ap_fid_vs_tau.png, samples_tau<tau>.png grids with the layout drawn, and TensorBoard events in
-<out>/tensorboard (sample grids, HParams with hp/ metrics), and timings.json (wall time of each stage, machine,
-processor class, threads, command).
+With train_seeds (default [0, 1, 2]) one model per training seed is swept, each into <out>/train_seed<s>/
+(metrics.csv: one row per tau x sampling seed with the checkpoint's identity, summary.md, ap_fid_vs_tau.png,
+samples_tau<tau>.png grids with the layout drawn, TensorBoard events with sample grids and HParams); <out> gets
+metrics.csv over all of them, summary.md (per tau: mean over training seeds, their std and a 95% bootstrap interval;
+each tau minus tau 0, paired), ap_fid_vs_tau.png and timings.json (wall time of each stage, machine, processor
+class, threads, command). With train_seeds null, or a given --ckpt (one trained model), those files of the one
+sweep go to <out> itself.
 
-On the toy world the base LDM and the box-grounded checkpoint of the committed results ship with the package
-(gligen/toy/shipped): the default run writes the toy shards and sweeps that checkpoint. --rebuild pretrains the
-toy LDM here instead of copying the shipped one; --retrain trains GLIGEN (experiments/configs/toy_base.yaml +
-toy_box.yaml, run dir runs/toy_box) instead of using the shipped checkpoint, as happens anyway when the base or the
-train config differ from the shipped ones. The toy world is in use when pretrained and val_shards are unset or in
-toy_cache (gligen.toy.build.is_toy_world, the rule every experiment applies).
+On the toy world the base LDM and the box-grounded checkpoints of the committed results ship with the package
+(gligen/toy/shipped: training seeds 0, 1 and 2): the default run writes the toy shards and sweeps those three.
+--rebuild pretrains the toy LDM here instead of copying the shipped one; --retrain trains GLIGEN
+(experiments/configs/toy_base.yaml + toy_box.yaml, run dirs runs/toy_box and runs/toy_box_seed<s>) instead of
+using the shipped checkpoints, as happens anyway for a seed not shipped or when the base or the train config differ
+from the shipped ones. The toy world is in use when pretrained and val_shards are unset or in toy_cache
+(gligen.toy.build.is_toy_world, the rule every experiment applies).
 """
 
 import json
@@ -47,7 +51,11 @@ def main(argv=None) -> None:
     config = {k: v for k, v in asdict(settings).items() if k not in SWITCHES}
     command = command_line(argv, program="experiments/ablate_beta.py")
     torch.manual_seed(0)
-    stages = {}
+    train_seeds = list(dict.fromkeys(int(s) for s in settings.train_seeds or []))
+    if config["ckpt"] and train_seeds:  # a given checkpoint is one trained model: nothing to replicate
+        print(f"--ckpt {config['ckpt']} is one trained model: train_seeds {train_seeds} not used")
+        train_seeds = config["train_seeds"] = []
+    stages, shipped = {}, {}
     cache = config["toy_cache"]
     start = time.perf_counter()  # the train shards only when something trains here
     toy = ensure_toy_world(cache, config["toy_config"], [config["pretrained"], config["val_shards"]],
@@ -55,24 +63,21 @@ def main(argv=None) -> None:
     if toy:
         config["pretrained"] = config["pretrained"] or str(ldm_dir(cache))
         config["val_shards"] = config["val_shards"] or str(shard_dir(cache, "val", "grounding"))
-        shipped = None
-        if config["ckpt"] is None:
-            shipped = None if settings.retrain else reference_checkpoint(config["train_config"], config["pretrained"])
-            if shipped is None:
-                ensure_toy_world(cache, config["toy_config"], shipped=not settings.rebuild)
-        stages["toy_build_s"] = round(time.perf_counter() - start, 1)
-        if shipped is not None:
-            config["ckpt"] = str(shipped.relative_to(Path.cwd()) if shipped.is_relative_to(Path.cwd()) else shipped)
-            print(f"sweeping the shipped reference checkpoint {config['ckpt']} (--retrain trains it here)")
-    if settings.train_seeds:
-        if toy:  # the other seeds train here: the train shards must exist
+        if config["ckpt"] is None and not settings.retrain:  # training seed -> the shipped checkpoint trained so
+            for seed in train_seeds or [None]:
+                path = reference_checkpoint(config["train_config"], config["pretrained"], seed=seed)
+                if path is not None:
+                    shipped[seed] = str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+            print(f"sweeping the shipped checkpoints {sorted(shipped.values())} (--retrain trains them here)")
+        if config["ckpt"] is None and len(shipped) < len(train_seeds or [None]):  # something trains: train shards
             ensure_toy_world(cache, config["toy_config"], shipped=not settings.rebuild)
-        seed_checkpoints = replicate(config, settings.train_seeds, shipped_ckpt=config["ckpt"] if toy else None,
-                                     stages=stages)
+        stages["toy_build_s"] = round(time.perf_counter() - start, 1)
+    if train_seeds:
+        seed_checkpoints = replicate(config, train_seeds, shipped, stages)
     else:
         if toy and config["ckpt"] is None:  # outside the toy world a ckpt is required (sweep_checkpoint says so)
             start = time.perf_counter()
-            config["ckpt"] = str(fit_from_config(config["train_config"]))
+            config["ckpt"] = shipped.get(None) or str(fit_from_config(config["train_config"]))
             stages["train_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         sweep_checkpoint(config)  # gligen/experiments/sweep.py: the same sweep every grid cell runs
@@ -84,21 +89,15 @@ def main(argv=None) -> None:
     print(f"wrote {config['out']} ({', '.join(f'{k} {v}' for k, v in stages.items())})")
 
 
-def replicate(config: dict, train_seeds: list[int], shipped_ckpt: str | None, stages: dict) -> dict[int, str]:
-    """One model per training seed (the train config's own seed: its run_dir, or the shipped checkpoint when that
-    is what it trains; others: run_dir_seed<s>), each swept into <out>/train_seed<s>; then the summary over all.
-    Returns training seed -> checkpoint."""
-    if config.get("ckpt") and not shipped_ckpt:
-        raise SystemExit("--train_seeds trains one model per seed: give train_config, not ckpt (one checkpoint is "
-                         "one training seed)")
+def replicate(config: dict, train_seeds: list[int], shipped: dict[int, str], stages: dict) -> dict[int, str]:
+    """One model per training seed (`shipped` where the package ships it; else trained: the config's own seed in
+    its run_dir, others in <run_dir>_seed<s>, gligen.training.rundir.seed_run), each swept into <out>/train_seed<s>;
+    then the summary over all. Returns training seed -> checkpoint."""
     out, checkpoints, rows = Path(config["out"]), {}, []
-    for seed in dict.fromkeys(int(s) for s in train_seeds):
+    for seed in train_seeds:
         start = time.perf_counter()
         overrides, _ = seed_run(config["train_config"], seed)
-        if not overrides and shipped_ckpt:  # the config's own seed: the shipped checkpoint is what it trains
-            ckpt = shipped_ckpt
-        else:
-            ckpt = str(fit_from_config(config["train_config"], *overrides))
+        ckpt = shipped.get(seed) or str(fit_from_config(config["train_config"], *overrides))
         stages[f"train_seed{seed}_train_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         seed_out = out / f"train_seed{seed}"

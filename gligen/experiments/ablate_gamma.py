@@ -1,13 +1,14 @@
 """Gamma-init ablation, locally: train one box-grounded GLIGEN per gamma_init (x seed), one after another, then
 summarise how the gates tanh(gamma) and the loss evolve.
 
-    python experiments/ablate_gamma.py                                   # toy world, gammas of grid.yaml, seed 0
+    python experiments/ablate_gamma.py                                   # toy world, gammas of grid.yaml, seeds 0-2
     python experiments/ablate_gamma.py --gamma_init [0,0.1,1] --seeds [0,1] --overrides '{trainer.max_steps: 1000}'
     python experiments/ablate_gamma.py --config experiments/configs/ablate_gamma_quick.yaml --sweep.enabled true
 
 The gamma axis of experiments/grid.py (same cells, same run directories <out>/<cell>, so a cell trained here and
 one trained by `grid.py submit` with the same --out are the same run); training only, unless --sweep.enabled true
-adds each cell's tau sweep as grid.py does. Writes <out>/summary.csv (as grid.py collect) and <out>/gates_vs_step.png
+adds each cell's tau sweep as grid.py does. Writes <out>/summary.csv and summary.md (as grid.py collect: the gates'
+final tanh(gamma) and the losses per gamma_init with 95% intervals over the training seeds) and <out>/gates_vs_step.png
 (mean tanh(alpha_attn) over fusers, and train loss, per cell). Settings: GammaAblationConfig
 (gligen/experiments/config.py): `--help`, `--print_config`.
 """

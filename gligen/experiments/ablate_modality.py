@@ -28,6 +28,7 @@ events in <out>/tensorboard.
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +45,7 @@ from gligen.evaluation.reporting import command_line, interval_sections, summary
 from gligen.evaluation.results import checkpoint_columns, write_csv
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
+from gligen.experiments.provenance import run_columns
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
 from gligen.provenance import config_hash, git_commit
@@ -124,7 +126,7 @@ def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | 
                       config["train_configs"].get(modality))}),
                   "train_seed": 0 if train_seed is None else train_seed,
                   **checkpoint_columns(ckpt, checkpoint_identity(ckpt))}
-    rows, grids = [], {}
+    rows, grids, start = [], {}, time.perf_counter()
     for tau in config["taus"]:
         for seed in config["seeds"]:
             images = generate(module.ldm, layouts, tau_schedule(config["steps"], tau), seed=seed,
@@ -139,7 +141,8 @@ def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | 
                 grids[tau] = images[: config["grid_size"]]
             print(f"{modality} train seed {provenance['train_seed']} tau={tau:g} seed={seed}: "
                   + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    return rows, grids, layouts, module
+    run = run_columns(time.perf_counter() - start)  # the stage: sampling and scoring this model
+    return [{**row, **run} for row in rows], grids, layouts, module
 
 
 def vae_ceiling(modality: str, module: GLIGENModule, config: dict, toy: bool) -> dict:

@@ -89,11 +89,13 @@ class BetaSweepConfig(SamplingSettings):
     train_config: TrainConfigPaths = _list(toy_train_config("box"))
     """Training config trained first when no ckpt is given (toy world: unless the shipped checkpoint is what it would
     train); one YAML or YAMLs composed in order."""
-    train_seeds: list[int] | None = None
+    train_seeds: list[int] | None = _list([0, 1, 2])
     """Replicate over training: one model per seed (seed_everything; run_dir gets a _seed<s> suffix except for the
-    config's own seed), each swept into <out>/train_seed<s>, then <out>/metrics.csv and summary.md over all of them
-    with intervals over training seeds. null: one model, the train config's own seed (on the toy world the shipped
-    checkpoint)."""
+    config's own seed; on the toy world seeds 0-2 are shipped), each swept into <out>/train_seed<s>, then
+    <out>/metrics.csv and summary.md over all of them with intervals over training seeds. null, or a given ckpt:
+    one model (the train config's own seed)."""
+    seeds: list[int] = _list([0])
+    """Sampling seeds per trained model (training seeds carry the variance that matters; one row per tau x seed)."""
     toy_cache: str = "cache/toy"
     """Where the toy world is built (shards, base LDM)."""
     toy_config: str | None = None
@@ -173,8 +175,8 @@ class GammaAblationConfig(GridConfig):
     """Cells train into <out>/<cell>; summary.csv and gates_vs_step.png go to <out>."""
     modality: list[str] = _list(["box"])
     """Modalities (box: the gates of the box model)."""
-    seeds: list[int] = _list([0])
-    """Training seeds."""
+    seeds: list[int] = _list([0, 1, 2])
+    """Training seeds (one model per gamma_init and seed; summary.md's intervals are over them)."""
     sweep: SweepSettings = field(default_factory=lambda: SweepSettings(enabled=False))
     """Each cell's tau sweep (enabled: false, training only, unless --sweep.enabled true)."""
 
@@ -191,7 +193,7 @@ class ModalityAblationConfig(SamplingSettings):
     """Modality -> training config, trained first when the run's checkpoint is missing or unfinished."""
     ckpts: dict[str, str] = _dict({})
     """Modality -> checkpoint, skips training (outside the toy world: required)."""
-    train_seeds: list[int] | None = None
+    train_seeds: list[int] | None = _list([0, 1, 2])
     """Replicate over training: one model per modality and seed (seed_everything; run_dir gets a _seed<s> suffix
     except for the config's own seed), trained when missing. null: one model per modality, the config's own seed."""
     toy_cache: str = "cache/toy"
@@ -255,8 +257,15 @@ class BenchTrainConfig:
 class BenchDataConfig:
     """Data-loading throughput (experiments/bench_data.py): image path vs precomputed-latent path."""
 
+    train_config: TrainConfigPaths | None = _list(toy_train_config("box"))
+    """The training whose consumption the loader is measured against, in the same run, with its own data settings
+    (batch, resolution, shards, LDM); null: --batch_size, --resolution, --shards and --train_samples_per_s."""
+    train_steps: int = 5
+    """Timed training steps per path (after one warm-up step)."""
+    train_threads: int | None = None
+    """Torch threads of the timed training steps; null: as many as training gets (all cores)."""
     shards: str | None = None
-    """Image-path shard spec; null: toy shards written to a temporary directory."""
+    """Without a train config: image-path shard spec; null: toy shards written to a temporary directory."""
     latent_shards: str | None = None
     """Precomputed shard spec; null: precompute `shards`."""
     pretrained: str | None = None

@@ -13,12 +13,14 @@ from the start).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
 from gligen.evaluation.generate import beta_sweep, load_layouts
 from gligen.evaluation.results import checkpoint_columns
+from gligen.experiments.provenance import run_columns
 from gligen.module import GLIGENModule
 from gligen.provenance import config_hash, git_commit
 
@@ -78,13 +80,15 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     except ValueError as error:
         raise SystemExit(str(error)) from None
     clip_dir = Path(config["pretrained"]) / "clip"
+    start = time.perf_counter()
     rows, grids = beta_sweep(
         module.ldm, layouts, references, config["taus"], config["seeds"], detector,
         sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
         batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None, modality=modality,
     )
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
-              **checkpoint_columns(config["ckpt"], identity), "modality": modality.name, **(provenance or {})}
+              **checkpoint_columns(config["ckpt"], identity), "modality": modality.name, **(provenance or {}),
+              **run_columns(time.perf_counter() - start)}
     rows = [{**row, **common} for row in rows]
     reporting.write_beta_sweep(out, rows, grids, layouts, config)
     if resume:

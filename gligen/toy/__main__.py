@@ -1,6 +1,7 @@
 """python -m gligen.toy build [--out cache/toy] [--config experiments/configs/toy_world.yaml] [--rebuild]
 python -m gligen.toy evaluate [--cache cache/toy] [--ckpt runs/toy_box/checkpoints/last.ckpt] [--out results/toy]
 python -m gligen.toy ship --cache cache/toy --ckpt runs/toy_box/checkpoints/last.ckpt   (replace gligen/toy/shipped)
+python -m gligen.toy ship-seed --ckpt runs/toy_box_seed1/checkpoints/last.ckpt   (the same training, another seed)
 
 Without --config, build builds the toy world every experiment uses (ToyBuildConfig's defaults, spelled out in
 experiments/configs/toy_world.yaml; tests/toy/test_shipped.py checks they agree)."""
@@ -33,9 +34,13 @@ def main(argv=None) -> None:
     ship_parser.add_argument("--train-config", nargs="+", default=shipped.TRAIN_CONFIG,
                              help="the training config the checkpoint was trained by (files composed in order)")
     ship_parser.add_argument("--trained-at", default=None, help="commit the checkpoint was trained at (default: now)")
+    seed_parser = sub.add_parser("ship-seed", help="ship the reference training with another seed next to it")
+    seed_parser.add_argument("--ckpt", required=True, help="runs/toy_box_seed<s>/checkpoints/last.ckpt")
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.out, build_config(args.config), shipped=not args.rebuild)
+    elif args.command == "ship-seed":
+        print(json.dumps(shipped.ship_seed(args.ckpt)["seed_checkpoints"], indent=1))
     elif args.command == "ship":
         record = shipped.ship(args.cache, args.ckpt, args.train_config, trained_at=args.trained_at)
         print(json.dumps(record, indent=1))

@@ -5,6 +5,7 @@ import torch
 
 from gligen.bench.train_step import make_batch, make_module, make_optimizer, set_variant, tiny_size, variant_batch
 from gligen.evaluation.results import append_csv
+from tests.helpers import ROOT
 
 
 def load_script():
@@ -141,8 +142,8 @@ def test_bench_data_writes_rates_against_training(tmp_path, capsys):
     from gligen.experiments import bench_data as script
 
     out = tmp_path / "data.csv"
-    script.main(["--toy-samples", "48", "--batch-size", "8", "--batches", "2", "--workers", "0",
-                 "--train-samples-per-s", "10", "--out", str(out)])
+    script.main(["--train_config", "null", "--toy-samples", "48", "--batch-size", "8", "--batches", "2",
+                 "--workers", "0", "--train-samples-per-s", "10", "--out", str(out)])
     from gligen.evaluation.results import read_csv
 
     rows = read_csv(out)
@@ -152,3 +153,51 @@ def test_bench_data_writes_rates_against_training(tmp_path, capsys):
         assert rate > 0 and float(row["x_training"]) == pytest.approx(rate / 10)
         assert row["git_commit"] and row["workers"] == "0" and row["processor_class"]
     assert "x training" in capsys.readouterr().out
+
+
+def test_bench_data_measures_the_training_configs_own_consumption_in_the_same_run(tiny_toy_world, tmp_path, capsys):
+    """The ratio is the loader's rate over the train config's measured step rate (same batch, LDM, text width),
+    per path and worker count; the image path reads the config's own shards."""
+    from gligen.evaluation.results import read_csv
+    from gligen.experiments import bench_data as script
+    from tests.helpers import tiny_train_config
+
+    config = tiny_train_config(tmp_path, tiny_toy_world)
+    out = tmp_path / "data.csv"
+    script.main(["--train_config", str(config), "--toy_samples", "16", "--batches", "2", "--train_steps", "1",
+                 "--workers", "[0]", "--out", str(out)])
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == ["image", "latent"]
+    for row in rows:
+        consumed = float(row["train_samples_per_s"])
+        assert consumed == pytest.approx(4 / float(row["train_step_s"]))  # the tiny config's batch of 4
+        assert float(row["x_training"]) == pytest.approx(float(row["samples_per_s"]) / consumed)
+        assert row["batch_size"] == "4" and row["text_width"] and row["config_workers"] == "True"
+        assert row["train_config"].endswith("toy_box.yaml") and row["processor_class"] and row["train_threads"]
+    assert rows[0]["train_step_s"] != rows[1]["train_step_s"]  # each path's own consumption (latents skip the VAE)
+    assert "x training" in capsys.readouterr().out
+
+
+def test_the_toy_bench_size_is_the_toy_ldm_that_is_trained_on():
+    """One toy model: the benchmark measures the shipped toy LDM itself (what build copies and every toy GLIGEN
+    trains on), and the shape its rows report is that LDM's."""
+    import json
+
+    from gligen.bench.train_step import toy_size
+    from gligen.toy.shipped import shipped_ldm
+
+    size = toy_size()
+    if not (shipped_ldm() / "model_index.json").exists():
+        pytest.skip("no shipped toy LDM in this checkout")
+    assert size.pretrained == str(shipped_ldm())
+    unet = json.loads((shipped_ldm() / "unet" / "config.json").read_text())
+    vae = json.loads((shipped_ldm() / "vae" / "config.json").read_text())
+    text = json.loads((shipped_ldm() / "text_encoder" / "config.json").read_text())
+    assert list(size.pipeline.unet_channels) == unet["block_out_channels"]
+    assert list(size.pipeline.vae_channels) == vae["block_out_channels"]
+    assert size.pipeline.text_width == text["hidden_size"] == unet["cross_attention_dim"]
+    from gligen.experiments.config import toy_train_config
+    from gligen.training.rundir import load_config
+
+    trained = load_config([ROOT / p for p in toy_train_config("box")])
+    assert size.latent_size == unet["sample_size"] and size.batch_size == trained["data"]["init_args"]["batch_size"]

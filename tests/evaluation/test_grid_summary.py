@@ -13,11 +13,11 @@ def box_rows() -> list[dict]:
     rows = [{"cell": f"gamma{g:g}_box_seed{t}", "gamma_init": g, "modality": "box", "seed": t, "tau": tau,
              "sample_seed": s, "sweep_status": "done", "ap50": 0.5, "coarse_ap50": 0.1 + 0.4 * tau + 0.2 * g
              + 0.01 * t + 0.002 * s, "pck": None, "fid": 50 - 10 * tau + 5 * g, "kid": 0.01, "status": "done",
-             "git_commit": "abc123", "config_hash": "h"}
+             "git_commit": "abc123", "config_hash": "h", "gate_attn_mean_final": 0.1 + 0.6 * g + 0.01 * t}
             for g in (0.0, 1.0) for t in TRAIN_SEEDS for tau in TAUS for s in (0, 1)]
     return rows + [{"cell": "gamma0.25_box_seed0", "gamma_init": 0.25, "modality": "box", "seed": 0, "tau": None,
                     "sample_seed": None, "sweep_status": "missing", "ap50": None, "coarse_ap50": None, "fid": None,
-                    "status": "done", "git_commit": "def456", "config_hash": "h"}]
+                    "status": "done", "git_commit": "def456", "config_hash": "h", "gate_attn_mean_final": 0.3}]
 
 
 def _split(text: str, headings: list[str]) -> list[str]:
@@ -55,11 +55,23 @@ def test_grid_summary_tables_hold_the_known_intervals_and_differences(tmp_path):
     assert "| gamma_init: tau 1 - tau 0 | coarse_ap50 | fid |" in tau_diff
     for gamma in ("0.0", "1.0"):
         assert f"| {gamma} | +0.400 [+0.400, +0.400] * | -10.000 [-10.000, -10.000] * |" in tau_diff
-    assert "0.25" not in at_0 + at_1 + tau_diff  # the cell not swept is left out
+    assert "0.25" not in at_0 + at_1 + tau_diff  # the cell not swept is left out of the grounding tables
 
 
 def test_grid_summary_of_a_grid_not_swept_says_so(tmp_path):
     rows = [r for r in box_rows() if r["tau"] is None]
     text = reporting.write_grid_summary(tmp_path, rows, "cmd").read_text()
     assert "1/1 cells trained, 0 swept (0 rows" in text and "No cell is swept yet" in text
-    assert "|" not in text  # no tables
+    assert "No cell is swept yet" in text and "### tau" not in text  # no grounding tables
+
+
+def test_grid_summary_has_the_training_per_gamma_init_over_training_seeds(tmp_path):
+    """gate_attn_mean_final = 0.1 + 0.6 gamma + 0.01 training seed: one value per trained cell."""
+    text = reporting.write_grid_summary(tmp_path, box_rows(), "cmd").read_text()
+    training = text.split("## box: training, per gamma_init")[1].split("## box\n")[0]
+    assert "| gamma_init | training seeds | gate_attn_mean_final |" in training
+    assert "| 0.0 | 3 | 0.110 ± 0.010 [" in training and "| 1.0 | 3 | 0.710 ± 0.010 [" in training
+    assert "| 1.0 | +0.600 [" in training  # gamma 1 - gamma 0, unpaired
+    rows = [r for r in box_rows() if r["tau"] is None]  # not swept: the training table is still there
+    text = reporting.write_grid_summary(tmp_path, rows, "cmd").read_text()
+    assert "| 0.25 | 1 | 0.300 ± 0.000 [0.300, 0.300] |" in text

@@ -224,6 +224,7 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
         assert len(models) == 2 and len({m[2] for m in models}) == 2 and all(m[1] for m in models)
     for row in rows:
         assert row["git_commit"] and row["config_hash"] and 0 <= float(row["value"]) <= 1
+        assert "ablate_modality.py" in row["command"] and row["processor_class"] and float(row["stage_s"]) > 0
         assert row["metric"] == {"box": "ap50", "image": "entity_ap50"}[row["modality"]]
         assert row["placement_metric"] == {"box": "coarse_ap50", "image": "entity_coarse_ap50"}[row["modality"]]
         assert float(row["placement"]) == float(row[row["placement_metric"]])

@@ -23,13 +23,15 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     cache = tmp_path / "cache"
     overrides = {"toy_cache": str(cache), "toy_config": str(tiny_toy_config(tmp_path)),
                  "train_config": None, "out": str(tmp_path / "results"), "taus": [0.0, 1.0], "seeds": [0, 1],
-                 "num_images": 8, "steps": 2, "batch_size": 4}
+                 "num_images": 8, "steps": 2, "batch_size": 4, "train_seeds": None}  # one model: <out> is its sweep
     # the train config needs the cache paths, which exist only after the build: write it now, paths are fixed
     overrides["train_config"] = str(tiny_train_config(tmp_path, cache))
     out, rows = run_experiment("ablate_beta.py", overrides, tmp_path)
     assert [(float(r["tau"]), int(r["seed"])) for r in rows] == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
     for row in rows:
         assert row["git_commit"] and row["config_hash"] and 0 <= float(row["ap50"]) <= 1 and float(row["fid"]) >= 0
+        assert "ablate_beta.py" in row["command"] and row["processor_class"] and int(row["threads"]) >= 1
+        assert float(row["stage_s"]) > 0  # the sweep's wall time
     summary = (out / "summary.md").read_text()
     assert "| 0.0 | 2 |" in summary or "| 0 | 2 |" in summary
     assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()

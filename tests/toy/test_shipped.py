@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import gligen.toy.build as toy_build
-from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint
+from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint, weights_hash
 from gligen.ldm import weights_fingerprint
 from gligen.module import GLIGENModule
 from gligen.toy import shipped
@@ -55,6 +55,30 @@ def test_shipped_checkpoint_is_the_reference_box_run_and_loads():
     module = GLIGENModule.from_checkpoint(str(path), str(shipped.shipped_ldm()))
     assert module.hparams.modality == "box" and module.hparams.gamma_init == train["model"]["gamma_init"]
     assert shipped.reference_checkpoint([ROOT / p for p in shipped.TRAIN_CONFIG], shipped.shipped_ldm()) == path
+
+
+@needs_shipped
+def test_shipped_seed_checkpoints_are_the_reference_training_with_other_seeds():
+    """ablate_beta's default train_seeds [0, 1, 2] sweep three shipped models: seeds 1 and 2 are the reference's
+    training (same hyper-parameters, base and step) with another seed_everything, and different weights."""
+    reference = read_checkpoint(shipped.shipped_checkpoint())
+    train_config = [ROOT / p for p in shipped.TRAIN_CONFIG]
+    hashes = {weights_hash(reference["state_dict"])}
+    for seed in shipped.SHIPPED_SEEDS:
+        entry = RECORD["seed_checkpoints"][str(seed)]
+        path = shipped.SHIPPED_DIR / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert shipped.reference_checkpoint(train_config, shipped.shipped_ldm(), seed=seed) == path
+        checkpoint = read_checkpoint(path)
+        assert yaml.safe_load(checkpoint["gligen"]["training"]["config"])["seed_everything"] == seed
+        assert checkpoint["global_step"] == reference["global_step"] == entry["global_step"]
+        assert checkpoint["gligen"]["base_fingerprint"] == RECORD["ldm"]["fingerprint"]
+        assert {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "pretrained"} == \
+            {k: v for k, v in reference["hyper_parameters"].items() if k != "pretrained"}
+        assert entry["weights_hash"] == weights_hash(checkpoint["state_dict"])
+        hashes.add(weights_hash(checkpoint["state_dict"]))
+    assert len(hashes) == 1 + len(shipped.SHIPPED_SEEDS)
+    assert shipped.reference_checkpoint(train_config, shipped.shipped_ldm(), seed=7) is None  # not shipped: train
 
 
 def test_safetensors_checkpoint_round_trip_and_refusal(tiny_pretrained, tmp_path):
@@ -111,6 +135,29 @@ def test_build_installs_a_shipped_ldm_only_for_its_config_and_rebuild_replaces_i
     other.write_text(yaml.safe_dump({"model": {"gamma_init": 0.0}, "trainer": {"max_steps": 2}}))
     assert shipped.reference_checkpoint(other, ldm_dir(cache)) is None  # other settings: train them
     assert shipped.reference_checkpoint(train_config, tiny_pretrained) is None  # another base: train on it
+
+    # the same training with another seed ships next to it; anything else is refused
+    def seed_checkpoint(seed, **hparams):
+        other = GLIGENModule(str(ldm_dir(source)), **{"gamma_init": 1.0, **hparams})
+        other.training_provenance = {"config": yaml.safe_dump({"seed_everything": seed}), "commit": "def"}
+        saved = {"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams), "global_step": 2}
+        other.on_save_checkpoint(saved)
+        torch.save(saved, tmp_path / f"seed{seed}.ckpt")
+        return tmp_path / f"seed{seed}.ckpt"
+
+    with pytest.raises(ValueError, match="hyper-parameters differ"):
+        shipped.ship_seed(seed_checkpoint(1, gamma_init=0.0), root=root)
+    with pytest.raises(ValueError, match="the reference checkpoint's own"):
+        shipped.ship_seed(seed_checkpoint(0), root=root)
+    record = shipped.ship_seed(seed_checkpoint(1), root=root)
+    assert record["seed_checkpoints"]["1"]["trained_at_commits"] == ["def"]
+    assert shipped.reference_checkpoint(train_config, ldm_dir(cache), seed=1) == root / "toy_box_seed1.safetensors"
+    assert shipped.reference_checkpoint(train_config, ldm_dir(cache), seed=2) is None
+    assert shipped.reference_checkpoint(train_config, ldm_dir(cache), seed=0) == root / shipped.CHECKPOINT
+    # shipping a new reference drops the other seeds of the old one
+    assert "seed_checkpoints" not in shipped.ship(source, tmp_path / "last.ckpt", train_config, root=root)
+    assert not (root / "toy_box_seed1.safetensors").exists()
+    assert shipped.reference_checkpoint(train_config, ldm_dir(cache), seed=1) is None
 
     build(tmp_path / "cache", config, log=messages.append, shipped=False)  # --rebuild
     assert pretrained == [1] and not shipped.is_shipped_copy(ldm_dir(cache))
