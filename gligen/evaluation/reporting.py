@@ -117,7 +117,7 @@ def beta_sweep_summary(out: Path, rows: list[dict], config: dict) -> str:
         "",
         mean_std_table(rows, "tau", [m for m in beta_metrics() if m in rows[0]]),
         "",
-        *interval_sections(rows, "tau", [grounding, "fid"]),
+        *interval_sections(rows, "tau", summary_metrics(provenance)),
         "Files: metrics.csv (every row), ap_fid_vs_tau.png, samples_tau*.png (seed 0, layout drawn), "
         "tensorboard/ (`tensorboard --logdir " + str(out / "tensorboard") + "`).",
         "",
@@ -163,18 +163,26 @@ def write_seed_summary(out: str | Path, rows: list[dict], config: dict) -> None:
     (out / "summary.md").write_text(seed_summary(rows, config))
 
 
+def summary_metrics(row: dict) -> list[str]:
+    """What a sweep summary's intervals cover: the modality's placement and primary grounding metrics (those
+    measured), then FID."""
+    modality = get_modality(row.get("modality") or DEFAULT_MODALITY)
+    grounding = [m for m in (modality.placement_metric, modality.primary_metric) if row.get(m) not in (None, "")]
+    return list(dict.fromkeys(grounding)) + ["fid"]
+
+
 def seed_summary(rows: list[dict], config: dict) -> str:
     """summary.md over training seeds, from the rows of every seed's sweep (metrics.csv) and config (config.json)."""
-    grounding = primary_metric(rows[0])
     models = {str(r["train_seed"]): r for r in rows}  # training seed -> one of its rows (its checkpoint's identity)
     lines = ["# Scheduled sampling sweep over training seeds", "", f"Command: `{command_line()}`", "",
              (f"git commit `{rows[0]['git_commit']}`, {rows[0]['num_images']} layouts per cell, sampling seeds "
-              f"{sorted({int(r['seed']) for r in rows})}, sampler {config['sampler']}, {config['steps']} steps, "
-              f"guidance {config['guidance']}; base `{config.get('pretrained')}`."), "",
+              f"{sorted({int(r['seed']) for r in rows})} (each model its own, so sampling noise is part of the spread "
+              f"over models), sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}; "
+              f"base `{config.get('pretrained')}`."), "",
              "| training seed | checkpoint | step | weights hash |", "|---|---|---|---|",
              *[f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` |"
                for seed, r in models.items()], "",
-             *interval_sections(rows, "tau", [grounding, "fid"]),
+             *interval_sections(rows, "tau", summary_metrics(rows[0])),
              "Per training seed: train_seed<s>/ (metrics.csv, summary.md, sample grids, tensorboard/).", "",
              summary_marker("seed_sweeps"), ""]
     return "\n".join(lines)

@@ -43,7 +43,10 @@ from gligen.toy.shipped import reference_checkpoint
 from gligen.training.cli import fit_from_config
 from gligen.training.rundir import seed_run
 
-SWITCHES = ("rebuild", "retrain")  # how to get there, not what is measured: not in the sweep's config (hash)
+SWITCHES = ("rebuild", "retrain")
+# the k-th trained model samples with seeds + k * SEED_STRIDE: every model draws its own noise, so the spread over
+# models holds sampling noise too (at tau = 0 every model is the same base LDM: it would otherwise show none)
+SEED_STRIDE = 1000  # how to get there, not what is measured: not in the sweep's config (hash)
 
 
 def main(argv=None) -> None:
@@ -91,17 +94,18 @@ def main(argv=None) -> None:
 
 def replicate(config: dict, train_seeds: list[int], shipped: dict[int, str], stages: dict) -> dict[int, str]:
     """One model per training seed (`shipped` where the package ships it; else trained: the config's own seed in
-    its run_dir, others in <run_dir>_seed<s>, gligen.training.rundir.seed_run), each swept into <out>/train_seed<s>;
-    then the summary over all. Returns training seed -> checkpoint."""
+    its run_dir, others in <run_dir>_seed<s>, gligen.training.rundir.seed_run), each swept into <out>/train_seed<s>
+    with its own sampling seeds (SEED_STRIDE); then the summary over all. Returns training seed -> checkpoint."""
     out, checkpoints, rows = Path(config["out"]), {}, []
-    for seed in train_seeds:
+    for index, seed in enumerate(train_seeds):
         start = time.perf_counter()
         overrides, _ = seed_run(config["train_config"], seed)
         ckpt = shipped.get(seed) or str(fit_from_config(config["train_config"], *overrides))
         stages[f"train_seed{seed}_train_s"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         seed_out = out / f"train_seed{seed}"
-        sweep_checkpoint({**config, "ckpt": ckpt, "out": str(seed_out), "train_seed": seed},
+        sampling = [s + SEED_STRIDE * index for s in config["seeds"]]  # this model's own sampling noise
+        sweep_checkpoint({**config, "ckpt": ckpt, "out": str(seed_out), "train_seed": seed, "seeds": sampling},
                          provenance={"train_seed": seed})
         stages[f"train_seed{seed}_sweep_s"] = round(time.perf_counter() - start, 1)
         checkpoints[seed] = ckpt

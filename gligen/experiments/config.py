@@ -95,7 +95,8 @@ class BetaSweepConfig(SamplingSettings):
     <out>/metrics.csv and summary.md over all of them with intervals over training seeds. null, or a given ckpt:
     one model (the train config's own seed)."""
     seeds: list[int] = _list([0])
-    """Sampling seeds per trained model (training seeds carry the variance that matters; one row per tau x seed)."""
+    """Sampling seeds per trained model (one row per tau x seed; the k-th trained model samples with these + 1000 k,
+    its own noise, so the spread over models holds sampling noise too)."""
     toy_cache: str = "cache/toy"
     """Where the toy world is built (shards, base LDM)."""
     toy_config: str | None = None

@@ -55,7 +55,7 @@ def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
     overrides["train_config"] = str(tiny_train_config(tmp_path, cache))
     out, rows = run_experiment("ablate_beta.py", overrides, tmp_path)
     assert sorted((int(r["train_seed"]), float(r["tau"]), int(r["seed"])) for r in rows) == [
-        (t, tau, s) for t in range(3) for tau in (0.0, 1.0) for s in (0, 1)]
+        (t, tau, s + 1000 * t) for t in range(3) for tau in (0.0, 1.0) for s in (0, 1)]  # each model its own noise
     hashes = {r["train_seed"]: r["ckpt_weights_hash"] for r in rows}
     assert len(set(hashes.values())) == 3  # three different trained models
     assert {r["ckpt"] for r in rows if r["train_seed"] == "0"} != {r["ckpt"] for r in rows if r["train_seed"] == "1"}
