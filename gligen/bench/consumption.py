@@ -9,6 +9,7 @@ shards (precomputed latents) or another worker count (`datamodule_like`).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import statistics
 import time
@@ -40,7 +41,11 @@ def datamodule_like(datamodule: GroundingDataModule, **changes) -> GroundingData
 def batches(datamodule: GroundingDataModule, n: int) -> list[dict]:
     """`n` training batches of the datamodule (its epoch made long enough)."""
     loader = iter(datamodule_like(datamodule, batches_per_epoch=n + 1).train_dataloader())
-    return [next(loader) for _ in range(n)]
+    try:
+        return [next(loader) for _ in range(n)]
+    finally:  # workers stopped now: left to the garbage collector, the loader may be collected inside the next
+        del loader  # loader's forked worker, which then tries to stop processes that are not its children
+        gc.collect()
 
 
 def training_consumption(module: GLIGENModule, train_batches: list[dict], warmup: int = 1) -> dict:
@@ -62,7 +67,12 @@ def loader_rate(datamodule: GroundingDataModule, n: int) -> float:
     """Steady-state samples per second of the loader alone: the first batch (worker start-up, first shard open) is
     not timed."""
     loader = iter(datamodule_like(datamodule, batches_per_epoch=n + 1).train_dataloader())
-    next(loader)
-    start = time.perf_counter()
-    count = sum(len(next(loader)["keys"]) for _ in range(n))
-    return count / (time.perf_counter() - start)
+    try:
+        next(loader)
+        start = time.perf_counter()
+        count = sum(len(next(loader)["keys"]) for _ in range(n))
+        return count / (time.perf_counter() - start)
+    finally:  # workers stopped now: left to the garbage collector, the loader may be collected inside the next
+        del loader  # loader's forked worker, which then tries to stop processes that are not its children
+        gc.collect()
+
