@@ -132,15 +132,15 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bo
     (the gamma_init arms of a grid), None to pair arms with the same seeds (the tau values of one model)."""
     n_train = len({str(r.get("train_seed", 0) or 0) for r in rows})
     baseline = min((str(r[arm]) for r in rows), key=stats.arm_order)
-    if paired is False:
-        note = ("one trained model per arm: the intervals cover sampling noise only, not training variance"
-                if n_train == 1 else f"{n_train} training seeds per arm, each arm its own trained models; sampling "
-                "seeds nest inside them")
-        pairing = f"unpaired: every {arm} is a different trained model, each arm resampled on its own"
+    own_models = paired is False  # every arm its own trained models
+    if n_train == 1:
+        note = (f"one trained model{' per arm' * own_models}: the intervals cover sampling noise only, not training "
+                "variance")
     else:
-        note = ("one trained model: the intervals cover sampling noise only, not training variance"
-                if n_train == 1 else f"{n_train} trained models (training seeds); sampling seeds nest inside them")
-        pairing = "paired: the same models and sampling seeds in both arms"
+        note = (f"{n_train} training seeds per arm, each arm its own trained models" if own_models else
+                f"{n_train} trained models (training seeds)") + "; sampling seeds nest inside them"
+    pairing = (f"unpaired: every {arm} is a different trained model, each arm resampled on its own" if own_models
+               else "paired: the same models and sampling seeds in both arms")
     found = stats.comparisons(rows, arm, baseline, metrics, paired=paired)
     flat = stats.indistinct_metrics(found)
     caveat = ([f"Not a headline here: {', '.join(flat)} (no {arm} differs from {baseline} beyond its interval: a "

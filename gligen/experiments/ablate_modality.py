@@ -110,9 +110,9 @@ def modality_layouts(modality: str, config: dict, toy: bool) -> tuple[list[dict]
 
 
 def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | None = None
-                      ) -> tuple[list[dict], dict[float, list[np.ndarray]], list[dict], GLIGENModule]:
-    """Rows (tau x sampling seed) of one trained model (training seed `train_seed`), its sample grids, the layouts,
-    and the model."""
+                      ) -> tuple[list[dict], dict[float, list[np.ndarray]], list[dict], list[np.ndarray], GLIGENModule]:
+    """Rows (tau x sampling seed) of one trained model (training seed `train_seed`), its sample grids, the layouts
+    and their real images, and the model."""
     ckpt = checkpoint_for(modality, config, train_seed)
     module = GLIGENModule.from_checkpoint(ckpt, config.get("pretrained"))
     if module.modality is not get_modality(modality):
@@ -142,13 +142,13 @@ def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | 
             print(f"{modality} train seed {provenance['train_seed']} tau={tau:g} seed={seed}: "
                   + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     run = run_columns(time.perf_counter() - start)  # the stage: sampling and scoring this model
-    return [{**row, **run} for row in rows], grids, layouts, module
+    return [{**row, **run} for row in rows], grids, layouts, references, module
 
 
-def vae_ceiling(modality: str, module: GLIGENModule, config: dict, toy: bool) -> dict:
+def vae_ceiling(modality: str, module: GLIGENModule, config: dict, layouts: list[dict],
+                references: list[np.ndarray]) -> dict:
     """The modality's metrics on VAE reconstructions of the real images of its layouts: no model in this latent
     space can score higher; a low ceiling means the autoencoder, not grounding, caps the metric."""
-    layouts, references = modality_layouts(modality, config, toy)
     metrics = module.modality.metrics(reconstruct(module.ldm, references), layouts, module.modality.detector(config))
     print(f"{modality} VAE reconstructions: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return {"modality": modality, **headline(module.modality, metrics), **metrics, "git_commit": git_commit(),
@@ -306,11 +306,11 @@ def main(argv=None) -> None:
     rows, grids, layouts, ceilings = [], {}, {}, []
     for modality in config["modalities"]:
         for train_seed in train_seeds:
-            modality_rows, modality_grids, layouts[modality], module = evaluate_modality(modality, config, toy,
-                                                                                        train_seed)
+            modality_rows, modality_grids, layouts[modality], references, module = evaluate_modality(
+                modality, config, toy, train_seed)
             rows += modality_rows
             if train_seed == train_seeds[0]:  # one model's samples and the VAE (the same base for every seed)
                 grids.update({(modality, tau): images for tau, images in modality_grids.items()})
-                ceilings.append(vae_ceiling(modality, module, config, toy))
+                ceilings.append(vae_ceiling(modality, module, config, layouts[modality], references))
     write_results(Path(config["out"]), rows, grids, layouts, config, ceilings)
     print(f"wrote {config['out']}")

@@ -37,7 +37,7 @@ from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint,
 from gligen.ldm import weights_fingerprint
 from gligen.provenance import git_commit
 from gligen.toy import world
-from gligen.training.rundir import TrainConfig, config_args, config_paths, load_config
+from gligen.training.rundir import TrainConfig, config_args, config_paths, load_config, own_seed
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 MANIFEST = "manifest.json"
@@ -103,7 +103,7 @@ def reference_checkpoint(train_config: TrainConfig, base: str | Path, root: Path
         return None
     if weights_fingerprint(str(base)) != record["checkpoint"]["base_fingerprint"]:
         return None
-    if seed is None or int(seed) == int(settings.get("seed_everything", 0) or 0):
+    if seed is None or int(seed) == own_seed(settings):
         return shipped_checkpoint(root)
     entry = (record.get("seed_checkpoints") or {}).get(str(int(seed)))
     path = Path(root or SHIPPED_DIR) / entry["file"] if entry else None
@@ -123,11 +123,11 @@ def ship_seed(ckpt: str | Path, root: Path | None = None) -> dict:
     gligen = checkpoint.get("gligen") or {}
     training = gligen.get("training") or {}
     seed = (yaml.safe_load(training.get("config") or "") or {}).get("seed_everything")
-    own = record["checkpoint"]["train_settings"].get("seed_everything", 0)
+    own = own_seed(record["checkpoint"]["train_settings"])
     problems = []
     if seed is None:
         problems.append("it has no training record naming its seed (train it with python -m gligen fit)")
-    elif int(seed) == int(own or 0):
+    elif int(seed) == own:
         problems.append(f"seed {seed} is the reference checkpoint's own (replace that with python -m gligen.toy ship)")
     if gligen.get("base_fingerprint") != record["ldm"]["fingerprint"]:
         problems.append(f"base {gligen.get('base_fingerprint')}, the shipped LDM is {record['ldm']['fingerprint']}")

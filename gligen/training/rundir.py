@@ -128,13 +128,18 @@ def describe_config(config: TrainConfig) -> str:
     return " + ".join(str(p) for p in config_paths(config))
 
 
+def own_seed(settings: dict) -> int:
+    """The training seed a config's settings train with (seed_everything; unset: 0)."""
+    return int(settings.get("seed_everything", 0) or 0)
+
+
 def seed_run(config: TrainConfig, seed: int | None) -> tuple[list[str], Path | None]:
     """How to train `config` with training seed `seed` (replication: one model per seed): the fit overrides and the
     run directory. The config's own seed_everything (or seed None) keeps its run_dir and needs no override; another
     seed trains with seed_everything = seed in <run_dir>_seed<seed>, so every seed's model is kept."""
     settings = load_config(config)
     run_dir = settings.get("run_dir")
-    if seed is None or int(seed) == int(settings.get("seed_everything", 0) or 0):
+    if seed is None or int(seed) == own_seed(settings):
         return [], Path(run_dir) if run_dir else None
     if not run_dir:
         raise SystemExit(f"{describe_config(config)}: no run_dir, so training seed {seed} cannot get its own")
@@ -143,16 +148,20 @@ def seed_run(config: TrainConfig, seed: int | None) -> tuple[list[str], Path | N
 
 
 # ----- is a run finished? ---------------------------------------------------------------------------------------
+def override(fit_args: list[str], flag: str, default=None):
+    """The value `--flag V` or `--flag=V` gives in fit arguments (the last one wins), else `default`."""
+    value, args = default, list(fit_args)
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def max_steps_of(config_path: TrainConfig, fit_args: list[str] = ()) -> int | None:
     """trainer.max_steps of a training config, after `--trainer.max_steps N` in fit_args (None when unset / -1)."""
-    config = load_config(config_path)
-    steps = (config.get("trainer") or {}).get("max_steps")
-    args = list(fit_args)
-    for i, arg in enumerate(args):
-        if arg == "--trainer.max_steps" and i + 1 < len(args):
-            steps = args[i + 1]
-        elif arg.startswith("--trainer.max_steps="):
-            steps = arg.split("=", 1)[1]
+    steps = override(fit_args, "--trainer.max_steps", (load_config(config_path).get("trainer") or {}).get("max_steps"))
     steps = int(steps) if steps is not None else None
     return steps if steps is not None and steps >= 0 else None
 
@@ -160,12 +169,7 @@ def max_steps_of(config_path: TrainConfig, fit_args: list[str] = ()) -> int | No
 def trained_step(config_path: TrainConfig, fit_args: list[str] = ()) -> int | None:
     """global_step of the run's checkpoints/last.ckpt (None when there is none); `--run_dir D` in fit_args moves
     the run."""
-    run_dir = load_config(config_path)["run_dir"]
-    args = list(fit_args)
-    for i, arg in enumerate(args):
-        if arg == "--run_dir" and i + 1 < len(args):
-            run_dir = args[i + 1]
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    last = Path(override(fit_args, "--run_dir", load_config(config_path)["run_dir"])) / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
     return int(read_checkpoint(last)["global_step"])
