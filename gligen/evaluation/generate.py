@@ -20,6 +20,9 @@ rule-based one; on real data it is a detector the user names (see gligen.metrics
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -32,6 +35,8 @@ from gligen.data.shards import resolve_shards
 from gligen.data.transforms import TransformConfig
 from gligen.ldm import FrozenLDM
 from gligen.metrics.quality import quality_metrics
+from gligen.metrics.resample import ROW_KEY as RECORDS
+from gligen.metrics.resample import RowRecords
 from gligen.modalities import Modality, get_modality, modality_of
 from gligen.sampling import sample, tau_schedule
 
@@ -135,6 +140,23 @@ def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0, batch_s
     return out
 
 
+def score(modality: Modality, images: list[np.ndarray], layouts: list[dict], detector
+          ) -> tuple[dict[str, float], RowRecords]:
+    """`modality.metrics` of the images, and the per-layout records that resample them (gligen.metrics.resample);
+    a metric whose records do not give back its value on the full layout set is left out of the records (with a
+    warning), so no interval resamples another number than the one reported."""
+    records = RowRecords()
+    if "records" in inspect.signature(modality.metrics).parameters:
+        metrics = modality.metrics(images, layouts, detector, records=records)
+    else:  # a modality written without layout records: its intervals do not resample layouts
+        metrics = modality.metrics(images, layouts, detector)
+    for metric in records.mismatches(metrics):
+        warnings.warn(f"{modality.name} {metric}: its layout records do not reproduce its value; its intervals will "
+                      "not resample layouts")
+        records.drop(metric)
+    return metrics, records
+
+
 def beta_sweep(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray], taus: list[float],
                seeds: list[int], detector, *, sampler: str = "ddim", steps: int = 50, guidance: float = 7.5,
                batch_size: int = 50, clip_dir: str | None = None, inception_weights: str | None = None,
@@ -153,7 +175,8 @@ def beta_sweep(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray]
         for seed in seeds:
             images = generate(ldm, layouts, tau_schedule(steps, tau), seed=seed, sampler=sampler, steps=steps,
                               guidance=guidance, batch_size=batch_size, progress=progress, modality=modality)
-            row = {"tau": tau, "seed": seed, **modality.metrics(images, layouts, detector)}
+            metrics, records = score(modality, images, layouts, detector)
+            row = {"tau": tau, "seed": seed, **metrics, RECORDS: records}
             row.update(quality_metrics(_to_tensor(images), _to_tensor(references), clip_dir=clip_dir,
                                        inception_weights=inception_weights))
             rows.append(row)

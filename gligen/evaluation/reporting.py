@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
 from gligen.evaluation import stats
-from gligen.evaluation.results import mean_std_table, write_csv
+from gligen.evaluation.results import mean_std_table, write_rows
 from gligen.evaluation.visualize import layouts_grid
 from gligen.modalities import DEFAULT_MODALITY, get_modality, modality_names
 
@@ -84,7 +84,7 @@ def write_beta_sweep(out: str | Path, rows: list[dict], grids: dict[float, list[
                      layouts: list[dict], config: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "metrics.csv")
+    write_rows(rows, out / "metrics.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     grounding = primary_metric(rows[0])
     plot_against(rows, "tau", grounding, "fid", out / "ap_fid_vs_tau.png",
@@ -139,6 +139,13 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bo
     else:
         note = (f"{n_train} training seeds per arm, each arm its own trained models" if own_models else
                 f"{n_train} trained models (training seeds)") + "; sampling seeds nest inside them"
+    resampled, n_layouts = stats.resampled_metrics(rows, metrics)
+    if resampled:
+        rest = [m for m in metrics if m not in resampled]
+        note += (f"; the {n_layouts} layouts resampled too for {', '.join(resampled)}" +
+                 (f" (not {', '.join(rest)}: one value per row)" if rest else ""))
+    else:
+        note += "; layouts not resampled (these rows carry no layout records)"
     pairing = (f"unpaired: every {arm} is a different trained model, each arm resampled on its own" if own_models
                else "paired: the same models and sampling seeds in both arms")
     found = stats.comparisons(rows, arm, baseline, metrics, paired=paired)
@@ -154,7 +161,7 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bo
 def write_seed_summary(out: str | Path, rows: list[dict], config: dict) -> None:
     """metrics.csv, summary.md and the plot over every training seed's sweep (each in <out>/train_seed<s>)."""
     out = Path(out)
-    write_csv(rows, out / "metrics.csv")
+    write_rows(rows, out / "metrics.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     grounding = primary_metric(rows[0])
     n_train = len({str(r["train_seed"]) for r in rows})

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from gligen.metrics.resample import ROW_KEY as RECORDS
+from gligen.metrics.resample import RowRecords
 
 
 def checkpoint_columns(ckpt, identity: dict) -> dict:
@@ -27,6 +32,48 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+
+
+RECORDS_FILE = "layout_records.json.gz"  # beside a rows CSV: the layout records its `layout_records` column names
+
+
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    """`write_csv`, with each row's layout records (`layout_records`, a gligen.metrics.resample.RowRecords) written
+    as its content id in the CSV and as JSON (gzip, reproducible bytes) in RECORDS_FILE beside it, so the folder's
+    summaries can resample layouts again (`read_rows`)."""
+    path, records, flat = Path(path), {}, []
+    for row in rows:
+        found = row.get(RECORDS)
+        if isinstance(found, RowRecords):
+            key = found.content_id()
+            records[key] = found.to_json()
+            row = {**row, RECORDS: key}
+        flat.append(row)
+    write_csv(flat, path)
+    target = path.parent / RECORDS_FILE
+    if records:
+        text = json.dumps(records, sort_keys=True, separators=(",", ":")).encode()
+        with target.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(text)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """`read_csv`, with each row's `layout_records` id replaced by its records from RECORDS_FILE beside the CSV
+    (removed where the file or the id is missing: that row's intervals do not resample layouts)."""
+    path = Path(path)
+    rows = read_csv(path)
+    target = path.parent / RECORDS_FILE
+    stored = json.loads(gzip.decompress(target.read_bytes())) if target.exists() else {}
+    loaded: dict[str, RowRecords] = {}
+    for row in rows:
+        key = row.pop(RECORDS, None)
+        if key and key in stored:
+            if key not in loaded:
+                loaded[key] = RowRecords.from_json(stored[key])
+            row[RECORDS] = loaded[key]
+    return rows
 
 
 def append_csv(rows: list[dict], path: str | Path) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from gligen.bench.machine import machine_columns
 from gligen.evaluation.reporting import command_line, write_seed_summary
-from gligen.evaluation.results import read_csv
+from gligen.evaluation.results import read_rows
 from gligen.experiments.config import BetaSweepConfig, parse
 from gligen.experiments.sweep import sweep_checkpoint
 from gligen.provenance import git_commit
@@ -109,6 +109,6 @@ def replicate(config: dict, train_seeds: list[int], shipped: dict[int, str], sta
                          provenance={"train_seed": seed})
         stages[f"train_seed{seed}_sweep_s"] = round(time.perf_counter() - start, 1)
         checkpoints[seed] = ckpt
-        rows += read_csv(seed_out / "metrics.csv")
+        rows += read_rows(seed_out / "metrics.csv")
     write_seed_summary(out, rows, config)
     return checkpoints

@@ -40,9 +40,9 @@ import torch
 
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import stats
-from gligen.evaluation.generate import generate, load_layouts, reconstruct
+from gligen.evaluation.generate import generate, load_layouts, reconstruct, score
 from gligen.evaluation.reporting import command_line, interval_sections, summary_marker
-from gligen.evaluation.results import checkpoint_columns, write_csv
+from gligen.evaluation.results import RECORDS, checkpoint_columns, write_csv, write_rows
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
 from gligen.experiments.provenance import run_columns
@@ -133,9 +133,11 @@ def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | 
                               sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
                               batch_size=config["batch_size"], progress=False,
                               max_objects=module.hparams.max_objects, modality=modality)
-            metrics = module.modality.metrics(images, layouts, detector)
+            metrics, records = score(module.modality, images, layouts, detector)
+            records.alias("value", module.modality.primary_metric)
+            records.alias("placement", module.modality.placement_metric)
             row = {"modality": modality, "tau": tau, "seed": seed, **headline(module.modality, metrics),
-                   **metrics, **provenance}
+                   **metrics, **provenance, RECORDS: records}
             rows.append(row)
             if seed == config["seeds"][0]:
                 grids[tau] = images[: config["grid_size"]]
@@ -203,7 +205,7 @@ def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, confi
     from torchvision.utils import save_image
 
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "metrics.csv")
+    write_rows(rows, out / "metrics.csv")
     write_csv(ceilings, out / "vae_ceiling.csv")
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     bar_plot(rows, out / "modalities.png")

@@ -32,7 +32,7 @@ import yaml
 
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
-from gligen.evaluation.results import read_csv, write_csv
+from gligen.evaluation.results import RECORDS, read_rows, write_rows
 from gligen.experiments.config import GridConfig, parse, to_dict
 from gligen.experiments.sweep import sweep_checkpoint, sweep_done
 from gligen.provenance import config_hash, git_commit
@@ -312,7 +312,7 @@ def collect(grid: dict) -> Path:
         out = Path(cell["sweep"]["out"])
         # a sweep counts only if it scored these very weights (not an earlier checkpoint of a cell trained on since)
         current = train["status"] == "done" and sweep_done(out, identity={"weights_hash": train["weights_hash"]})
-        sweep_rows = read_csv(out / "metrics.csv") if current and (out / "metrics.csv").exists() else []
+        sweep_rows = read_rows(out / "metrics.csv") if current and (out / "metrics.csv").exists() else []
         swept += bool(sweep_rows)
         base = {**{k: train[k] for k in ("cell", "gamma_init", "modality", "seed")}, "tau": None,
                 "sample_seed": None, "sweep_status": "done" if sweep_rows else "missing"}
@@ -327,14 +327,15 @@ def collect(grid: dict) -> Path:
                          **{m: _number(sweep_row[m]) for m in metrics}, "num_images": sweep_row.get("num_images"),
                          **training, "config_hash": train["config_hash"],
                          "sweep_config_hash": sweep_row.get("config_hash"),
-                         "git_commit": sweep_row.get("git_commit") or commit})
+                         "git_commit": sweep_row.get("git_commit") or commit,
+                         **({RECORDS: sweep_row[RECORDS]} if RECORDS in sweep_row else {})})
     # cells of different modalities report different metrics: every row gets every metric column (empty where
     # its modality does not measure it), in reporting.beta_metrics() order after the axes
     measured = {k for row in rows for k in row}
     columns = [m for m in reporting.beta_metrics() if m in measured]
     rows = [_with_metric_columns(row, columns) for row in rows]
     path = Path(grid["out"]) / "summary.csv"
-    write_csv(rows, path)
+    write_rows(rows, path)
     reporting.write_grid_report(Path(grid["out"]), rows)
     reporting.write_grid_summary(Path(grid["out"]), rows, reporting.command_line())
     print(f"wrote {path} ({done}/{len(grid_cells)} cells trained, {swept} swept; {len(rows)} rows)")

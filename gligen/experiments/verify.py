@@ -30,7 +30,7 @@ from pathlib import Path
 
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
-from gligen.evaluation.results import read_csv
+from gligen.evaluation.results import read_csv, read_rows
 from gligen.experiments import ablate_modality
 from gligen.experiments.config import VerifyConfig, parse
 from gligen.provenance import config_hash
@@ -85,7 +85,7 @@ def check_summary(folder: Path, report: Report) -> str | None:
                             "are not recomputed")
         return None
     rows_file, rewrite = SUMMARY_KINDS[kind]
-    expected = reporting.table_blocks(rewrite(folder, read_csv(folder / rows_file)))
+    expected = reporting.table_blocks(rewrite(folder, read_rows(folder / rows_file)))
     found = reporting.table_blocks(text)
     differ = [table.splitlines()[0] for table, there in zip(expected, found) if table != there]
     if differ or len(expected) != len(found):
@@ -169,7 +169,7 @@ def verify_folder(folder: str | Path, commits: bool = True) -> Report:
     folder = Path(folder)
     report = Report(folder)
     rows_file = next((folder / name for name in ROW_FILES if (folder / name).exists()), None)
-    rows = read_csv(rows_file) if rows_file else []
+    rows = read_rows(rows_file) if rows_file else []
     if check_summary(folder, report) == "beta_sweep":  # one sweep, one config (others hash per seed / modality)
         check_config(folder, rows, report)
     check_checkpoints(rows, report)

@@ -32,6 +32,8 @@ layout objects of the best IoU of a same-label detection, 0 when there is none).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypedDict
@@ -39,7 +41,8 @@ from typing import Protocol, TypedDict
 import numpy as np
 import torch
 
-from gligen.metrics.keypoints import keypoint_average_precision, pck, person_box_layout
+from gligen.metrics.keypoints import keypoint_ap_records, keypoint_average_precision, pck, pck_counts, person_box_layout
+from gligen.metrics.resample import APRecords, MeanRecords, RowRecords
 
 Box = tuple[float, float, float, float]
 
@@ -205,11 +208,87 @@ def grounding_ap(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence
     return ap_summary(metric.compute())
 
 
+def ap_records(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+               label_of: LabelOf = target_label) -> APRecords:
+    """`grounding_ap`'s matches kept per image (gligen.metrics.resample), for resampling layouts: the COCO datasets
+    torchmetrics builds from the same inputs (float32 xywh boxes, ids from 1, every label a category, its IoU and
+    recall thresholds and detection cap), matched by pycocotools' own `evaluate`."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from torchmetrics.detection import MeanAveragePrecision
+    from torchvision.ops import box_convert
+
+    protocol = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    ids = label_ids(detections, layouts, label_of)
+    preds, targets = map_inputs(detections, layouts, ids.__getitem__, label_of)
+
+    def dataset(items: list[dict], scored: bool) -> COCO:
+        annotations = []
+        for image_id, item in enumerate(items):
+            boxes = box_convert(item["boxes"], "xyxy", "xywh").tolist() if len(item["boxes"]) else []
+            for k, (box, label) in enumerate(zip(boxes, item["labels"].tolist())):
+                annotation = {"id": len(annotations) + 1, "image_id": image_id, "area": box[2] * box[3],
+                              "category_id": label, "iscrowd": 0, "bbox": box}
+                if scored:
+                    annotation["score"] = item["scores"][k].tolist()
+                annotations.append(annotation)
+        coco = COCO()
+        coco.dataset = {"images": [{"id": i} for i in range(len(items))], "annotations": annotations,
+                        "categories": [{"id": i, "name": str(i)} for i in sorted(ids.values())]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    evaluator = COCOeval(dataset(targets, False), dataset(preds, True), iouType="bbox")
+    evaluator.params.iouThrs = np.array(protocol.iou_thresholds, dtype=np.float64)
+    evaluator.params.recThrs = np.array(protocol.rec_thresholds, dtype=np.float64)
+    evaluator.params.maxDets = list(protocol.max_detection_thresholds)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+    return APRecords.from_cocoeval(evaluator)
+
+
+def _best_ious(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+               label_of: LabelOf = target_label) -> list[list[float]]:
+    """Per image, per layout object: the best IoU of a same-label detection in its image (0 if none)."""
+    _check_pairs(detections, layouts)
+    return [[max([box_iou(obj["box"], d["box"]) for d in dets if d["label"] == label_of(obj)], default=0.0)
+             for obj in layout["objects"]] for dets, layout in zip(detections, layouts)]
+
+
+def miou_records(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+                 label_of: LabelOf = target_label) -> MeanRecords:
+    """`miou` as per-image sums and object counts, for resampling layouts."""
+    ious = _best_ious(detections, layouts, label_of)
+    return MeanRecords([sum(image) for image in ious], [len(image) for image in ious])
+
+
+def box_records(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping], records: RowRecords,
+                prefix: str = "", label_of: LabelOf = target_label, coarse: Callable[[str], str] | None = None
+                ) -> None:
+    """Adds the layout records of `box_grounding_metrics` / `entity_grounding_metrics` (names with `prefix`)."""
+    records.add(f"{prefix}ap", ap_records(detections, layouts, label_of),
+                {f"{prefix}ap": "ap", f"{prefix}ap50": "ap50", f"{prefix}ap75": "ap75"})
+    records.add(f"{prefix}miou", miou_records(detections, layouts, label_of), {f"{prefix}miou": "mean"})
+    if coarse is not None:
+        coarse_detections, coarse_of = coarse_inputs(detections, coarse, label_of)
+        records.add(f"{prefix}coarse_ap", ap_records(coarse_detections, layouts, coarse_of),
+                    {f"{prefix}coarse_ap50": "ap50"})
+        records.add(f"{prefix}coarse_miou", miou_records(coarse_detections, layouts, coarse_of),
+                    {f"{prefix}coarse_miou": "mean"})
+
+
+def coarse_inputs(detections: Sequence[Sequence[BoxDetection]], coarse: Callable[[str], str],
+                  label_of: LabelOf = target_label) -> tuple[list[list[BoxDetection]], LabelOf]:
+    """Detections and the layout's label function with every label mapped through `coarse`."""
+    return ([[{**d, "label": coarse(d["label"])} for d in dets] for dets in detections],
+            lambda obj: coarse(label_of(obj)))
+
+
 def coarse_grounding_metrics(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
                              coarse: Callable[[str], str], label_of: LabelOf = target_label) -> dict[str, float]:
     """AP50 and mIoU with every label (detections and layout targets) mapped through `coarse`."""
-    coarse_detections = [[{**d, "label": coarse(d["label"])} for d in dets] for dets in detections]
-    coarse_of = lambda obj: coarse(label_of(obj))
+    coarse_detections, coarse_of = coarse_inputs(detections, coarse, label_of)
     ap = grounding_ap(coarse_detections, layouts, coarse_of)
     return {"coarse_ap50": ap["ap50"], "coarse_miou": miou(coarse_detections, layouts, coarse_of)}
 
@@ -217,9 +296,7 @@ def coarse_grounding_metrics(detections: Sequence[Sequence[BoxDetection]], layou
 def miou(detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
          label_of: LabelOf = target_label) -> float:
     """Mean over all layout objects of the best IoU of a same-label detection in its image (0 if none)."""
-    _check_pairs(detections, layouts)
-    ious = [max([box_iou(obj["box"], d["box"]) for d in dets if d["label"] == label_of(obj)], default=0.0)
-            for dets, layout in zip(detections, layouts) for obj in layout["objects"]]
+    ious = [iou for image in _best_ious(detections, layouts, label_of) for iou in image]
     return float(np.mean(ious)) if ious else 0.0
 
 
@@ -243,12 +320,16 @@ def _with_size(layouts: Sequence[Mapping], images: Sequence[np.ndarray]) -> list
             for layout, image in zip(layouts, images)]
 
 
-def person_placement_metrics(person_detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping]
-                             ) -> dict[str, float]:
+def person_placement_metrics(person_detections: Sequence[Sequence[BoxDetection]], layouts: Sequence[Mapping],
+                             records: RowRecords | None = None) -> dict[str, float]:
     """Class-agnostic person placement: AP50 and mIoU of "person" boxes against the box of each layout person's
     labelled keypoints (`person_ap50`, `person_miou`): whether a figure stands where each person was asked for,
-    whatever its joints look like (the keypoint analogue of the colour-only `coarse_*` box metrics)."""
+    whatever its joints look like (the keypoint analogue of the colour-only `coarse_*` box metrics).
+    `records`: filled with their layout records (gligen.metrics.resample)."""
     targets = [person_box_layout(dict(layout)) for layout in layouts]
+    if records is not None:
+        records.add("person_ap", ap_records(person_detections, targets), {"person_ap50": "ap50"})
+        records.add("person_miou", miou_records(person_detections, targets), {"person_miou": "mean"})
     return {"person_ap50": grounding_ap(person_detections, targets)["ap50"],
             "person_miou": miou(person_detections, targets)}
 
@@ -268,38 +349,50 @@ def keypoints_as_person_boxes(keypoints: Sequence[np.ndarray], scores: Sequence[
 
 
 def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: PoseDetector,
-                     threshold: float = 0.1, person_detector: Detector | None = None) -> dict[str, float]:
+                     threshold: float = 0.1, person_detector: Detector | None = None,
+                     records: RowRecords | None = None) -> dict[str, float]:
     """PCK@threshold (`pck`) and OKS keypoint AP (`oks_ap`, `oks_ap50`, `oks_ap75`) of the detector's persons on
     `images` against the layouts' persons, and person placement (`person_ap50`, `person_miou`) of
-    `person_detector`'s "person" boxes (default: the box of each detected person's found joints)."""
+    `person_detector`'s "person" boxes (default: the box of each detected person's found joints).
+    `records`: filled with their layout records (gligen.metrics.resample)."""
     _check_pairs(images, layouts)
     keypoints, scores = split_pose_output(detector(images))
     _check_pairs(keypoints, layouts)
     sized = _with_size(layouts, images)
     aps = keypoint_average_precision(keypoints, scores, sized)
     persons = person_detector(images) if person_detector is not None else keypoints_as_person_boxes(keypoints, scores)
+    if records is not None:
+        records.add("pck", MeanRecords(*pck_counts(keypoints, sized, threshold)), {"pck": "mean"})
+        records.add("oks_ap", keypoint_ap_records(keypoints, scores, sized),
+                    {"oks_ap": "ap", "oks_ap50": "ap50", "oks_ap75": "ap75"})
     return {"pck": pck(keypoints, sized, threshold), **{f"oks_{k}": v for k, v in aps.items()},
-            **person_placement_metrics(persons, layouts)}
+            **person_placement_metrics(persons, layouts, records)}
 
 
-def box_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector
-                          ) -> dict[str, float]:
+def box_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector,
+                          records: RowRecords | None = None) -> dict[str, float]:
     """Box grounding: AP / AP50 / AP75 and mIoU of the detector's findings on `images` against their input layouts;
-    with a detector that has `coarse_label` (the toy's: colour), also coarse_ap50 / coarse_miou on coarse labels."""
+    with a detector that has `coarse_label` (the toy's: colour), also coarse_ap50 / coarse_miou on coarse labels.
+    `records`: filled with their layout records (gligen.metrics.resample)."""
     detections = detector(images)
+    if records is not None:
+        box_records(detections, layouts, records, coarse=getattr(detector, "coarse_label", None))
     metrics = {**grounding_ap(detections, layouts), "miou": miou(detections, layouts)}
     if hasattr(detector, "coarse_label"):
         metrics.update(coarse_grounding_metrics(detections, layouts, detector.coarse_label))
     return metrics
 
 
-def entity_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector
-                             ) -> dict[str, float]:
+def entity_grounding_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detector: Detector,
+                             records: RowRecords | None = None) -> dict[str, float]:
     """Image-entity grounding: AP / AP50 / AP75 / mIoU of the detector's boxes against the layout boxes labelled
     with the reference image's class (`entity_label`), reported as entity_ap, entity_ap50, entity_ap75,
     entity_miou. Objects without an entity image still count (label: category, else phrase). With a detector that
-    has `coarse_label` (the toy's: colour), also entity_coarse_ap50 / entity_coarse_miou on coarse labels."""
+    has `coarse_label` (the toy's: colour), also entity_coarse_ap50 / entity_coarse_miou on coarse labels.
+    `records`: filled with their layout records (gligen.metrics.resample)."""
     detections = detector(images)
+    if records is not None:
+        box_records(detections, layouts, records, "entity_", entity_label, getattr(detector, "coarse_label", None))
     ap = grounding_ap(detections, layouts, entity_label)
     metrics = {**{f"entity_{k}": v for k, v in ap.items()}, "entity_miou": miou(detections, layouts, entity_label)}
     if hasattr(detector, "coarse_label"):

@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
 from gligen.constants import COCO_SIGMAS, NUM_KEYPOINTS
+from gligen.metrics.resample import APRecords
 
 
 def keypoint_box(kps: np.ndarray) -> tuple[float, float, float, float]:
@@ -33,11 +34,18 @@ def pck(predicted: list[np.ndarray], layouts: list[dict], threshold: float = 0.1
     Persons are matched one-to-one (Hungarian, mean distance over joints found in both); the joints of an
     unmatched ground-truth person, and joints the matched prediction misses, count as wrong.
     """
-    correct, total = 0, 0
+    correct, total = pck_counts(predicted, layouts, threshold)
+    return sum(correct) / sum(total) if sum(total) else 0.0
+
+
+def pck_counts(predicted: list[np.ndarray], layouts: list[dict], threshold: float = 0.1
+               ) -> tuple[list[int], list[int]]:
+    """`pck`'s correct and labelled joints per image."""
+    correct, total = [], []
     for pred, layout in zip(predicted, layouts):
         gts = layout_persons(layout)
-        for gt in gts:
-            total += int((gt[:, 2] > 0).sum())
+        total.append(sum(int((gt[:, 2] > 0).sum()) for gt in gts))
+        correct.append(0)
         if len(gts) == 0 or len(pred) == 0:
             continue
         cost = np.array([[mean_joint_distance(g, p) for p in pred] for g in gts])
@@ -47,8 +55,8 @@ def pck(predicted: list[np.ndarray], layouts: list[dict], threshold: float = 0.1
             scale = max(x1 - x0, y1 - y0)
             both = (gt[:, 2] > 0) & (p[:, 2] > 0)
             dist = np.linalg.norm(gt[:, :2] - p[:, :2], axis=-1)
-            correct += int((both & (dist <= threshold * scale)).sum())
-    return correct / total if total else 0.0
+            correct[-1] += int((both & (dist <= threshold * scale)).sum())
+    return correct, total
 
 
 def mean_joint_distance(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -59,6 +67,29 @@ def mean_joint_distance(gt: np.ndarray, pred: np.ndarray) -> float:
 def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndarray],
                                layouts: list[dict]) -> dict[str, float]:
     """COCO keypoint AP / AP50 / AP75 (OKS thresholds 0.5:0.05:0.95) via pycocotools, pixel coordinates."""
+    evaluator = keypoint_cocoeval(predicted, scores, layouts)
+    if evaluator is None:
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap, ap50, ap75 = (max(0.0, float(v)) for v in evaluator.stats[:3])
+    return {"ap": ap, "ap50": ap50, "ap75": ap75}
+
+
+def keypoint_ap_records(predicted: list[np.ndarray], scores: list[np.ndarray], layouts: list[dict]) -> APRecords:
+    """`keypoint_average_precision`'s OKS matches kept per image (gligen.metrics.resample), for resampling layouts;
+    without any ground truth or detection, records whose AP is 0 for every resample (as the metric's)."""
+    evaluator = keypoint_cocoeval(predicted, scores, layouts)
+    if evaluator is not None:
+        return APRecords.from_cocoeval(evaluator)
+    gt = [{1: int(sum((p[:, 2] > 0).any() for p in layout_persons(layout)))} for layout in layouts]
+    return APRecords([{"det": [], "gt": {c: n for c, n in g.items() if n}} for g in gt], [0.5, 0.75], [0.0, 1.0])
+
+
+def keypoint_cocoeval(predicted: list[np.ndarray], scores: list[np.ndarray], layouts: list[dict]):
+    """A pycocotools COCOeval (iouType keypoints, the project's sigmas) after `evaluate()`; None when there is no
+    ground truth or no detection (AP 0)."""
     images, gt_anns, dt_anns = [], [], []
     for image_id, (pred, score, layout) in enumerate(zip(predicted, scores, layouts)):
         w, h = layout["width"], layout["height"]
@@ -73,23 +104,17 @@ def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndar
         for p, s in zip(pred, score):
             dt_anns.append({"image_id": image_id, "category_id": 1, "keypoints": (p * to_pixels).ravel().tolist(),
                             "score": float(s)})
-    if not gt_anns:
-        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
+    if not gt_anns or not dt_anns:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt_coco = COCO()
         gt_coco.dataset = {"images": images, "annotations": gt_anns,
                            "categories": [{"id": 1, "name": "person", "keypoints": [], "skeleton": []}]}
         gt_coco.createIndex()
-        if not dt_anns:
-            return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-        dt_coco = gt_coco.loadRes(dt_anns)
-        evaluator = COCOeval(gt_coco, dt_coco, iouType="keypoints")
+        evaluator = COCOeval(gt_coco, gt_coco.loadRes(dt_anns), iouType="keypoints")
         evaluator.params.kpt_oks_sigmas = np.array(COCO_SIGMAS)
         evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    ap, ap50, ap75 = (max(0.0, float(v)) for v in evaluator.stats[:3])
-    return {"ap": ap, "ap50": ap50, "ap75": ap75}
+    return evaluator
 
 
 def person_box_layout(layout: dict) -> dict:

@@ -92,8 +92,10 @@ class Modality:
         None = the toy world's exact read-back."""
         raise NotImplementedError
 
-    def metrics(self, images: list[np.ndarray], layouts: list[dict], detector=None) -> dict[str, float]:
-        """This modality's grounding metrics of generated `images` against the layouts they were asked for."""
+    def metrics(self, images: list[np.ndarray], layouts: list[dict], detector=None, records=None
+                ) -> dict[str, float]:
+        """This modality's grounding metrics of generated `images` against the layouts they were asked for;
+        `records` (a gligen.metrics.resample.RowRecords): filled with the metrics' per-layout records."""
         raise NotImplementedError
 
     def headline_metric(self, row: Mapping) -> str:

@@ -73,8 +73,8 @@ class BoxModality(Modality):
     def detector(self, config):
         return box_detector(config)
 
-    def metrics(self, images, layouts, detector=None):
-        return box_grounding_metrics(images, layouts, detector or make_detector("toy"))
+    def metrics(self, images, layouts, detector=None, records=None):
+        return box_grounding_metrics(images, layouts, detector or make_detector("toy"), records)
 
     def diffusers_problems(self, position_net, width):
         if not isinstance(position_net, TextBoxTokenizer):

@@ -172,8 +172,8 @@ class EntityModality(Modality):
     def detector(self, config):
         return box_detector(config)
 
-    def metrics(self, images, layouts, detector=None):
-        return entity_grounding_metrics(images, layouts, detector or make_detector("toy"))
+    def metrics(self, images, layouts, detector=None, records=None):
+        return entity_grounding_metrics(images, layouts, detector or make_detector("toy"), records)
 
     def diffusers_problems(self, position_net, width):
         if not isinstance(position_net, TextImageBoxTokenizer):

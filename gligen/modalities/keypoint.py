@@ -66,11 +66,11 @@ class KeypointModality(Modality):
         spec = config.get("pose_detector")
         return None if spec in (None, "toy") else make_detector(spec)
 
-    def metrics(self, images, layouts, detector=None):
+    def metrics(self, images, layouts, detector=None, records=None):
         if detector is None:
             return keypoint_metrics(images, layouts, make_detector("toy_pose"),
-                                    person_detector=make_detector("toy_person"))
-        return keypoint_metrics(images, layouts, detector)
+                                    person_detector=make_detector("toy_person"), records=records)
+        return keypoint_metrics(images, layouts, detector, records=records)
 
     def diffusers_problems(self, position_net, width):
         return [f"modality is {self.name!r}; diffusers has no keypoint GLIGEN pipeline (keypoint models are written "

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gligen.evaluation import stats
+from gligen.metrics.resample import MeanRecords, RowRecords
 
 
 def synthetic_rows(rng, mean, train_sd, sample_sd, n_train, n_sample, arm="a", train_effects=None):
@@ -93,3 +94,49 @@ def test_paired_false_forces_unpaired_arms_that_share_seed_numbers():
     other_models = [{**r, "train_seed": r["train_seed"] + 100} for r in b]
     with pytest.raises(ValueError, match="same training and sampling seeds"):
         stats.compare(a + other_models, "arm", "0.0", "1.0", "m", paired=True)
+
+
+# ----- the third level: layouts (rows with layout records, gligen.metrics.resample) ---------------------------------
+
+def layout_rows(values_by_row: dict, arm_key: str = "arm"):
+    """Rows whose metric `m` is the mean of per-layout values, with MeanRecords to resample them."""
+    rows = []
+    for (arm, train_seed, seed), values in values_by_row.items():
+        records = RowRecords()
+        records.add("m", MeanRecords(values, np.ones(len(values))), {"m": "mean"})
+        rows.append({arm_key: arm, "train_seed": train_seed, "seed": seed, "m": float(np.mean(values)),
+                     "layout_records": records})
+    return rows
+
+
+def test_resampling_layouts_covers_the_truth_that_one_model_and_seed_cannot():
+    """One trained model, one sampling seed, 100 layouts: without layout records the interval has no width; with
+    them it covers the true mean at about the stated rate."""
+    rng = np.random.default_rng(7)
+    hits, draws = 0, 200
+    for i in range(draws):
+        values = rng.normal(0.5, 0.2, 100)
+        with_records = stats.summarize(layout_rows({("a", 0, 0): values}), "arm", "m", seed=i, samples=400)["a"]
+        hits += with_records["low"] <= 0.5 <= with_records["high"]
+        assert with_records["layouts_resampled"]
+    plain = stats.summarize([{"arm": "a", "train_seed": 0, "seed": 0, "m": 0.5}], "arm", "m")["a"]
+    assert plain["low"] == plain["high"] and not plain["layouts_resampled"]
+    assert 0.88 <= hits / draws <= 0.99, hits / draws
+
+
+def test_paired_arms_resample_the_same_layouts():
+    """Two tau of one model on the same 100 layouts: a large per-layout effect shared by both arms and a small
+    constant difference. Paired over layouts the difference's interval is tight and excludes 0; each arm's own
+    interval is wide (the layout spread)."""
+    rng = np.random.default_rng(8)
+    layout_effect = rng.normal(0, 0.3, 100)
+    rows = layout_rows({("0.0", 0, 0): 0.3 + layout_effect, ("1.0", 0, 0): 0.32 + layout_effect})
+    diff = stats.compare(rows, "arm", "0.0", "1.0", "m")
+    assert diff["paired"] and diff["layouts_resampled"] and diff["excludes_zero"]
+    assert diff["high"] - diff["low"] < 1e-9 + 0.001  # the shared layout effect cancels draw by draw
+    alone = stats.summarize(rows, "arm", "m")["0.0"]
+    assert alone["high"] - alone["low"] > 0.05
+    # unpaired arms still share the layouts' draws: the layout effect cancels there too
+    unpaired = stats.compare(rows, "arm", "0.0", "1.0", "m", paired=False)
+    assert unpaired["excludes_zero"] and unpaired["high"] - unpaired["low"] < 0.001
+

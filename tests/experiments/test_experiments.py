@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from gligen.evaluation.results import read_rows
 from gligen.experiments import grid as grid_lib
 from gligen.experiments import verify
 from gligen.experiments.config import toy_train_config
@@ -64,6 +65,11 @@ def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "3 trained models (training seeds)" in summary and "| 1.0 | 3 |" in summary
     assert "Differences from tau = 0.0" in summary and summary.count("`") > 6
+    # layouts are the third level: every row names its layout records, which give back the row's metrics
+    assert "the 4 layouts resampled too for coarse_ap50, ap50 (not fid" in summary
+    pooled = read_rows(out / "metrics.csv")
+    assert all(not r["layout_records"].mismatches(r) for r in pooled)
+    assert {"coarse_ap50", "ap", "miou"} <= set(pooled[0]["layout_records"].metrics)
     timings = json.loads((out / "timings.json").read_text())
     assert all(f"train_seed{s}_train_s" in timings for s in range(3))
     reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]  # the summary and each seed's
