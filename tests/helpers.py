@@ -252,12 +252,12 @@ TINY = PretrainConfig(batch_size=8, text_width=32, clip_steps=2, vae_channels=(1
 
 
 def tiny_toy_config(tmp_path: Path) -> Path:
-    """`<tmp_path>/toy_world.yaml`: a toy world of 24 + 8 + 8 train and 8 val object scenes and 8 / 4 person
-    scenes, with the TINY LDM."""
+    """`<tmp_path>/toy_world.yaml`: a toy world of 24 + 8 + 8 train and 8 val object scenes, 8 / 4 person scenes
+    and 8 / 4 styled scenes, with the TINY LDM."""
     config = {"resolution": 32, "shard_size": 16,
               "splits": {"train": {"grounding": 24, "detection": 8, "detection_caption": 8}, "val": {"grounding": 8}},
               "pretrain": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.__dict__.items()},
-              "person_splits": {"train": 8, "val": 4}}
+              "person_splits": {"train": 8, "val": 4}, "styled_splits": {"train": 8, "val": 4}}
     path = tmp_path / "toy_world.yaml"
     path.write_text(yaml.safe_dump(config))
     ToyBuildConfig.from_yaml(path)  # the experiment reads it the same way

@@ -36,7 +36,7 @@ from gligen.data.transforms import TransformConfig
 from gligen.ldm import FrozenLDM
 from gligen.metrics.quality import quality_metrics
 from gligen.metrics.resample import ROW_KEY as RECORDS
-from gligen.metrics.resample import RowRecords
+from gligen.metrics.resample import MeanRecords, RowRecords
 from gligen.modalities import Modality, get_modality, modality_of
 from gligen.sampling import sample, tau_schedule
 
@@ -140,16 +140,25 @@ def reconstruct(ldm: FrozenLDM, images: list[np.ndarray], seed: int = 0, batch_s
     return out
 
 
-def score(modality: Modality, images: list[np.ndarray], layouts: list[dict], detector
+def score(modality: Modality, images: list[np.ndarray], layouts: list[dict], detector, image_scorer=None
           ) -> tuple[dict[str, float], RowRecords]:
     """`modality.metrics` of the images, and the per-layout records that resample them (gligen.metrics.resample);
     a metric whose records do not give back its value on the full layout set is left out of the records (with a
-    warning), so no interval resamples another number than the one reported."""
+    warning), so no interval resamples another number than the one reported.
+
+    image_scorer: an ImageScorer, `(images, layouts) -> {metric: [value or None per image]}` (e.g. "toy_image":
+    fidelity_error, style_adherence): each metric is its mean over the images it applies to (not None)."""
     records = RowRecords()
     if "records" in inspect.signature(modality.metrics).parameters:
         metrics = modality.metrics(images, layouts, detector, records=records)
     else:  # a modality written without layout records: its intervals do not resample layouts
         metrics = modality.metrics(images, layouts, detector)
+    for name, values in (image_scorer(images, layouts) if image_scorer is not None else {}).items():
+        counts = [0.0 if v is None else 1.0 for v in values]
+        if sum(counts):
+            sums = [0.0 if v is None else float(v) for v in values]
+            metrics[name] = sum(sums) / sum(counts)
+            records.add(name, MeanRecords(sums, counts), {name: "mean"})
     for metric in records.mismatches(metrics):
         warnings.warn(f"{modality.name} {metric}: its layout records do not reproduce its value; its intervals will "
                       "not resample layouts")
@@ -160,22 +169,22 @@ def score(modality: Modality, images: list[np.ndarray], layouts: list[dict], det
 def beta_sweep(ldm: FrozenLDM, layouts: list[dict], references: list[np.ndarray], taus: list[float],
                seeds: list[int], detector, *, sampler: str = "ddim", steps: int = 50, guidance: float = 7.5,
                batch_size: int = 50, clip_dir: str | None = None, inception_weights: str | None = None,
-               grid_size: int = 8, progress: bool = True, modality: str | Modality | None = None
-               ) -> tuple[list[dict], dict[float, list[np.ndarray]]]:
+               grid_size: int = 8, progress: bool = True, modality: str | Modality | None = None,
+               image_scorer=None) -> tuple[list[dict], dict[float, list[np.ndarray]]]:
     """Grounding accuracy and quality for every (tau, seed): rows of metrics, and the first `grid_size` images
     of seed `seeds[0]` per tau (for sample grids).
 
     The layouts are sampled and scored as `modality` (default: the LDM's, `modality_of`) asks, with that modality's
     own metric (`Modality.metrics`: box ap / ap50 / ap75 / miou (+ coarse_*), keypoint pck / oks_ap*, image and
     text_image entity_ap* / entity_miou); `detector` is the modality's detector (a PoseDetector for keypoint),
-    None for the toy world's exact read-back."""
+    None for the toy world's exact read-back; `image_scorer`: per-image scores (`score`)."""
     modality = get_modality(modality) if modality is not None else modality_of(ldm)
     rows, grids = [], {}
     for tau in taus:
         for seed in seeds:
             images = generate(ldm, layouts, tau_schedule(steps, tau), seed=seed, sampler=sampler, steps=steps,
                               guidance=guidance, batch_size=batch_size, progress=progress, modality=modality)
-            metrics, records = score(modality, images, layouts, detector)
+            metrics, records = score(modality, images, layouts, detector, image_scorer)
             row = {"tau": tau, "seed": seed, **metrics, RECORDS: records}
             row.update(quality_metrics(_to_tensor(images), _to_tensor(references), clip_dir=clip_dir,
                                        inception_weights=inception_weights))

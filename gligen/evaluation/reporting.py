@@ -23,12 +23,13 @@ from gligen.evaluation.visualize import layouts_grid
 from gligen.modalities import DEFAULT_MODALITY, get_modality, modality_names
 
 QUALITY_METRICS = ["fid", "kid"]
+IMAGE_METRICS = ["style_adherence", "fidelity_error"]  # of an image scorer (sweep config `image_scorer`)
 
 
 def beta_metrics() -> list[str]:
-    """Every registered modality's grounding metrics (`Modality.metric_names`, in registry order), then quality; a
-    sweep reports those it measured."""
-    return [m for name in modality_names() for m in get_modality(name).metric_names] + QUALITY_METRICS
+    """Every registered modality's grounding metrics (`Modality.metric_names`, in registry order), then the image
+    scorer's and quality; a sweep reports those it measured."""
+    return [m for name in modality_names() for m in get_modality(name).metric_names] + IMAGE_METRICS + QUALITY_METRICS
 
 
 def primary_metric(row: dict) -> str:
@@ -171,11 +172,12 @@ def write_seed_summary(out: str | Path, rows: list[dict], config: dict) -> None:
 
 
 def summary_metrics(row: dict) -> list[str]:
-    """What a sweep summary's intervals cover: the modality's placement and primary grounding metrics (those
-    measured), then FID."""
+    """What a sweep summary's intervals cover: the modality's placement and primary grounding metrics, the image
+    scorer's (style adherence, fidelity error; those measured), then FID."""
     modality = get_modality(row.get("modality") or DEFAULT_MODALITY)
-    grounding = [m for m in (modality.placement_metric, modality.primary_metric) if row.get(m) not in (None, "")]
-    return list(dict.fromkeys(grounding)) + ["fid"]
+    measured = [m for m in (modality.placement_metric, modality.primary_metric, *IMAGE_METRICS)
+                if row.get(m) not in (None, "")]
+    return list(dict.fromkeys(measured)) + ["fid"]
 
 
 def seed_summary(rows: list[dict], config: dict) -> str:

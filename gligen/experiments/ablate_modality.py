@@ -46,6 +46,7 @@ from gligen.evaluation.results import RECORDS, checkpoint_columns, write_csv, wr
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
 from gligen.experiments.provenance import run_columns
+from gligen.metrics.detectors import make_image_scorer
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
 from gligen.provenance import config_hash, git_commit
@@ -121,6 +122,7 @@ def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | 
         module = module.cuda()
     layouts, references = modality_layouts(modality, config, toy)
     detector = module.modality.detector(config)
+    image_scorer = make_image_scorer(config.get("image_scorer"))
     provenance = {"git_commit": git_commit(), "num_images": len(layouts),
                   "config_hash": config_hash({**config, "modality": modality, "train_config": _text(
                       config["train_configs"].get(modality))}),
@@ -133,7 +135,7 @@ def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | 
                               sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
                               batch_size=config["batch_size"], progress=False,
                               max_objects=module.hparams.max_objects, modality=modality)
-            metrics, records = score(module.modality, images, layouts, detector)
+            metrics, records = score(module.modality, images, layouts, detector, image_scorer)
             records.alias("value", module.modality.primary_metric)
             records.alias("placement", module.modality.placement_metric)
             row = {"modality": modality, "tau": tau, "seed": seed, **headline(module.modality, metrics),

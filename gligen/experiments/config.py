@@ -80,6 +80,9 @@ class SamplingSettings:
     """Images generated per batch."""
     detector: str = "toy"
     """toy | a transformers object-detection model directory or hub id."""
+    image_scorer: str | None = None
+    """Per-image scores of every row besides the modality's metrics: toy_image (the toy world's fidelity_error and
+    style_adherence) | "package.module:callable" (an ImageScorer) | null: none."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from gligen.evaluation import reporting
 from gligen.evaluation.generate import beta_sweep, load_layouts
 from gligen.evaluation.results import checkpoint_columns
 from gligen.experiments.provenance import run_columns
+from gligen.metrics.detectors import make_image_scorer
 from gligen.module import GLIGENModule
 from gligen.provenance import config_hash, git_commit
 
@@ -46,7 +47,9 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     `config` keys (those of experiments/configs/ablate_beta.yaml): ckpt, pretrained, val_shards, resolution,
     num_images, taus, seeds, sampler, steps, guidance, batch_size, detector ("toy" or a transformers detector
     directory / hub id), out; optional: pose_detector ("toy" (default) or "module:callable", a PoseDetector: the
-    keypoint modality's detector), entity_resolution (side of the entity images of image / text_image layouts).
+    keypoint modality's detector), entity_resolution (side of the entity images of image / text_image layouts),
+    image_scorer (an ImageScorer name or "module:callable", e.g. "toy_image": per-image fidelity_error and
+    style_adherence of every row).
     Every row gets git_commit, config_hash (of `config`), num_images and ckpt, plus `provenance` (extra columns,
     e.g. a grid cell's axes).
 
@@ -77,6 +80,7 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
     try:
         modality.check_layouts(layouts, config["val_shards"])
         detector = modality.detector(config)
+        image_scorer = make_image_scorer(config.get("image_scorer"))
     except ValueError as error:
         raise SystemExit(str(error)) from None
     clip_dir = Path(config["pretrained"]) / "clip"
@@ -85,6 +89,7 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
         module.ldm, layouts, references, config["taus"], config["seeds"], detector,
         sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
         batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None, modality=modality,
+        image_scorer=image_scorer,
     )
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),
               **checkpoint_columns(config["ckpt"], identity), "modality": modality.name, **(provenance or {}),

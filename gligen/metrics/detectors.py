@@ -18,6 +18,7 @@ DETECTORS: dict[str, str | Callable] = {
     "toy": "gligen.toy.evaluate:ToyDetector",
     "toy_pose": "gligen.toy.evaluate:ToyPoseDetector",
     "toy_person": "gligen.toy.evaluate:ToyPersonDetector",
+    "toy_image": "gligen.toy.evaluate:ToyImageScorer",  # an ImageScorer: per-image fidelity and style adherence
 }
 
 
@@ -31,6 +32,12 @@ def import_path(spec: str):
     if not module or not name:
         raise ValueError(f"detector {spec!r}: expected 'module:callable'")
     return getattr(importlib.import_module(module), name)
+
+
+def make_image_scorer(spec):
+    """An ImageScorer from a config value (`make_detector`'s names and forms), None for none. An ImageScorer maps
+    (images, layouts) to {metric: [value, or None where it does not apply, per image]}."""
+    return make_detector(spec) if spec else None
 
 
 def make_detector(spec):

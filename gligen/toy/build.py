@@ -4,6 +4,9 @@ Layout of the cache (default `cache/toy`):
     shards/<split>-<kind>/   schema-v1 WebDataset shards + index.json (objects family)
     shards/<split>-persons/  person scenes (stick figures with 17 COCO keypoints, kind "grounding", captions like
                              "a person") for the keypoint modality, at the same resolution
+    shards/<split>-styled/   object scenes on a background style named in the caption (`styled_splits`): the train
+                             split only for the base's pretraining (GLIGEN never trains on styles), the val split
+                             for layouts that ask for a style (scheduled sampling's trade-off)
     ldm/                     the pretrained toy LDM, a diffusers Stable Diffusion directory (+ clip/)
 Each stage is skipped when its output exists, so a second build is instant and an interrupted one resumes. When the
 asked config is the one the package ships an LDM for (gligen/toy/shipped, the default config), that LDM is copied
@@ -30,6 +33,10 @@ from gligen.toy import world
 from gligen.toy.pretrain import PretrainConfig, pretrain
 
 PERSONS = "persons"  # shard directory suffix of the persons family (no data kind is called that)
+STYLED = "styled"  # and of the styled family
+# Fields added after a shipped manifest was written: left out of the build record while at their default, so the
+# shipped LDM still matches the configs that do not use them.
+OPTIONAL_FIELDS = {"styled_splits": {}}
 
 
 @dataclass
@@ -47,6 +54,8 @@ class ToyBuildConfig:
     })
     # samples per split of the persons family (keypoint modality), written to shards/<split>-persons; {} = none
     person_splits: dict[str, int] = field(default_factory=lambda: {"train": 4000, "val": 200})
+    # samples per split of the styled family, written to shards/<split>-styled; {} = none
+    styled_splits: dict[str, int] = field(default_factory=dict)
     shard_size: int = 1000
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -113,6 +122,10 @@ def person_shard_dir(out: str | Path, split: str) -> Path:
     return Path(out) / "shards" / f"{split}-{PERSONS}"
 
 
+def styled_shard_dir(out: str | Path, split: str) -> Path:
+    return Path(out) / "shards" / f"{split}-{STYLED}"
+
+
 def ldm_dir(out: str | Path) -> Path:
     return Path(out) / "ldm"
 
@@ -122,6 +135,8 @@ def pretrain_data(out: Path, config: ToyBuildConfig) -> tuple[list[Path], dict]:
     dirs = [shard_dir(out, "train", kind) for kind in config.splits["train"]]
     if "train" in config.person_splits:
         dirs.append(person_shard_dir(out, "train"))
+    if "train" in config.styled_splits:
+        dirs.append(styled_shard_dir(out, "train"))
     return dirs, {"world_version": world.WORLD_VERSION, "train_shards": [d.name for d in dirs]}
 
 
@@ -154,8 +169,9 @@ def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict) -> None
 
 
 def build_record(config: ToyBuildConfig) -> dict:
-    """What build_config.json holds (JSON types: tuples become lists)."""
-    return json.loads(json.dumps({**asdict(config), "world_version": world.WORLD_VERSION}))
+    """What build_config.json holds (JSON types: tuples become lists; OPTIONAL_FIELDS only when set)."""
+    record = {k: v for k, v in asdict(config).items() if not (k in OPTIONAL_FIELDS and v == OPTIONAL_FIELDS[k])}
+    return json.loads(json.dumps({**record, "world_version": world.WORLD_VERSION}))
 
 
 def is_shipped_config(config: ToyBuildConfig, root: Path | None = None) -> bool:
@@ -190,13 +206,15 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
             log(f"toy world: writing {n} {split}/{kind} samples to {target}")
             world.write_split(split, kind, n, str(target), resolution=config.resolution, seed=config.seed,
                               max_samples=config.shard_size, progress=True)
-    for split, n in config.person_splits.items():
-        target = person_shard_dir(out, split)
-        if (target / "index.json").exists() or (split == "train" and not needs_train):
-            continue
-        log(f"toy world: writing {n} {split} person scenes to {target}")
-        world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
-                          family=PERSONS, max_samples=config.shard_size, progress=True)
+    for family, splits, directory in ((PERSONS, config.person_splits, person_shard_dir),
+                                      (STYLED, config.styled_splits, styled_shard_dir)):
+        for split, n in splits.items():
+            target = directory(out, split)
+            if (target / "index.json").exists() or (split == "train" and not needs_train):
+                continue
+            log(f"toy world: writing {n} {split} {family} scenes to {target}")
+            world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
+                              family=family, max_samples=config.shard_size, progress=True)
     if (ldm / "model_index.json").exists():
         check_pretrain_config(ldm, config.pretrain, data)
     elif install:

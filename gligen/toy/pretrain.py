@@ -65,7 +65,7 @@ class PretrainConfig:
 
 def toy_vocabulary() -> list[str]:
     """Every word the toy world writes (colours, shapes, caption templates), one token each."""
-    words = set(world.COLOURS) | set(world.SHAPES) | {"a", "an", "and"}
+    words = set(world.COLOURS) | set(world.SHAPES) | set(world.STYLES) | {"a", "an", "and"}
     for template in world.CAPTION_TEMPLATES:
         words |= set(template.replace("{}", " ").replace(",", " ").split())
     for caption in world.PERSON_CAPTIONS:

@@ -7,7 +7,11 @@
    shape a one-object caption names ("a red square": no binding of words to objects needed); and how far apart the
    text encoder puts the shape words (the UNet cannot draw a difference its conditioning does not carry); real
    images noised part way and denoised (SDEdit), with their captions and with the shape words swapped,
-4. with --ckpt: a box-grounded GLIGEN at full grounding (beta = 1 throughout sampling).
+4. with --ckpt: a box-grounded GLIGEN at full grounding (beta = 1 throughout sampling),
+5. the quality measure (`fidelity_error`, gligen.toy.evaluate) on real images, VAE reconstructions, base samples,
+   GLIGEN samples and real images degraded by noise, blur and a colour shift, with the order it must give (real <
+   VAE < base < degraded) and each margin in standard errors; and, where the cache has styled val scenes, the style
+   read back from the real ones and from the base LDM asked for them.
 """
 
 from __future__ import annotations
@@ -26,8 +30,56 @@ from gligen.module import GLIGENModule
 from gligen.provenance import git_commit
 from gligen.sampling import tau_schedule
 from gligen.toy import world
-from gligen.toy.build import ldm_dir, shard_dir
-from gligen.toy.evaluate import attribute_accuracy, detect_objects, evaluate_boxes, evaluate_keypoints, toy_layouts
+from gligen.toy.build import ldm_dir, shard_dir, styled_shard_dir
+from gligen.toy.evaluate import (
+    attribute_accuracy,
+    detect_objects,
+    evaluate_boxes,
+    evaluate_keypoints,
+    fidelity_error,
+    read_style,
+    toy_layouts,
+)
+
+# Damage the quality measure must rank below every model's images: (name, kind, strength); kinds of `degrade`.
+DEGRADATIONS = (("noise_sigma32", "noise", 32.0), ("blur_sigma1", "blur", 1.0), ("colour_shift64", "shift", 64.0))
+
+
+def degrade(image: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """A real image damaged: Gaussian noise of std `strength` grey levels, a Gaussian blur of `strength` pixels,
+    or a colour shift (+strength red, -strength green)."""
+    from scipy.ndimage import gaussian_filter
+
+    pixels = image.astype(np.float64)
+    if kind == "noise":
+        pixels = pixels + rng.normal(0, strength, pixels.shape)
+    elif kind == "blur":
+        pixels = gaussian_filter(pixels, (strength, strength, 0))
+    elif kind == "shift":
+        pixels = pixels + np.array([strength, -strength, 0.0])
+    else:
+        raise ValueError(f"unknown degradation {kind!r}")
+    return np.clip(pixels, 0, 255).round().astype(np.uint8)
+
+
+def fidelity_summary(images: list[np.ndarray]) -> dict[str, float]:
+    errors = np.array([fidelity_error(im) for im in images])
+    return {"fidelity_error": float(errors.mean()), "std": float(errors.std(ddof=1)),
+            "sem": float(errors.std(ddof=1) / np.sqrt(len(errors))), "n": len(errors)}
+
+
+def quality_ordering(sets: dict[str, dict[str, float]]) -> dict[str, float | bool]:
+    """Whether fidelity_error orders real < vae < base < every degradation, and each step's margin in standard
+    errors of the difference (the images are independent draws)."""
+    chain = ["real", "vae_reconstruction", "base_ldm"]
+    out: dict[str, float | bool] = {}
+    steps = list(zip(chain, chain[1:])) + [("base_ldm", name) for name, _, _ in DEGRADATIONS]
+    for low, high in steps:
+        a, b = sets[low], sets[high]
+        gap = b["fidelity_error"] - a["fidelity_error"]
+        out[f"{high}_minus_{low}_in_sem"] = float(gap / max(np.hypot(a["sem"], b["sem"]), 1e-12))
+    out["ordered"] = all(v > 0 for v in out.values())
+    return out
 
 
 def shape_on_command(ldm: FrozenLDM, resolution: int, repeats: int = 4, **sampling) -> dict[str, float]:
@@ -105,6 +157,26 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
         grounded = generate(module.ldm, layouts, tau_schedule(steps, 1.0), **sampling)
         results["gligen_full_grounding"] = evaluate_boxes(grounded, layouts)
         results["gligen_gates"] = {k: float(v) for k, v in module.gate_values().items()}
+    rng = np.random.default_rng(seed)
+    quality = {"real": fidelity_summary(references),
+               "vae_reconstruction": fidelity_summary(reconstruct(ldm, references, seed)),
+               "base_ldm": fidelity_summary(base)}
+    if ckpt:
+        quality["gligen_full_grounding"] = fidelity_summary(grounded)
+    for name, kind, strength in DEGRADATIONS:
+        quality[name] = fidelity_summary([degrade(im, kind, strength, rng) for im in references])
+    results["quality_fidelity_error"] = {name: s["fidelity_error"] for name, s in quality.items()}
+    results["quality_fidelity_error_sem"] = {name: s["sem"] for name, s in quality.items()}
+    results["quality_ordering"] = quality_ordering(quality)
+    styled = styled_shard_dir(cache, "val")
+    if (styled / "index.json").exists():
+        style_layouts, style_images = load_layouts(str(styled), config["resolution"], num_images)
+        asked = [world.caption_style(layout["caption"]) for layout in style_layouts]
+        styled_base = generate(ldm, style_layouts, tau_schedule(steps, 0.0), **sampling)
+        results["style_read_back"] = {
+            "real": float(np.mean([read_style(im) == s for im, s in zip(style_images, asked)])),
+            "base_ldm": float(np.mean([read_style(im) == s for im, s in zip(styled_base, asked)])),
+            "base_ldm_fidelity_error": fidelity_summary(styled_base)["fidelity_error"]}
     results["setup"] = {"num_images": len(layouts), "steps": steps, "guidance": guidance, "seed": seed,
                         "sampler": "ddim", "ckpt": ckpt, "git_commit": git_commit(), "command": command_line()}
     return results
@@ -121,6 +193,7 @@ def write_report(results: dict, out: str | Path) -> None:
     for name, metrics in results.items():
         if name in ("setup", "gligen_gates"):
             continue
-        lines.append(f"- **{name}**: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        lines.append(f"- **{name}**: " + ", ".join(f"{k} {v:.3f}" if not isinstance(v, bool) else f"{k} {v}"
+                                                    for k, v in metrics.items()))
     lines.append("")
     (out / "README.md").write_text("\n".join(lines))

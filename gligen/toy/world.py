@@ -3,7 +3,7 @@
 One file on purpose: the world's rules (palette, shapes, placement, persons, captions, the sample generator)
 read top to bottom, and WORLD_VERSION versions all of them together.
 
-Two scene families:
+Three scene families:
 - "objects": 1-4 solid coloured shapes (4 shapes x 6 colours) on a black (optionally lightly textured) background.
   Default resolution 32. Each object keeps its full extent visible (occluders may only bite into its interior,
   at most 15% of its pixels), so its tight box and its shape are recoverable from the image alone.
@@ -11,6 +11,10 @@ Two scene families:
   resolution) in its own colour on grey limbs, under a compact head. Joints of that size survive the toy VAE
   (1-px joints did not: PCK 0.000 on reconstructions), and read-back is exact (gligen.toy.evaluate.evaluate_keypoints:
   PCK 1.0 and OKS AP 1.0 on real scenes). The toy build writes them at the toy resolution (32) for one LDM.
+- "styled": object scenes on a background pattern named in the caption ("... on a striped background"; STYLES:
+  striped, checkered, dotted, dark grey on black, read back exactly by gligen.toy.evaluate.read_style). They are
+  knowledge only the base has: the base LDM pretrains on them, GLIGEN's grounding shards never hold them, so
+  grounding at every step (scheduled sampling's tau = 1) can pull a style away that a smaller tau keeps.
 
 Shapes are rasterised with numpy from integer pixel boxes (not PIL drawing), because the evaluator matches
 components against exactly the same templates (``shape_mask``), which keeps read-back exact on clean images.
@@ -31,7 +35,7 @@ from gligen.constants import SKELETON
 from gligen.data.schema import KINDS, SCHEMA_VERSION
 from gligen.data.shards import write_shards
 
-FAMILIES = ("objects", "persons")
+FAMILIES = ("objects", "persons", "styled")  # new families go last: a sample's stream depends on the index
 SPLITS = ("train", "val", "test", "ood")
 
 DEFAULT_RESOLUTION = 32
@@ -59,6 +63,14 @@ HELD_OUT_PAIRS = (("red", "cross"), ("green", "circle"), ("blue", "triangle"), (
 SEEN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS)
 
 SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
+
+# Background styles of the "styled" family: a dark grey pattern of period STYLE_PERIOD x resolution (4 px at 32,
+# aligned with the VAE's 4-px latent cells). Grey 64 is > COLOUR_DISTANCE (gligen.toy.evaluate) from black and
+# from every palette colour, so object read-back ignores it; the three patterns are pairwise uncorrelated or nearly
+# (striped vs dotted: R^2 0.33), so the best-fitting one names the style exactly on real images.
+STYLES = ("striped", "checkered", "dotted")
+STYLE_GREY = 64
+STYLE_PERIOD = 1 / 8
 
 # Object geometry (fractions of the image side) and occlusion limits.
 MIN_OBJECT_SIDE, MAX_OBJECT_SIDE = 0.25, 0.6
@@ -181,6 +193,7 @@ class Scene:
     persons: list[Person] = field(default_factory=list)
     background_texture: float = 0.0  # amplitude (grey levels) of a smooth background texture; 0 = plain black
     background_seed: int = 0
+    style: str | None = None  # a background pattern of STYLES (the "styled" family); None = no pattern
 
 
 def _sample_box(rng: np.random.Generator, resolution: int) -> tuple[int, int, int, int]:
@@ -329,8 +342,31 @@ def sample_person_scene(rng: np.random.Generator, resolution: int = DEFAULT_RESO
 # -------------------------------------------------------------------------------------------------- rendering
 
 
+def style_period(resolution: int) -> int:
+    return max(2, round(resolution * STYLE_PERIOD))
+
+
+def style_mask(style: str, resolution: int, shift: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Boolean [resolution, resolution]: where the pattern of `style` is grey (shifted by (dx, dy) pixels)."""
+    period = style_period(resolution)
+    half = period // 2
+    y, x = np.mgrid[0:resolution, 0:resolution]
+    x, y = (x + shift[0]) % period, (y + shift[1]) % period
+    if style == "striped":  # vertical stripes half a period wide
+        return x < half
+    if style == "checkered":
+        return (x < half) ^ (y < half)
+    if style == "dotted":  # squares a quarter of the cell
+        return (x < half) & (y < half)
+    raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+
+
 def _background(scene: Scene) -> np.ndarray:
     r = scene.resolution
+    if scene.style is not None:
+        image = np.zeros((r, r, 3), dtype=np.uint8)
+        image[style_mask(scene.style, r)] = STYLE_GREY
+        return image
     if scene.background_texture <= 0:
         return np.zeros((r, r, 3), dtype=np.uint8)
     # Smooth grey texture: a 4x4 random field upsampled bilinearly, amplitude well below any palette distance.
@@ -402,9 +438,20 @@ def join_phrases(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def object_caption(rng: np.random.Generator, categories: list[str]) -> str:
-    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    return template.format(join_phrases([object_phrase(c) for c in categories]))
+def object_caption(rng: np.random.Generator, categories: list[str], style: str | None = None) -> str:
+    """A templated caption naming every object; with a style, "... on a <style> background" (never the black one)."""
+    templates = [t for t in CAPTION_TEMPLATES if "background" not in t] if style else CAPTION_TEMPLATES
+    caption = templates[int(rng.integers(len(templates)))].format(join_phrases([object_phrase(c) for c in categories]))
+    return f"{caption} on a {style} background" if style else caption
+
+
+def caption_style(caption: str) -> str | None:
+    """The style a caption asks for ("... on a striped background" -> "striped"), else None."""
+    words = caption.split()
+    for style in STYLES:
+        if f"{style} background" in caption and style in words:
+            return style
+    return None
 
 
 def person_caption(rng: np.random.Generator) -> str:
@@ -459,9 +506,11 @@ def make_scene(split: str, index: int, kind: str = "grounding", family: str = "o
                ) -> tuple[Scene, np.random.Generator]:
     """The scene of one sample, plus its generator (positioned after the scene, for caption and entities)."""
     rng = sample_rng(split, family, kind, index, seed)
-    if family == "objects":
+    if family in ("objects", "styled"):
         scene = sample_object_scene(rng, resolution or DEFAULT_RESOLUTION, pairs=split_pairs(split),
                                     background_texture=background_texture)
+        if family == "styled":
+            scene.style = STYLES[int(rng.integers(len(STYLES)))]
     elif family == "persons":
         scene = sample_person_scene(rng, resolution or DEFAULT_RESOLUTION,
                                     background_texture=background_texture)
@@ -487,8 +536,8 @@ def make_sample(split: str, index: int, kind: str = "grounding", family: str = "
     elif family == "persons":
         caption = person_caption(rng)
     else:
-        caption = object_caption(rng, categories)
-    with_entities = with_entities and family == "objects"
+        caption = object_caption(rng, categories, scene.style)
+    with_entities = with_entities and family != "persons"
     sample = {"__key__": key, "png": png_bytes(render_scene(scene)), "txt": caption,
               "json": scene_annotation(scene, kind, source_id=key, with_entities=with_entities)}
     if with_entities:

@@ -49,3 +49,40 @@ def test_command_line_is_quoted_so_it_can_be_pasted_back(monkeypatch):
         "python experiments/bench_train.py --x 'a b'"
     monkeypatch.setattr("sys.argv", [""])
     assert command_line() == "(library call)"
+
+
+def test_rows_keep_their_layout_records_through_csv_and_an_image_scorer_adds_per_image_means(tmp_path):
+    """score(): an image scorer's metric is the mean over the images it applies to, with records that resample it;
+    write_rows / read_rows carry every row's records through metrics.csv + layout_records.json.gz (byte-identical
+    when rewritten), and rows whose records are lost keep their values without records."""
+    import numpy as np
+
+    from gligen.evaluation.generate import score
+    from gligen.evaluation.results import read_rows, write_rows
+    from gligen.modalities import get_modality
+
+    images = [np.zeros((32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    images[0][8:20, 8:20] = (255, 0, 0)
+    layouts = [{"caption": "a red square", "objects": [{"box": [0.25, 0.25, 0.625, 0.625], "category": "red square",
+                                                        "phrase": "a red square"}]}] + \
+              [{"caption": "", "objects": []} for _ in range(3)]
+
+    def scorer(images, layouts):
+        return {"brightness": [float(im.mean()) if layout["objects"] else None for im, layout in zip(images, layouts)]}
+
+    metrics, records = score(get_modality("box"), images, layouts, None, scorer)
+    assert metrics["brightness"] == float(images[0].mean()) and metrics["ap50"] == 1.0
+    assert records.mismatches(metrics) == []
+    weights = np.array([[2, 0, 1, 1], [0, 1, 1, 2]], dtype=float)
+    assert list(records.values("brightness", weights)) == [float(images[0].mean()), 0.0]  # no applicable image: 0
+    rows = [{"tau": 0.0, "seed": 0, **metrics, "layout_records": records},
+            {"tau": 1.0, "seed": 0, **metrics, "layout_records": records}]
+    write_rows(rows, tmp_path / "metrics.csv")
+    first = (tmp_path / "layout_records.json.gz").read_bytes()
+    read = read_rows(tmp_path / "metrics.csv")
+    assert [float(r["ap50"]) for r in read] == [1.0, 1.0] and read[0]["layout_records"] is read[1]["layout_records"]
+    assert np.array_equal(read[0]["layout_records"].values("ap50", weights), records.values("ap50", weights))
+    write_rows(read, tmp_path / "metrics.csv")
+    assert (tmp_path / "layout_records.json.gz").read_bytes() == first
+    (tmp_path / "layout_records.json.gz").unlink()
+    assert all("layout_records" not in r for r in read_rows(tmp_path / "metrics.csv"))

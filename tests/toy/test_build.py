@@ -1,15 +1,24 @@
 """The toy build end to end at test size: shards + a pretrained-by-us LDM loadable through the `pretrained` path."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from gligen.data.shards import resolve_shards
 from gligen.ldm import FrozenLDM
-from gligen.toy.build import ToyBuildConfig, build, ldm_dir, shard_dir
+from gligen.toy.build import (
+    ToyBuildConfig,
+    build,
+    build_record,
+    is_shipped_config,
+    ldm_dir,
+    shard_dir,
+    styled_shard_dir,
+)
 from gligen.toy.pretrain import toy_vocabulary
-from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES, WORLD_VERSION
+from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES, WORLD_VERSION
 from tests.helpers import TINY
 
 PERSONS = {"train": 8, "val": 4}
@@ -51,7 +60,7 @@ def test_build_is_cached(toy_cache):
 
 def test_every_toy_caption_word_is_one_token(toy_cache):
     ldm = FrozenLDM(str(ldm_dir(toy_cache)))
-    words = list(COLOURS) + list(SHAPES) + CAPTION_TEMPLATES[1].replace("{}", "").split()
+    words = list(COLOURS) + list(SHAPES) + list(STYLES) + CAPTION_TEMPLATES[1].replace("{}", "").split()
     for word in words:
         assert len(ldm.tokenizer(word).input_ids) == 3, word  # BOS, the word, EOS
     assert set(words) <= set(toy_vocabulary())
@@ -94,13 +103,25 @@ def test_swap_shape_words_changes_every_shape_and_nothing_else():
 
 
 def test_build_refuses_a_cached_ldm_pretrained_with_other_settings(toy_cache):
-    from dataclasses import replace
 
     config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
                                     "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
                             pretrain=replace(TINY, unet_steps=4))
     with pytest.raises(ValueError, match=r"toy_pretrain.json.*unet_steps.*\[3\] cached vs \[4\]"):
         build(toy_cache, config, log=lambda *a: None)
+
+
+def test_the_styled_family_is_base_pretraining_data_and_the_default_world_is_still_the_shipped_one(tmp_path):
+    """styled_splits: shards/<split>-styled, pretrained on by the base (train); the default config (none) keeps the
+    build record the shipped LDM was made for."""
+    config = ToyBuildConfig(splits={"train": {"grounding": 8}, "val": {"grounding": 4}}, person_splits={},
+                            styled_splits={"train": 8, "val": 4}, shard_size=16, pretrain=TINY)
+    build(tmp_path, config, log=lambda *a: None)
+    record = json.loads((ldm_dir(tmp_path) / "toy_pretrain.json").read_text())
+    assert record["train_shards"] == ["train-grounding", "train-styled"] and record["train_images"] == 16
+    assert json.loads((styled_shard_dir(tmp_path, "val") / "index.json").read_text())["total"] == 4
+    assert "styled_splits" not in build_record(ToyBuildConfig()) and is_shipped_config(ToyBuildConfig())
+    assert not is_shipped_config(replace(ToyBuildConfig(), styled_splits={"train": 8}))
 
 
 def test_base_ldm_is_pretrained_on_person_scenes_too(toy_cache):

@@ -186,5 +186,39 @@ def test_write_split_round_trips_through_the_data_layer(tmp_path, family):
     assert [s.key for s in read] == [make_sample("val", i, "detection_caption", family)["__key__"] for i in range(5)]
     first = make_sample("val", 0, "detection_caption", family)
     assert (np.array(read[0].image) == decode(first["png"])).all() and read[0].caption == first["txt"]
-    assert len(read[0].entity_images) == (len(first["json"]["objects"]) if family == "objects" else 0)
+    assert len(read[0].entity_images) == (0 if family == "persons" else len(first["json"]["objects"]))
     assert skips.summary() == {}
+
+
+# ----- the styled family: background patterns named in the caption (only the base's pretraining data has them) ----
+
+def test_styled_scenes_draw_the_style_their_caption_names():
+    seen = set()
+    for index in range(30):
+        sample = world.make_sample("train", index, family="styled", with_entities=False)
+        scene, _ = world.make_scene("train", index, family="styled")
+        style = world.caption_style(sample["txt"])
+        assert style == scene.style and sample["txt"].endswith(f"on a {style} background")
+        image = np.array(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        background = ~np.any([obj.mask(32) for obj in scene.objects], axis=0)
+        grey = image[..., 0] == world.STYLE_GREY
+        assert np.array_equal(grey[background], world.style_mask(style, 32)[background])
+        seen.add(style)
+    assert seen == set(world.STYLES)
+    # the other families are untouched: same pixels and captions as before the styled family existed
+    plain = world.make_sample("train", 3, with_entities=False)
+    assert world.caption_style(plain["txt"]) is None
+    assert not (np.array(Image.open(io.BytesIO(plain["png"])).convert("RGB")) == world.STYLE_GREY).any()
+
+
+def test_style_patterns_are_told_apart():
+    """Each pattern correlates with no other at any phase beyond R^2 0.34 (striped vs dotted), so the best fit names
+    the style."""
+    for a in world.STYLES:
+        for b in world.STYLES:
+            if a == b:
+                continue
+            mask_a = world.style_mask(a, 32).ravel().astype(float)
+            best = max(np.corrcoef(mask_a, world.style_mask(b, 32, (dx, dy)).ravel())[0, 1] ** 2
+                       for dx in range(4) for dy in range(4))
+            assert best < 0.34, (a, b, best)
