@@ -18,6 +18,7 @@ from gligen.checkpoint_file import read_checkpoint, weights_hash
 from gligen.constants import MAX_OBJECTS, MAX_PERSONS
 from gligen.ldm import FrozenLDM, weights_fingerprint
 from gligen.modalities import DEFAULT_MODALITY, Modality, get_modality
+from gligen.nn.fourier import POSITION_ENCODINGS
 from gligen.nn.fuser import FUSER_TYPES
 from gligen.nn.grounded_unet import add_grounding, fusers
 
@@ -32,6 +33,8 @@ class GLIGENModule(L.LightningModule):
         modality: grounding modality, a name registered in `gligen.modalities` (box, keypoint, image, text_image;
             see docs/batch_contract.md for the batch keys each needs).
         fuser_type: "gated_self_attention" (paper), "gated_cross_attention" or "ungated".
+        position_encoding: how the grounding tokenizer sees coordinates: "fourier" (paper eq. 5) or "raw" (the
+            coordinates as they are: the paper's ablation of the Fourier embedding).
         gamma_init: start value of every fuser's alpha_attn / alpha_dense (gate = tanh(gamma)).
         learning_rate: AdamW lr of fusers and position_net (official 5e-5).
         gate_learning_rate: lr of the alpha gates; None = learning_rate.
@@ -56,6 +59,7 @@ class GLIGENModule(L.LightningModule):
         pretrained: str,
         modality: str = DEFAULT_MODALITY,
         fuser_type: str = "gated_self_attention",
+        position_encoding: str = "fourier",
         gamma_init: float = 0.0,
         learning_rate: float = 5e-5,
         gate_learning_rate: float | None = None,
@@ -82,9 +86,13 @@ class GLIGENModule(L.LightningModule):
         self.allow_other_base = False  # from_checkpoint(..., allow_other_base=True) sets it before loading
         # recorded, never guessed: samplers and sample grids read it (image and text_image share a tokenizer)
         self.ldm.grounding_modality = modality
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}, got {position_encoding!r}")
+        # a modality written before the option gets the argument only when it is not the default
+        encoding = {} if position_encoding == "fourier" else {"position_encoding": position_encoding}
         position_net = self.modality.position_net(token_dim=self.ldm.unet.config.cross_attention_dim,
                                                   text_dim=self.ldm.text_encoder.config.hidden_size,
-                                                  max_persons=max_persons)
+                                                  max_persons=max_persons, **encoding)
         add_grounding(self.ldm.unet, position_net, fuser_type=fuser_type, gamma_init=gamma_init)
         if gradient_checkpointing:
             self.ldm.unet.enable_gradient_checkpointing()

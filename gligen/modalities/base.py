@@ -40,8 +40,11 @@ class Modality:
     official_marker: str | None = None
 
     # ----- the model side ---------------------------------------------------------------------------------------
-    def position_net(self, token_dim: int, text_dim: int, max_persons: int = MAX_PERSONS) -> torch.nn.Module | None:
-        """The grounding tokenizer; None = `add_grounding`'s default (text + box)."""
+    def position_net(self, token_dim: int, text_dim: int, max_persons: int = MAX_PERSONS,
+                     position_encoding: str = "fourier") -> torch.nn.Module | None:
+        """The grounding tokenizer; None = `add_grounding`'s default (text + box). `position_encoding`: how its MLP
+        sees coordinates (gligen.nn.fourier.position_features: "fourier", paper; "raw", the paper's ablation); a
+        modality whose position_net takes no such argument is only ever asked for "fourier"."""
         raise NotImplementedError
 
     def batch_inputs(self, ldm, batch: Mapping, *, training: bool = False, generator: torch.Generator | None = None,

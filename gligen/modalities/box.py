@@ -50,10 +50,12 @@ class BoxModality(Modality):
     official_tokenizer = "text_grounding_net"
     official_marker = "position_net.null_positive_feature"
 
-    def position_net(self, token_dim, text_dim, max_persons=MAX_PERSONS):
+    def position_net(self, token_dim, text_dim, max_persons=MAX_PERSONS, position_encoding="fourier"):
         # None: add_grounding builds its default TextBoxTokenizer after the fusers, so box models initialise
         # exactly as before modalities existed
-        return None
+        if position_encoding == "fourier":
+            return None
+        return TextBoxTokenizer(positive_len=token_dim, out_dim=token_dim, position_encoding=position_encoding)
 
     def check_batch(self, batch, max_objects=MAX_OBJECTS, max_persons=MAX_PERSONS, *, user_layout=False):
         check_box_grounding(batch["boxes"].float(), batch["masks"].float(), batch.get("phrases"), batch.get("keys"),
@@ -79,6 +81,8 @@ class BoxModality(Modality):
     def diffusers_problems(self, position_net, width):
         if not isinstance(position_net, TextBoxTokenizer):
             return [f"position_net is {type(position_net).__name__}, diffusers needs the text+box tokenizer"]
+        if position_net.position_encoding != "fourier":
+            return [f"position_net encodes boxes as {position_net.position_encoding!r}; diffusers has Fourier only"]
         if (position_net.fourier_freqs, position_net.positive_len) != (8, width):
             return [f"position_net has {position_net.fourier_freqs} Fourier frequencies and phrase width "
                     f"{position_net.positive_len}; diffusers fixes 8 and the cross-attention width {width}"]

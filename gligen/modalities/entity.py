@@ -107,8 +107,8 @@ class EntityModality(Modality):
         self.official_tokenizer = "text_image_grounding_net" if text else None
         self.official_marker = "position_net.null_text_feature" if text else None
 
-    def position_net(self, token_dim, text_dim, max_persons=MAX_PERSONS):
-        return TextImageBoxTokenizer(in_dim=text_dim, out_dim=token_dim)
+    def position_net(self, token_dim, text_dim, max_persons=MAX_PERSONS, position_encoding="fourier"):
+        return TextImageBoxTokenizer(in_dim=text_dim, out_dim=token_dim, position_encoding=position_encoding)
 
     def check_batch(self, batch, max_objects=MAX_OBJECTS, max_persons=MAX_PERSONS, *, user_layout=False):
         masks = batch["masks"].float()
@@ -178,6 +178,8 @@ class EntityModality(Modality):
     def diffusers_problems(self, position_net, width):
         if not isinstance(position_net, TextImageBoxTokenizer):
             return [f"position_net is {type(position_net).__name__}, diffusers needs text+image+box"]
+        if position_net.position_encoding != "fourier":
+            return [f"position_net encodes boxes as {position_net.position_encoding!r}; diffusers has Fourier only"]
         if (position_net.fourier_freqs, position_net.in_dim) != (8, width):
             return [f"position_net has {position_net.fourier_freqs} Fourier frequencies and entity width "
                     f"{position_net.in_dim}; diffusers fixes 8 and the cross-attention width {width}"]

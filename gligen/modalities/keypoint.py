@@ -35,8 +35,9 @@ class KeypointModality(Modality):
     official_tokenizer = "keypoint_grounding_net"
     official_marker = "position_net.person_embeddings"
 
-    def position_net(self, token_dim, text_dim, max_persons=MAX_PERSONS):
-        return KeypointTokenizer(in_dim=token_dim, out_dim=token_dim, max_persons=max_persons)
+    def position_net(self, token_dim, text_dim, max_persons=MAX_PERSONS, position_encoding="fourier"):
+        return KeypointTokenizer(in_dim=token_dim, out_dim=token_dim, max_persons=max_persons,
+                                 position_encoding=position_encoding)
 
     def check_batch(self, batch, max_objects=MAX_OBJECTS, max_persons=MAX_PERSONS, *, user_layout=False):
         points, masks = batch["keypoints"].float(), batch["keypoint_masks"].float()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gligen.constants import MAX_OBJECTS, MAX_PERSONS, NUM_KEYPOINTS
-from gligen.nn.fourier import fourier_dim, fourier_embed
+from gligen.nn.fourier import position_dim, position_features
 
 
 class GroundingInputError(ValueError):
@@ -29,13 +29,15 @@ class TextBoxTokenizer(nn.Module):
         positive_len: phrase feature width (CLIP pooled text feature; 768 for SD-1.x).
         out_dim: grounding token width (the UNet's cross-attention width).
         fourier_freqs: frequencies of the box Fourier embedding (8 -> 64 dims).
+        position_encoding: "fourier" (paper) or "raw" (the 4 box coordinates as they are; the paper's ablation).
     """
 
-    def __init__(self, positive_len: int, out_dim: int, fourier_freqs: int = 8):
+    def __init__(self, positive_len: int, out_dim: int, fourier_freqs: int = 8, position_encoding: str = "fourier"):
         super().__init__()
         self.positive_len = positive_len
         self.fourier_freqs = fourier_freqs
-        self.position_dim = fourier_dim(4, fourier_freqs)
+        self.position_encoding = position_encoding
+        self.position_dim = position_dim(4, position_encoding, fourier_freqs)
         self.linears = _mlp(positive_len + self.position_dim, out_dim)
         self.null_positive_feature = nn.Parameter(torch.zeros(positive_len))
         self.null_position_feature = nn.Parameter(torch.zeros(self.position_dim))
@@ -43,7 +45,7 @@ class TextBoxTokenizer(nn.Module):
     def forward(self, boxes: torch.Tensor, masks: torch.Tensor, positive_embeddings: torch.Tensor) -> torch.Tensor:
         """boxes [B, N, 4] normalised xyxy, masks [B, N] (1 = real object), positive_embeddings [B, N, positive_len]."""
         m = masks.unsqueeze(-1).to(positive_embeddings.dtype)
-        position = fourier_embed(boxes.to(positive_embeddings.dtype), self.fourier_freqs)
+        position = position_features(boxes.to(positive_embeddings.dtype), self.position_encoding, self.fourier_freqs)
         position = position * m + (1 - m) * self.null_position_feature
         positive = positive_embeddings * m + (1 - m) * self.null_positive_feature
         return self.linears(torch.cat([positive, position], dim=-1))
@@ -118,10 +120,12 @@ class KeypointTokenizer(nn.Module):
         fourier_freqs: frequencies of the point Fourier embedding (8 -> 32 dims).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, max_persons: int = MAX_PERSONS, fourier_freqs: int = 8):
+    def __init__(self, in_dim: int, out_dim: int, max_persons: int = MAX_PERSONS, fourier_freqs: int = 8,
+                 position_encoding: str = "fourier"):
         super().__init__()
         self.in_dim, self.max_persons, self.fourier_freqs = in_dim, max_persons, fourier_freqs
-        self.position_dim = fourier_dim(2, fourier_freqs)
+        self.position_encoding = position_encoding
+        self.position_dim = position_dim(2, position_encoding, fourier_freqs)
         self.person_embeddings = nn.Parameter(torch.zeros(max_persons, in_dim))
         self.keypoint_embeddings = nn.Parameter(torch.zeros(NUM_KEYPOINTS, in_dim))
         self.linears = _mlp(in_dim + self.position_dim, out_dim)
@@ -149,7 +153,7 @@ class KeypointTokenizer(nn.Module):
         m = masks.unsqueeze(-1).to(dtype)
         identity = (self.person_embeddings[:, None] + self.keypoint_embeddings[None]).reshape(self.num_tokens, -1)
         identity = identity * m + (1 - m) * self.null_person_feature  # broadcasts to [B, P*17, in_dim]
-        position = fourier_embed(points.to(dtype), self.fourier_freqs)
+        position = position_features(points.to(dtype), self.position_encoding, self.fourier_freqs)
         position = position * m + (1 - m) * self.null_xy_feature
         return self.linears(torch.cat([identity, position], dim=-1))
 
@@ -221,10 +225,11 @@ class TextImageBoxTokenizer(nn.Module):
         out_dim: grounding token width.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, fourier_freqs: int = 8):
+    def __init__(self, in_dim: int, out_dim: int, fourier_freqs: int = 8, position_encoding: str = "fourier"):
         super().__init__()
         self.in_dim, self.fourier_freqs = in_dim, fourier_freqs
-        self.position_dim = fourier_dim(4, fourier_freqs)
+        self.position_encoding = position_encoding
+        self.position_dim = position_dim(4, position_encoding, fourier_freqs)
         self.linears_text = _mlp(in_dim + self.position_dim, out_dim)
         self.linears_image = _mlp(in_dim + self.position_dim, out_dim)
         self.null_text_feature = nn.Parameter(torch.zeros(in_dim))
@@ -247,7 +252,8 @@ class TextImageBoxTokenizer(nn.Module):
             m = mask.unsqueeze(-1).to(dtype)
             return x * m + (1 - m) * null
 
-        position = substitute(fourier_embed(boxes.to(dtype), self.fourier_freqs), masks, self.null_position_feature)
+        position = substitute(position_features(boxes.to(dtype), self.position_encoding, self.fourier_freqs), masks,
+                              self.null_position_feature)
         text = substitute(phrases_embeddings, phrases_masks, self.null_text_feature)
         image = substitute(image_embeddings.to(dtype), image_masks, self.null_image_feature)
         text_tokens = self.linears_text(torch.cat([text, position], dim=-1))
