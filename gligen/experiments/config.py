@@ -185,6 +185,37 @@ class GammaAblationConfig(GridConfig):
     """Each cell's tau sweep (enabled: false, training only, unless --sweep.enabled true)."""
 
 
+# ----- experiments/ablate_claims.py ----------------------------------------------------------------------------------
+@dataclass
+class ClaimsConfig:
+    """The paper's design claims as arms (experiments/ablate_claims.py): per arm, one model per training seed (the
+    grid's cells, <out>/<arm>/<cell>), each swept over tau on its val layouts and on every `evaluations` layout set;
+    then each claim as a difference between two (arm, evaluation, tau) with its 95% interval and a verdict."""
+
+    base_config: TrainConfigPaths = _list(toy_train_config("box"))
+    """The training config every arm starts from (one YAML or YAMLs composed in order)."""
+    out: str = "results/claims"
+    """Arms train into <out>/<arm>/<cell>; metrics.csv, summary.md and config.json go to <out>."""
+    seeds: list[int] = _list([0, 1, 2])
+    """Training seeds of every arm."""
+    overrides: dict[str, Any] = _dict({})
+    """Dotted training-config keys set in every arm (the shared training length, e.g. {trainer.max_steps: 800})."""
+    arms: dict[str, dict[str, Any]] = _dict({"reference": {}})
+    """Arm name -> its dotted training-config keys on top of overrides (model.gamma_init included)."""
+    evaluations: dict[str, dict[str, Any]] = _dict({})
+    """Layout sets every arm's models are also swept on besides their val layouts: name -> sweep settings (e.g.
+    {ood: {val_shards: cache/toy/shards/ood-grounding}}); each in <run_dir>/sweep_<name>."""
+    sweep: SweepSettings = field(default_factory=lambda: SweepSettings(taus=[0.0, 1.0], seeds=[0]))
+    """Every sweep's settings (an evaluation's keys replace them)."""
+    claims: list[dict[str, Any]] = _list([])
+    """Each: {claim, paper, metric, a: {arm, evaluation (default: val), tau}, b: {...}, expect: greater | none}:
+    the toy's a - b with its interval; `greater`: the paper says a > b (agrees / disagrees / inconclusive)."""
+    toy_cache: str = "cache/toy"
+    """Where the toy world is built when the arms train on it."""
+    toy_config: str | None = None
+    """YAML of the toy world (ToyBuildConfig fields); null: the default toy world."""
+
+
 # ----- experiments/ablate_modality.py --------------------------------------------------------------------------------
 @dataclass
 class ModalityAblationConfig(SamplingSettings):

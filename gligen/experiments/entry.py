@@ -14,6 +14,7 @@ import importlib
 
 EXPERIMENTS = {
     "ablate_beta": "gligen.experiments.ablate_beta",
+    "ablate_claims": "gligen.experiments.ablate_claims",
     "ablate_gamma": "gligen.experiments.ablate_gamma",
     "ablate_modality": "gligen.experiments.ablate_modality",
     "grid": "gligen.experiments.grid",

@@ -31,7 +31,7 @@ from pathlib import Path
 from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
 from gligen.evaluation.results import read_csv, read_rows
-from gligen.experiments import ablate_modality
+from gligen.experiments import ablate_claims, ablate_modality
 from gligen.experiments.config import VerifyConfig, parse
 from gligen.provenance import config_hash
 
@@ -45,6 +45,7 @@ SUMMARY_KINDS = {
     "beta_sweep": ("metrics.csv", lambda folder, rows: reporting.beta_sweep_summary(folder, rows, _config(folder))),
     "seed_sweeps": ("metrics.csv", lambda folder, rows: reporting.seed_summary(rows, _config(folder))),
     "grid": ("summary.csv", lambda folder, rows: reporting.grid_summary(rows)),
+    "claims": ("metrics.csv", lambda folder, rows: ablate_claims.summary_text(rows, _config(folder))),
     "modality": ("metrics.csv", lambda folder, rows: ablate_modality.summary_text(
         folder, rows, _config(folder), read_csv(folder / "vae_ceiling.csv"))),
 }

@@ -25,6 +25,8 @@ if __name__ == "__main__":
 OVERRIDES = {
     "ablate_beta": (["--num_images", "40"], {"num_images": 40}),
     "ablate_gamma": (["--sweep.num_images", "7"], {"sweep": {"num_images": 7}}),
+    "ablate_claims": (["--arms.ungated", "{model.fuser_type: ungated}"],
+                      {"arms": {"ungated": {"model.fuser_type": "ungated"}}}),
     "ablate_modality": (["--train_configs.box", "my_box.yaml"], {"train_configs": {"box": "my_box.yaml"}}),
     "grid": (["--sweep.taus", "[0, 1]"], {"sweep": {"taus": [0.0, 1.0]}}),
     "bench_train": (["--repeats", "1"], {"repeats": 1}),

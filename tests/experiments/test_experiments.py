@@ -240,3 +240,40 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     assert commands["tests"] in (ROOT / ".ci" / "run").read_text()
     assert script.pytest_summary("==== 3 failed, 410 passed, 3 skipped in 301.52s (0:05:01) ====") == {
         "pytest_counts": "3 failed, 410 passed, 3 skipped", "pytest_s": 301.52}
+
+
+# ----- experiments/ablate_claims.py: arms x training seeds, extra layout sets, claims with verdicts ------------------
+
+def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_claim(tiny_toy_world, tmp_path):
+    out = tmp_path / "claims"
+    styled = str(tiny_toy_world / "shards" / "val-styled")
+    overrides = {
+        "base_config": str(tiny_train_config(tmp_path, tiny_toy_world)), "out": str(out), "seeds": [0, 1],
+        "toy_cache": None, "arms": {"reference": {}, "raw_boxes": {"model.position_encoding": "raw"}},
+        "evaluations": {"styled": {"val_shards": styled, "image_scorer": "toy_image"}},
+        "sweep": {"taus": [0.0, 1.0], "seeds": [0], "num_images": 4, "steps": 2, "batch_size": 4},
+        "claims": [
+            {"claim": "Fourier beats raw", "paper": "21.7 vs 3.2", "metric": "coarse_ap50",
+             "a": {"arm": "reference", "tau": 1.0}, "b": {"arm": "raw_boxes", "tau": 1.0}, "expect": "greater"},
+            {"claim": "style kept at tau 0", "paper": "-", "metric": "style_adherence",
+             "a": {"arm": "reference", "evaluation": "styled", "tau": 0.0},
+             "b": {"arm": "reference", "evaluation": "styled", "tau": 1.0}, "expect": "none"},
+            {"claim": "an arm never trained", "paper": "-", "metric": "ap50",
+             "a": {"arm": "missing", "tau": 1.0}, "b": {"arm": "reference", "tau": 1.0}}]}
+    _, rows = run_experiment("ablate_claims.py", overrides, tmp_path)
+    assert sorted({(r["arm"], r["evaluation"], r["train_seed"]) for r in rows}) == [
+        (arm, evaluation, str(seed)) for arm in ("raw_boxes", "reference") for evaluation in ("styled", "val")
+        for seed in (0, 1)]
+    assert (out / "raw_boxes" / "gamma1_box_seed1" / "sweep_styled" / "metrics.csv").exists()
+    styled_rows = [r for r in rows if r["evaluation"] == "styled"]
+    assert all(r["style_adherence"] != "" and r["fidelity_error"] != "" for r in styled_rows)
+    hashes = {r["arm"]: r["ckpt_weights_hash"] for r in rows if r["train_seed"] == "0"}
+    assert hashes["reference"] != hashes["raw_boxes"]  # two different trained models
+    summary = (out / "summary.md").read_text()
+    assert "| Fourier beats raw (a = reference / val / tau 1, b = raw_boxes / val / tau 1) | 21.7 vs 3.2 |" in summary
+    assert "unpaired (different models)" in summary and "paired (the same models at both)" in summary
+    assert "| measured |" in summary and "| not run |" in summary
+    assert any(v in summary for v in ("| agrees |", "| disagrees |", "| inconclusive |"))
+    reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]
+    assert not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
+    assert any("summary.md (claims)" in line for r in reports for line in r.passed)
