@@ -119,6 +119,7 @@ def beta_sweep_summary(out: Path, rows: list[dict], config: dict) -> str:
         mean_std_table(rows, "tau", [m for m in beta_metrics() if m in rows[0]]),
         "",
         *interval_sections(rows, "tau", summary_metrics(provenance)),
+        *_verdict_lines(rows),
         "Files: metrics.csv (every row), ap_fid_vs_tau.png, samples_tau*.png (seed 0, layout drawn), "
         "tensorboard/ (`tensorboard --logdir " + str(out / "tensorboard") + "`).",
         "",
@@ -159,6 +160,37 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bo
             stats.comparison_table(found, arm, baseline), "", *caveat]
 
 
+def beta_verdict(rows: list[dict], placement: str, style: str = "style_adherence", keep: float = 0.9) -> str | None:
+    """The sweep's verdict in one sentence, on layouts that ask for a style (None without `style` in the rows): the
+    tau that best trades placement gained (share of tau 1's gain over tau 0) against style kept (share of tau 0's
+    adherence over tau 1's that stays), or, when style adherence does not fall by more than 0.05, that there is no
+    trade-off to make. Means over all rows of a tau (training and sampling seeds)."""
+    if not any(r.get(style) not in (None, "") for r in rows):
+        return None
+    taus = sorted({float(r["tau"]) for r in rows})
+    mean = {m: {t: float(np.mean([float(r[m]) for r in rows if float(r["tau"]) == t])) for t in taus}
+            for m in (placement, style)}
+    low, high = taus[0], taus[-1]
+    gain, loss = mean[placement][high] - mean[placement][low], mean[style][low] - mean[style][high]
+    trend = (f"{style} {mean[style][low]:.3f} at tau {low:g} -> {mean[style][high]:.3f} at tau {high:g}, {placement} "
+             f"{mean[placement][low]:.3f} -> {mean[placement][high]:.3f}")
+    if loss <= 0.05 or gain <= 0:
+        why = "style adherence does not fall with tau" if loss <= 0.05 else "grounding gains no placement"
+        return f"No trade-off to make here ({trend}): {why}; tau = {high:g} is best for placement."
+    share = {t: ((mean[placement][t] - mean[placement][low]) / gain, (mean[style][t] - mean[style][high]) / loss)
+             for t in taus}
+    kept = [t for t in taus if share[t][0] >= keep and share[t][1] >= keep]
+    best = max(kept) if kept else max(taus, key=lambda t: sum(share[t]))
+    placed, styled = share[best]
+    return (f"tau = {best:g} keeps {placed:.0%} of full grounding's placement gain and {styled:.0%} of the style the "
+            f"base keeps ({trend}).")
+
+
+def _verdict_lines(rows: list[dict]) -> list[str]:
+    verdict = beta_verdict(rows, primary_metric(rows[0]))
+    return [f"Verdict: {verdict}", ""] if verdict else []
+
+
 def write_seed_summary(out: str | Path, rows: list[dict], config: dict) -> None:
     """metrics.csv, summary.md and the plot over every training seed's sweep (each in <out>/train_seed<s>)."""
     out = Path(out)
@@ -192,6 +224,7 @@ def seed_summary(rows: list[dict], config: dict) -> str:
              *[f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` |"
                for seed, r in models.items()], "",
              *interval_sections(rows, "tau", summary_metrics(rows[0])),
+             *_verdict_lines(rows),
              "Per training seed: train_seed<s>/ (metrics.csv, summary.md, sample grids, tensorboard/).", "",
              summary_marker("seed_sweeps"), ""]
     return "\n".join(lines)

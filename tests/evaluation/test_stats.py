@@ -140,3 +140,17 @@ def test_paired_arms_resample_the_same_layouts():
     unpaired = stats.compare(rows, "arm", "0.0", "1.0", "m", paired=False)
     assert unpaired["excludes_zero"] and unpaired["high"] - unpaired["low"] < 0.001
 
+
+
+def test_the_beta_verdict_names_the_tau_that_keeps_placement_and_style():
+    from gligen.evaluation.reporting import beta_verdict
+
+    def rows(style, placement):
+        return [{"tau": t, "style_adherence": s, "coarse_ap50": p, "train_seed": k, "seed": 0}
+                for t, s, p in zip((0.0, 0.3, 0.5, 1.0), style, placement) for k in range(3)]
+
+    trade = beta_verdict(rows((0.9, 0.85, 0.6, 0.2), (0.0, 0.8, 0.85, 0.9)), "coarse_ap50")
+    assert trade.startswith("tau = 0.3 keeps 89% of full grounding's placement gain and 93% of the style")
+    flat = beta_verdict(rows((0.9, 0.9, 0.88, 0.88), (0.0, 0.5, 0.8, 0.9)), "coarse_ap50")
+    assert flat.startswith("No trade-off to make here") and "tau = 1 is best" in flat
+    assert beta_verdict([{"tau": 0.0, "coarse_ap50": 0.1}], "coarse_ap50") is None  # no style asked
