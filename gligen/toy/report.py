@@ -41,8 +41,11 @@ from gligen.toy.evaluate import (
     toy_layouts,
 )
 
-# Damage the quality measure must rank below every model's images: (name, kind, strength); kinds of `degrade`.
-DEGRADATIONS = (("noise_sigma32", "noise", 32.0), ("blur_sigma1", "blur", 1.0), ("colour_shift64", "shift", 64.0))
+# Ladders of damage to real images, mild to strong: (name, kind, strength), kinds of `degrade`. The measure must
+# grow along each ladder, and the strongest step of each must rank below the base LDM's samples.
+DEGRADATIONS = (("noise_sigma16", "noise", 16.0), ("noise_sigma32", "noise", 32.0), ("noise_sigma64", "noise", 64.0),
+                ("blur_sigma0.5", "blur", 0.5), ("blur_sigma1", "blur", 1.0), ("blur_sigma2", "blur", 2.0),
+                ("colour_shift32", "shift", 32.0), ("colour_shift64", "shift", 64.0))
 
 
 def degrade(image: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -69,11 +72,15 @@ def fidelity_summary(images: list[np.ndarray]) -> dict[str, float]:
 
 
 def quality_ordering(sets: dict[str, dict[str, float]]) -> dict[str, float | bool]:
-    """Whether fidelity_error orders real < vae < base < every degradation, and each step's margin in standard
-    errors of the difference (the images are independent draws)."""
+    """Whether fidelity_error orders real < VAE < base LDM < the strongest damage of each kind and grows along every
+    ladder of damage, with each step's margin in standard errors of the difference (images are independent draws)."""
     chain = ["real", "vae_reconstruction", "base_ldm"]
     out: dict[str, float | bool] = {}
-    steps = list(zip(chain, chain[1:])) + [("base_ldm", name) for name, _, _ in DEGRADATIONS]
+    ladders: dict[str, list[str]] = {}
+    for name, kind, _ in DEGRADATIONS:
+        ladders.setdefault(kind, []).append(name)
+    steps = list(zip(chain, chain[1:])) + [("base_ldm", names[-1]) for names in ladders.values()]
+    steps += [pair for names in ladders.values() for pair in zip(names, names[1:])]
     for low, high in steps:
         a, b = sets[low], sets[high]
         gap = b["fidelity_error"] - a["fidelity_error"]

@@ -64,13 +64,15 @@ SEEN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD
 
 SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
 
-# Background styles of the "styled" family: a dark grey pattern of period STYLE_PERIOD x resolution (4 px at 32,
-# aligned with the VAE's 4-px latent cells). Grey 64 is > COLOUR_DISTANCE (gligen.toy.evaluate) from black and
-# from every palette colour, so object read-back ignores it; the three patterns are pairwise uncorrelated or nearly
-# (striped vs dotted: R^2 0.33), so the best-fitting one names the style exactly on real images.
+# Background styles of the "styled" family: a dark grey pattern of period STYLE_PERIOD x resolution (8 px at 32: its
+# 4-px features fill whole 4-px latent cells of the toy VAE; at a 4-px period, checks and dots of 2 px came back from
+# the VAE as flat grey, measured: style read back from 25% of reconstructions). Grey 64 is > COLOUR_DISTANCE
+# (gligen.toy.evaluate) from black and from every palette colour, so object read-back ignores it; the three patterns
+# are pairwise uncorrelated or nearly (striped vs dotted: R^2 0.33), so the best-fitting one names the style exactly
+# on real images.
 STYLES = ("striped", "checkered", "dotted")
 STYLE_GREY = 64
-STYLE_PERIOD = 1 / 8
+STYLE_PERIOD = 1 / 4
 
 # Object geometry (fractions of the image side) and occlusion limits.
 MIN_OBJECT_SIDE, MAX_OBJECT_SIDE = 0.25, 0.6

@@ -316,3 +316,22 @@ def test_image_scorer_scores_what_each_layout_asks():
     scores = evaluate.ToyImageScorer()(images, layouts)
     assert scores["style_adherence"] == [None, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert scores["fidelity_error"] == [0.0, 0.0, None, 0.0, 0.0, 0.0]
+
+
+def test_quality_ordering_needs_real_vae_base_then_damage_and_damage_that_grows():
+    from gligen.toy.report import DEGRADATIONS, quality_ordering
+
+    def sets(vae, base, ladder):
+        found = {"real": {"fidelity_error": 0.0, "sem": 0.0},
+                 "vae_reconstruction": {"fidelity_error": vae, "sem": 0.01},
+                 "base_ldm": {"fidelity_error": base, "sem": 0.01}}
+        found.update({name: {"fidelity_error": value, "sem": 0.01}
+                      for (name, _, _), value in zip(DEGRADATIONS, ladder)})
+        return found
+
+    growing = [0.1, 0.3, 0.5, 0.1, 0.3, 0.5, 0.3, 0.9]  # noise x3, blur x3, shift x2 (DEGRADATIONS order)
+    assert quality_ordering(sets(0.1, 0.2, growing))["ordered"]
+    assert not quality_ordering(sets(0.3, 0.2, growing))["ordered"]  # VAE worse than the base
+    assert not quality_ordering(sets(0.1, 0.6, growing))["ordered"]  # the base worse than the strongest damage
+    shrinking = [0.5, 0.3, 0.4, *growing[3:]]
+    assert not quality_ordering(sets(0.1, 0.2, shrinking))["ordered"]  # noise 16 worse than noise 32

@@ -220,5 +220,5 @@ def test_style_patterns_are_told_apart():
                 continue
             mask_a = world.style_mask(a, 32).ravel().astype(float)
             best = max(np.corrcoef(mask_a, world.style_mask(b, 32, (dx, dy)).ravel())[0, 1] ** 2
-                       for dx in range(4) for dy in range(4))
+                       for dx in range(world.style_period(32)) for dy in range(world.style_period(32)))
             assert best < 0.34, (a, b, best)
