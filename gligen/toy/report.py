@@ -134,6 +134,39 @@ def word_similarity(ldm: FrozenLDM) -> dict[str, float]:
             "colour_word_cosine": float((colour @ colour.transpose(1, 2))[:, colours_off].mean())}
 
 
+def clip_zero_shot(clip_dir: str | Path, resolution: int, repeats: int = 10, seed: int = 0) -> dict[str, float]:
+    """The toy CLIP's zero-shot accuracy on single objects drawn alone: the shape among "a <colour> <shape>" of the
+    object's colour, and the colour among "a <colour> <shape>" of its shape. A text encoder that cannot tell the
+    shapes apart gives the UNet nothing to draw them from."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(clip_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(clip_dir).parent / "tokenizer"))
+
+    def features(output) -> torch.Tensor:  # transformers 5 returns an output object, 4 a tensor
+        return torch.nn.functional.normalize(output if torch.is_tensor(output) else output.pooler_output, dim=-1)
+
+    def best(image: np.ndarray, texts: list[str]) -> int:
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return int((features(clip.get_text_features(input_ids=ids)) @
+                    features(clip.get_image_features(pixel_values=pixels)).T).argmax())
+
+    rng = np.random.default_rng(seed)
+    shape_hits = colour_hits = total = 0
+    with torch.no_grad():
+        for _ in range(repeats):
+            for colour in world.COLOURS:
+                for shape in world.SHAPES:
+                    image = world.render_entity(rng, shape, colour, resolution)
+                    shape_hits += world.SHAPES[best(image, [f"a {colour} {s}" for s in world.SHAPES])] == shape
+                    colour_hits += world.COLOURS[best(image, [f"a {c} {shape}" for c in world.COLOURS])] == colour
+                    total += 1
+    return {"shape_accuracy": shape_hits / total, "colour_accuracy": colour_hits / total,
+            "shape_chance": 1 / len(world.SHAPES)}
+
+
 def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 200, steps: int = 25,
                  guidance: float = 3.0, seed: int = 0, num_persons: int = 100,
                  sdedit_strengths: tuple[float, ...] = (0.3, 0.5)) -> dict:
@@ -154,6 +187,8 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
     results["base_ldm_captions_only"] = evaluate_boxes(base, layouts)
     results["base_ldm_one_object_captions"] = shape_on_command(ldm, config["resolution"], **sampling)
     results["text_encoder_word_similarity"] = word_similarity(ldm)
+    if (ldm_dir(cache) / "clip").exists():
+        results["toy_clip_zero_shot_single_objects"] = clip_zero_shot(ldm_dir(cache) / "clip", config["resolution"])
     for strength in sdedit_strengths:
         for swap in (False, True):
             name = f"base_ldm_from_noised_real_strength{strength}" + ("_shape_words_swapped" if swap else "")
@@ -180,10 +215,15 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
         style_layouts, style_images = load_layouts(str(styled), config["resolution"], num_images)
         asked = [world.caption_style(layout["caption"]) for layout in style_layouts]
         styled_base = generate(ldm, style_layouts, tau_schedule(steps, 0.0), **sampling)
+        styled_vae = reconstruct(ldm, style_images, seed)
         results["style_read_back"] = {
             "real": float(np.mean([read_style(im) == s for im, s in zip(style_images, asked)])),
+            "vae_reconstruction": float(np.mean([read_style(im) == s for im, s in zip(styled_vae, asked)])),
             "base_ldm": float(np.mean([read_style(im) == s for im, s in zip(styled_base, asked)])),
             "base_ldm_fidelity_error": fidelity_summary(styled_base)["fidelity_error"]}
+        for style in world.STYLES:  # which styles the base draws when asked
+            mine = [im for im, s in zip(styled_base, asked) if s == style]
+            results["style_read_back"][f"base_ldm_{style}"] = float(np.mean([read_style(im) == style for im in mine]))
     results["setup"] = {"num_images": len(layouts), "steps": steps, "guidance": guidance, "seed": seed,
                         "sampler": "ddim", "ckpt": ckpt, "git_commit": git_commit(), "command": command_line()}
     return results

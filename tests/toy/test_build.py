@@ -22,12 +22,14 @@ from gligen.toy.world import CAPTION_TEMPLATES, COLOURS, SHAPES, STYLES, WORLD_V
 from tests.helpers import TINY
 
 PERSONS = {"train": 8, "val": 4}
+STYLED = {"val": 4}  # styled val layouts only: the report's style read-back, pretraining unchanged
 
 
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory):
     config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
-                                    "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16, pretrain=TINY)
+                                    "val": {"grounding": 8}}, person_splits=PERSONS, styled_splits=STYLED,
+                            shard_size=16, pretrain=TINY)
     out = tmp_path_factory.mktemp("toy")
     build(out, config, log=lambda *a: None)
     return out
@@ -51,8 +53,8 @@ def test_build_is_cached(toy_cache):
     before = (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     messages = []
     build(toy_cache, ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
-                                            "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
-                                    pretrain=TINY),
+                                            "val": {"grounding": 8}}, person_splits=PERSONS, styled_splits=STYLED,
+                                    shard_size=16, pretrain=TINY),
           log=messages.append)
     assert messages == []  # nothing rewritten
     assert (ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
@@ -89,6 +91,11 @@ def test_toy_report_measures_evaluators_vae_and_base(toy_cache, tmp_path):
     assert -1.0 <= results["text_encoder_word_similarity"]["shape_word_cosine"] <= 1.0
     assert {"base_ldm_from_noised_real_strength0.3", "base_ldm_from_noised_real_strength0.5_shape_words_swapped"} \
         <= set(results)
+    # the quality measure: exactly 0 on real images, above it on reconstructions; the toy CLIP's zero-shot check
+    assert results["quality_fidelity_error"]["real"] == 0.0 < results["quality_fidelity_error"]["vae_reconstruction"]
+    assert set(results["quality_ordering"]) >= {"ordered", "base_ldm_minus_vae_reconstruction_in_sem"}
+    assert 0.0 <= results["toy_clip_zero_shot_single_objects"]["shape_accuracy"] <= 1.0
+    assert results["style_read_back"]["real"] == 1.0 and "base_ldm_striped" in results["style_read_back"]
     write_report(results, tmp_path)
     assert "evaluator_real_boxes" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "metrics.json").exists()
