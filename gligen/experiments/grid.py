@@ -41,8 +41,7 @@ from gligen.training.cli import fit_from_config
 from gligen.training.preemption import EXIT_INTERRUPTED, PREEMPTION_SIGNALS, requeue_slurm_job, slurm_job_id
 from gligen.training.rundir import config_paths, describe_config, is_trained, load_config, max_steps_of, trained_step
 
-# left out of a cell's sweep config when unset
-OPTIONAL_SWEEP_KEYS = ("pose_detector", "entity_resolution", "image_scorer")
+OPTIONAL_SWEEP_KEYS = ("pose_detector", "entity_resolution", "image_scorer")  # left out of sweep configs when unset
 
 
 def load_grid(config: str | None = None, argv: list[str] | None = None, cls=GridConfig, name: str = "grid",

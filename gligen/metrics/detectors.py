@@ -11,14 +11,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from gligen.metrics.grounding import TransformersDetector
+from gligen.metrics.transformers_detector import TransformersDetector
 
 # name -> "module:factory" (imported on first use) or a factory; register more with `register_detector`
 DETECTORS: dict[str, str | Callable] = {
     "toy": "gligen.toy.evaluate:ToyDetector",
     "toy_pose": "gligen.toy.evaluate:ToyPoseDetector",
     "toy_person": "gligen.toy.evaluate:ToyPersonDetector",
-    "toy_image": "gligen.toy.evaluate:ToyImageScorer",  # an ImageScorer: per-image fidelity and style adherence
+    "toy_image": "gligen.toy.fidelity:ToyImageScorer",  # an ImageScorer: per-image fidelity and style adherence
 }
 
 

@@ -8,7 +8,7 @@
    text encoder puts the shape words (the UNet cannot draw a difference its conditioning does not carry); real
    images noised part way and denoised (SDEdit), with their captions and with the shape words swapped,
 4. with --ckpt: a box-grounded GLIGEN at full grounding (beta = 1 throughout sampling),
-5. the quality measure (`fidelity_error`, gligen.toy.evaluate) on real images, VAE reconstructions, base samples,
+5. the quality measure (`fidelity_error`, gligen.toy.fidelity) on real images, VAE reconstructions, base samples,
    GLIGEN samples and real images degraded by noise, blur and a colour shift, with the order it must give (real <
    VAE < base < degraded) and each margin in standard errors; and, where the cache has styled val scenes, the style
    read back from the real ones and from the base LDM asked for them.
@@ -36,10 +36,9 @@ from gligen.toy.evaluate import (
     detect_objects,
     evaluate_boxes,
     evaluate_keypoints,
-    fidelity_error,
-    read_style,
     toy_layouts,
 )
+from gligen.toy.fidelity import fidelity_error, read_style
 
 # Ladders of damage to real images, mild to strong: (name, kind, strength), kinds of `degrade`. The measure must
 # grow along each ladder, and the strongest step of each must rank below the base LDM's samples.

@@ -12,7 +12,7 @@ Three scene families:
   (1-px joints did not: PCK 0.000 on reconstructions), and read-back is exact (gligen.toy.evaluate.evaluate_keypoints:
   PCK 1.0 and OKS AP 1.0 on real scenes). The toy build writes them at the toy resolution (32) for one LDM.
 - "styled": object scenes on a background pattern named in the caption ("... on a striped background"; STYLES:
-  striped, checkered, dotted, dark grey on black, read back exactly by gligen.toy.evaluate.read_style). They are
+  striped, checkered, dotted, dark grey on black, read back exactly by gligen.toy.fidelity.read_style). They are
   knowledge only the base has: the base LDM pretrains on them, GLIGEN's grounding shards never hold them, so
   grounding at every step (scheduled sampling's tau = 1) can pull a style away that a smaller tau keeps.
 

@@ -6,7 +6,6 @@ import torch
 from PIL import Image
 
 from gligen.metrics.grounding import (
-    TransformersDetector,
     box_grounding_metrics,
     coarse_grounding_metrics,
     grounding_ap,
@@ -14,6 +13,7 @@ from gligen.metrics.grounding import (
     miou,
     target_label,
 )
+from gligen.metrics.transformers_detector import TransformersDetector
 from gligen.toy import evaluate, world
 from gligen.toy.evaluate import ToyDetector
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from gligen.metrics.keypoints import keypoint_average_precision, pck
-from gligen.toy import evaluate, world
+from gligen.toy import evaluate, fidelity, world
 from gligen.toy.evaluate import detect_keypoints, detect_objects, evaluate_boxes, evaluate_keypoints
 
 
@@ -269,42 +269,42 @@ def styled_set(n: int):
 
 def test_the_style_of_real_images_is_read_back_exactly():
     images, styles = styled_set(45)
-    assert [evaluate.read_style(im) for im in images] == styles
+    assert [fidelity.read_style(im) for im in images] == styles
     plain, _ = toy_set(10)
-    assert {evaluate.read_style(im) for im in plain} == {"plain"}
+    assert {fidelity.read_style(im) for im in plain} == {"plain"}
     # a background of noise has no style
     noise = np.random.default_rng(0).integers(0, 90, (32, 32, 3), dtype=np.uint8)
-    assert evaluate.read_style(noise) not in world.STYLES
+    assert fidelity.read_style(noise) not in world.STYLES
 
 
 def test_fidelity_error_is_zero_on_real_images_and_grows_with_damage():
     objects, _ = toy_set(20)
     styled, _ = styled_set(20)
     real = objects + styled
-    assert max(evaluate.fidelity_error(im) for im in real) == 0.0
+    assert max(fidelity.fidelity_error(im) for im in real) == 0.0
     from gligen.toy.report import degrade
 
     rng = np.random.default_rng(1)
     for kind, mild, strong in (("noise", 12, 40), ("blur", 0.5, 1.5), ("shift", 30, 90)):
-        low = np.mean([evaluate.fidelity_error(degrade(im, kind, mild, rng)) for im in real])
-        high = np.mean([evaluate.fidelity_error(degrade(im, kind, strong, rng)) for im in real])
+        low = np.mean([fidelity.fidelity_error(degrade(im, kind, mild, rng)) for im in real])
+        high = np.mean([fidelity.fidelity_error(degrade(im, kind, strong, rng)) for im in real])
         assert 0 < high and low < high, (kind, low, high)
 
 
 def test_fidelity_error_counts_broken_shapes_and_stray_pixels():
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     image[8:20, 8:20] = world.PALETTE["red"]  # a clean square
-    assert evaluate.fidelity_error(image) == 0.0
+    assert fidelity.fidelity_error(image) == 0.0
     bitten = image.copy()
     bitten[8:12, 8:12] = 0  # a corner missing, nothing on top: 16 pixels off the template
     stray = image.copy()
     stray[28, 28] = world.PALETTE["blue"]  # one stray pixel
-    assert evaluate.fidelity_error(bitten) == pytest.approx(16 / 1024, abs=8 / 1024)
-    assert evaluate.fidelity_error(stray) == pytest.approx(1 / 1024)
+    assert fidelity.fidelity_error(bitten) == pytest.approx(16 / 1024, abs=8 / 1024)
+    assert fidelity.fidelity_error(stray) == pytest.approx(1 / 1024)
     occluded = image.copy()
     occluded[8:12, 8:12] = world.PALETTE["green"]  # the corner under another object: not a defect of the square
     occluded[6:12, 6:12] = world.PALETTE["green"]
-    assert evaluate.fidelity_error(occluded) == 0.0
+    assert fidelity.fidelity_error(occluded) == 0.0
 
 
 def test_image_scorer_scores_what_each_layout_asks():
@@ -313,7 +313,7 @@ def test_image_scorer_scores_what_each_layout_asks():
     layouts[0]["caption"] = "a red square"  # asks no style
     layouts[1]["caption"] = f"a red square on a {next(s for s in world.STYLES if s != styles[1])} background"
     layouts[2] = {**layouts[2], "persons": [{"keypoints": [[0.5, 0.5, 2]] * 17}]}  # a person layout: no fidelity
-    scores = evaluate.ToyImageScorer()(images, layouts)
+    scores = fidelity.ToyImageScorer()(images, layouts)
     assert scores["style_adherence"] == [None, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert scores["fidelity_error"] == [0.0, 0.0, None, 0.0, 0.0, 0.0]
 
