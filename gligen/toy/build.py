@@ -206,13 +206,13 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
             log(f"toy world: writing {n} {split}/{kind} samples to {target}")
             world.write_split(split, kind, n, str(target), resolution=config.resolution, seed=config.seed,
                               max_samples=config.shard_size, progress=True)
-    for family, splits, directory in ((PERSONS, config.person_splits, person_shard_dir),
-                                      (STYLED, config.styled_splits, styled_shard_dir)):
+    for family, label, splits, directory in ((PERSONS, "person", config.person_splits, person_shard_dir),
+                                             (STYLED, "styled", config.styled_splits, styled_shard_dir)):
         for split, n in splits.items():
             target = directory(out, split)
             if (target / "index.json").exists() or (split == "train" and not needs_train):
                 continue
-            log(f"toy world: writing {n} {split} {family} scenes to {target}")
+            log(f"toy world: writing {n} {split} {label} scenes to {target}")
             world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
                               family=family, max_samples=config.shard_size, progress=True)
     if (ldm / "model_index.json").exists():
