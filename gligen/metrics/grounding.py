@@ -7,8 +7,8 @@ layouts) with the detector made pluggable: anything satisfying `Detector` works.
   category ("red square").
 - `TransformersDetector` (gligen.metrics.transformers_detector): any ``transformers`` object-detection model (DETR,
   Deformable DETR, YOLOS, RT-DETR, ...) from a local directory or hub id the user supplies; labels come from
-  ``model.config.id2label``, optionally renamed by a `label_map` onto the layout's vocabulary. (YOLOv4 itself is not a transformers model; numbers from
-  another detector are comparable with each other, not with the paper's.)
+  ``model.config.id2label``, optionally renamed by a `label_map` onto the layout's vocabulary. (YOLOv4 itself is
+  not a transformers model; numbers from another detector are comparable with each other, not with the paper's.)
 
 Detections are dicts {"box": normalised xyxy, "label": str, "score": float}. Layouts are annotation dicts of the
 project's schema ({"objects": [{"box", "phrase", "category"}, ...]}); an object's target label is its category when
