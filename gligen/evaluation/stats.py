@@ -82,12 +82,13 @@ def _draws(cell: tuple[float, object], metric: str, samples: int, seed: int) -> 
 def _groups(nested: Mapping[str, Mapping[str, tuple[float, object]]], metric: str, samples: int, seed: int
             ) -> list[np.ndarray]:
     """Per training seed: [sampling seeds, draws] values (draws 1 where nothing resamples layouts)."""
-    groups = []
-    for inner in nested.values():
-        rows = [_draws(cell, metric, samples, seed) for cell in inner.values()]
-        width = max(len(r) for r in rows)
-        groups.append(np.stack([np.broadcast_to(r, (width,)) for r in rows]))
-    return groups
+    return [_stack([_draws(cell, metric, samples, seed) for cell in inner.values()]) for inner in nested.values()]
+
+
+def _stack(values: list[np.ndarray]) -> np.ndarray:
+    """One group: each value's [draws] (or [1]: the same in every draw) as rows of one [values, draws] array."""
+    width = max(len(v) for v in values)
+    return np.stack([np.broadcast_to(v, (width,)) for v in values])
 
 
 def _bootstrap_means(groups: list[np.ndarray], rng: np.random.Generator, samples: int) -> np.ndarray:
@@ -177,12 +178,8 @@ def compare(rows: Iterable[Mapping], arm: str, a: str, b: str, metric: str, seed
         raise ValueError(f"{arm} = {a!r} and {b!r} do not have the same training and sampling seeds: no pairs")
     paired = same_seeds if paired is None else paired
     if paired:  # per training and sampling seed: b - a (in every draw, on the same resampled layouts)
-        groups = []
-        for t in first:
-            diffs = [_draws(second[t][s], metric, samples, seed) - _draws(first[t][s], metric, samples, seed)
-                     for s in first[t]]
-            width = max(len(d) for d in diffs)
-            groups.append(np.stack([np.broadcast_to(d, (width,)) for d in diffs]))
+        groups = [_stack([_draws(second[t][s], metric, samples, seed) - _draws(first[t][s], metric, samples, seed)
+                          for s in first[t]]) for t in first]
         draws = _bootstrap_means(groups, rng, samples)
         difference = float(np.mean([np.mean([second[t][s][0] - first[t][s][0] for s in first[t]]) for t in first]))
     else:

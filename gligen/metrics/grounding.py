@@ -41,7 +41,14 @@ from typing import Protocol, TypedDict
 import numpy as np
 import torch
 
-from gligen.metrics.keypoints import keypoint_ap_records, keypoint_average_precision, pck, pck_counts, person_box_layout
+from gligen.metrics.keypoints import (
+    keypoint_ap_records,
+    keypoint_average_precision,
+    keypoint_cocoeval,
+    pck,
+    pck_counts,
+    person_box_layout,
+)
 from gligen.metrics.resample import APRecords, MeanRecords, RowRecords
 
 Box = tuple[float, float, float, float]
@@ -308,11 +315,12 @@ def keypoint_metrics(images: list[np.ndarray], layouts: Sequence[Mapping], detec
     keypoints, scores = split_pose_output(detector(images))
     _check_pairs(keypoints, layouts)
     sized = _with_size(layouts, images)
-    aps = keypoint_average_precision(keypoints, scores, sized)
+    evaluator = keypoint_cocoeval(keypoints, scores, sized)  # one OKS matching for the AP and its records
+    aps = keypoint_average_precision(keypoints, scores, sized, evaluator)
     persons = person_detector(images) if person_detector is not None else keypoints_as_person_boxes(keypoints, scores)
     if records is not None:
         records.add("pck", MeanRecords(*pck_counts(keypoints, sized, threshold)), {"pck": "mean"})
-        records.add("oks_ap", keypoint_ap_records(keypoints, scores, sized),
+        records.add("oks_ap", keypoint_ap_records(keypoints, scores, sized, evaluator),
                     {"oks_ap": "ap", "oks_ap50": "ap50", "oks_ap75": "ap75"})
     return {"pck": pck(keypoints, sized, threshold), **{f"oks_{k}": v for k, v in aps.items()},
             **person_placement_metrics(persons, layouts, records)}

@@ -65,9 +65,10 @@ def mean_joint_distance(gt: np.ndarray, pred: np.ndarray) -> float:
 
 
 def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndarray],
-                               layouts: list[dict]) -> dict[str, float]:
-    """COCO keypoint AP / AP50 / AP75 (OKS thresholds 0.5:0.05:0.95) via pycocotools, pixel coordinates."""
-    evaluator = keypoint_cocoeval(predicted, scores, layouts)
+                               layouts: list[dict], evaluator=None) -> dict[str, float]:
+    """COCO keypoint AP / AP50 / AP75 (OKS thresholds 0.5:0.05:0.95) via pycocotools, pixel coordinates.
+    `evaluator`: the inputs' `keypoint_cocoeval`, when the caller has it (None is computed here)."""
+    evaluator = evaluator or keypoint_cocoeval(predicted, scores, layouts)
     if evaluator is None:
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and tables
@@ -77,10 +78,12 @@ def keypoint_average_precision(predicted: list[np.ndarray], scores: list[np.ndar
     return {"ap": ap, "ap50": ap50, "ap75": ap75}
 
 
-def keypoint_ap_records(predicted: list[np.ndarray], scores: list[np.ndarray], layouts: list[dict]) -> APRecords:
+def keypoint_ap_records(predicted: list[np.ndarray], scores: list[np.ndarray], layouts: list[dict],
+                        evaluator=None) -> APRecords:
     """`keypoint_average_precision`'s OKS matches kept per image (gligen.metrics.resample), for resampling layouts;
-    without any ground truth or detection, records whose AP is 0 for every resample (as the metric's)."""
-    evaluator = keypoint_cocoeval(predicted, scores, layouts)
+    without any ground truth or detection, records whose AP is 0 for every resample (as the metric's).
+    `evaluator`: as in `keypoint_average_precision`."""
+    evaluator = evaluator or keypoint_cocoeval(predicted, scores, layouts)
     if evaluator is not None:
         return APRecords.from_cocoeval(evaluator)
     gt = [{1: int(sum((p[:, 2] > 0).any() for p in layout_persons(layout)))} for layout in layouts]

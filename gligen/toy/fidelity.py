@@ -38,11 +38,12 @@ def _background_grey(image: np.ndarray, colour_distance: float = COLOUR_DISTANCE
     return image.astype(np.float64).mean(-1), background
 
 
-def style_fits(image) -> dict[str, float]:
+def style_fits(image, background_grey: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Per style of STYLES: R^2 of the best least-squares fit grey = a * pattern + b (a > 0) over the background,
-    best over the pattern's phase shifts. 1.0 for the drawn style on a real image."""
+    best over the pattern's phase shifts. 1.0 for the drawn style on a real image. `background_grey`: the image's
+    `_background_grey`, when the caller has it."""
     image = as_rgb(image)
-    grey, background = _background_grey(image)
+    grey, background = background_grey or _background_grey(image)
     values = grey[background]
     total = float(((values - values.mean()) ** 2).sum()) if values.size else 0.0
     fits = {}
@@ -67,8 +68,8 @@ def read_style(image, min_fit: float = 0.5, min_contrast: float = STYLE_GREY / 2
     of the background's variance with a contrast of at least `min_contrast` grey levels; "plain" for a flat dark
     background; None when neither (an unreadable background)."""
     image = as_rgb(image)
-    fits = style_fits(image)
     grey, background = _background_grey(image)
+    fits = style_fits(image, (grey, background))
     style = max(fits, key=fits.get)
     if fits[style] >= min_fit and grey[background].std() * 2 >= min_contrast:
         return style

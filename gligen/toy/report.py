@@ -179,7 +179,8 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
         "evaluator_real_keypoints": evaluate_keypoints(person_images, person_layouts),
     }
     ldm = FrozenLDM(str(ldm_dir(cache)))
-    results["vae_reconstruction"] = evaluate_boxes(reconstruct(ldm, references, seed), layouts)
+    reconstructed = reconstruct(ldm, references, seed)
+    results["vae_reconstruction"] = evaluate_boxes(reconstructed, layouts)
     results["vae_reconstruction_persons"] = evaluate_keypoints(reconstruct(ldm, person_images, seed), person_layouts)
     sampling = dict(seed=seed, steps=steps, guidance=guidance, progress=False)
     base = generate(ldm, layouts, tau_schedule(steps, 0.0), **sampling)  # beta = 0: exactly the base LDM
@@ -200,7 +201,7 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
         results["gligen_gates"] = {k: float(v) for k, v in module.gate_values().items()}
     rng = np.random.default_rng(seed)
     quality = {"real": fidelity_summary(references),
-               "vae_reconstruction": fidelity_summary(reconstruct(ldm, references, seed)),
+               "vae_reconstruction": fidelity_summary(reconstructed),
                "base_ldm": fidelity_summary(base)}
     if ckpt:
         quality["gligen_full_grounding"] = fidelity_summary(grounded)
