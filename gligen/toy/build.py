@@ -36,7 +36,7 @@ PERSONS = "persons"  # shard directory suffix of the persons family (no data kin
 STYLED = "styled"  # and of the styled family
 # Fields added after a shipped manifest was written: left out of the build record while at their default, so the
 # shipped LDM still matches the configs that do not use them.
-OPTIONAL_FIELDS = {"styled_splits": {}}
+OPTIONAL_FIELDS = {"styled_splits": {}, "object_geometry": {}}
 
 
 @dataclass
@@ -56,6 +56,9 @@ class ToyBuildConfig:
     person_splits: dict[str, int] = field(default_factory=lambda: {"train": 4000, "val": 200})
     # samples per split of the styled family, written to shards/<split>-styled; {} = none
     styled_splits: dict[str, int] = field(default_factory=dict)
+    # object sizes and count of the objects and styled families (world.ObjectGeometry's fields: min_side, max_side,
+    # max_objects); {} = the world's defaults
+    object_geometry: dict[str, float] = field(default_factory=dict)
     shard_size: int = 1000
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -74,6 +77,17 @@ class ToyBuildConfig:
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         return cls(**raw, pretrain=PretrainConfig(**pretrain_raw))
+
+    def __post_init__(self):
+        unknown = set(self.object_geometry) - {f.name for f in fields(world.ObjectGeometry)}
+        if unknown:
+            raise ValueError(f"object_geometry: unknown settings {sorted(unknown)}; expected some of "
+                             f"{[f.name for f in fields(world.ObjectGeometry)]}")
+        world.ObjectGeometry(**self.object_geometry)  # raises on invalid values
+
+    @property
+    def geometry(self) -> world.ObjectGeometry:
+        return world.ObjectGeometry(**self.object_geometry)
 
 
 def build_config(config: str | Path | ToyBuildConfig | None = None) -> ToyBuildConfig:
@@ -137,17 +151,37 @@ def pretrain_data(out: Path, config: ToyBuildConfig) -> tuple[list[Path], dict]:
         dirs.append(person_shard_dir(out, "train"))
     if "train" in config.styled_splits:
         dirs.append(styled_shard_dir(out, "train"))
-    return dirs, {"world_version": world.WORLD_VERSION, "train_shards": [d.name for d in dirs]}
+    record = {"world_version": world.WORLD_VERSION, "train_shards": [d.name for d in dirs]}
+    if config.object_geometry:  # only when set: LDMs pretrained before the field existed keep matching
+        record["object_geometry"] = dict(config.object_geometry)
+    return dirs, record
 
 
-def check_world_version(out: Path) -> None:
+# Build settings that change what a shard holds (not just how many samples): a cache drawn with others is refused.
+DRAWING_FIELDS = ("resolution", "seed", "object_geometry")
+
+
+def check_world_version(out: Path, config: ToyBuildConfig | None = None) -> None:
+    """Refuse a cache whose shards another world version, or (with `config`) other DRAWING_FIELDS, drew: building
+    on would mix two worlds in one cache."""
     record = out / "build_config.json"
-    if record.exists():
-        cached = json.loads(record.read_text()).get("world_version", 1)  # version 1 did not record itself
-        if cached != world.WORLD_VERSION:
-            raise ValueError(f"{record}: the cached toy shards were drawn by toy world version {cached}, this code "
-                             f"draws version {world.WORLD_VERSION} (see gligen/toy/world.py WORLD_VERSION); "
-                             f"delete {out} to rebuild it, or build into another --out")
+    if not record.exists():
+        return
+    cached = json.loads(record.read_text())
+    version = cached.get("world_version", 1)  # version 1 did not record itself
+    if version != world.WORLD_VERSION:
+        raise ValueError(f"{record}: the cached toy shards were drawn by toy world version {version}, this code "
+                         f"draws version {world.WORLD_VERSION} (see gligen/toy/world.py WORLD_VERSION); "
+                         f"delete {out} to rebuild it, or build into another --out")
+    if config is not None:
+        asked = build_record(config)
+        changed = [k for k in DRAWING_FIELDS
+                   if cached.get(k, OPTIONAL_FIELDS.get(k)) != asked.get(k, OPTIONAL_FIELDS.get(k))]
+        if changed:
+            raise ValueError(f"{record}: the cached toy shards were drawn with other settings ("
+                             + ", ".join(f"{k}: {cached.get(k, OPTIONAL_FIELDS.get(k))} cached vs "
+                                         f"{asked.get(k, OPTIONAL_FIELDS.get(k))} asked" for k in changed)
+                             + f"); delete {out} to rebuild it, or build into another --out")
 
 
 def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict) -> None:
@@ -190,7 +224,7 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
     a later build writes the rest)."""
     config = config or ToyBuildConfig()
     out = Path(out)
-    check_world_version(out)
+    check_world_version(out, config)
     dirs, data = pretrain_data(out, config)
     ldm = ldm_dir(out)
     if (ldm / "model_index.json").exists() and not shipped and shipped_files.is_shipped_copy(ldm):
@@ -205,7 +239,7 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
                 continue
             log(f"toy world: writing {n} {split}/{kind} samples to {target}")
             world.write_split(split, kind, n, str(target), resolution=config.resolution, seed=config.seed,
-                              max_samples=config.shard_size, progress=True)
+                              max_samples=config.shard_size, progress=True, geometry=config.geometry)
     for family, label, splits, directory in ((PERSONS, "person", config.person_splits, person_shard_dir),
                                              (STYLED, "styled", config.styled_splits, styled_shard_dir)):
         for split, n in splits.items():
@@ -214,7 +248,8 @@ def build(out: str | Path = "cache/toy", config: ToyBuildConfig | None = None, l
                 continue
             log(f"toy world: writing {n} {split} {label} scenes to {target}")
             world.write_split(split, "grounding", n, str(target), resolution=config.resolution, seed=config.seed,
-                              family=family, max_samples=config.shard_size, progress=True)
+                              family=family, max_samples=config.shard_size, progress=True,
+                              geometry=config.geometry)
     if (ldm / "model_index.json").exists():
         check_pretrain_config(ldm, config.pretrain, data)
     elif install:

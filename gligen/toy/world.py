@@ -78,6 +78,24 @@ STYLE_PERIOD = 1 / 4
 MIN_OBJECT_SIDE, MAX_OBJECT_SIDE = 0.25, 0.6
 MAX_ASPECT = 1.5
 MAX_OBJECTS = 4
+
+
+@dataclass(frozen=True)
+class ObjectGeometry:
+    """How large object-scene objects are (box sides as fractions of the image side) and how many a scene holds at
+    most. A world parameter (ToyBuildConfig.object_geometry), because the base LDM's ability to draw the named
+    shapes depends on it: a shape spread over more latent cells is more of the denoising loss."""
+
+    min_side: float = MIN_OBJECT_SIDE
+    max_side: float = MAX_OBJECT_SIDE
+    max_objects: int = MAX_OBJECTS
+
+    def __post_init__(self):
+        if not 0 < self.min_side <= self.max_side <= 1 or self.max_objects < 1:
+            raise ValueError(f"object geometry needs 0 < min_side <= max_side <= 1 and max_objects >= 1, got {self}")
+
+
+DEFAULT_GEOMETRY = ObjectGeometry()
 MIN_VISIBLE_FRACTION = 0.85
 PLACEMENT_TRIES = 60
 
@@ -198,8 +216,9 @@ class Scene:
     style: str | None = None  # a background pattern of STYLES (the "styled" family); None = no pattern
 
 
-def _sample_box(rng: np.random.Generator, resolution: int) -> tuple[int, int, int, int]:
-    lo, hi = round(MIN_OBJECT_SIDE * resolution), round(MAX_OBJECT_SIDE * resolution)
+def sample_box(rng: np.random.Generator, resolution: int,
+                geometry: ObjectGeometry = DEFAULT_GEOMETRY) -> tuple[int, int, int, int]:
+    lo, hi = round(geometry.min_side * resolution), round(geometry.max_side * resolution)
     while True:
         w, h = (int(s) for s in rng.integers(lo, hi + 1, size=2))
         if max(w, h) <= MAX_ASPECT * min(w, h):
@@ -240,15 +259,15 @@ def _placement_ok(objects: list[SceneObject], new: SceneObject, resolution: int)
 
 
 def sample_object_scene(rng: np.random.Generator, resolution: int = DEFAULT_RESOLUTION,
-                        pairs: tuple[tuple[str, str], ...] = SEEN_PAIRS, max_objects: int = MAX_OBJECTS,
-                        background_texture: float = 0.0) -> Scene:
-    """1..max_objects objects drawn from `pairs`; an object that finds no readable place is dropped."""
-    n = int(rng.integers(1, max_objects + 1))
+                        pairs: tuple[tuple[str, str], ...] = SEEN_PAIRS, background_texture: float = 0.0,
+                        geometry: ObjectGeometry = DEFAULT_GEOMETRY) -> Scene:
+    """1..geometry.max_objects objects drawn from `pairs`; an object that finds no readable place is dropped."""
+    n = int(rng.integers(1, geometry.max_objects + 1))
     objects: list[SceneObject] = []
     for _ in range(n):
         colour, shape = pairs[int(rng.integers(len(pairs)))]
         for _ in range(PLACEMENT_TRIES):
-            candidate = SceneObject(shape=shape, colour=colour, box=_sample_box(rng, resolution))
+            candidate = SceneObject(shape=shape, colour=colour, box=sample_box(rng, resolution, geometry))
             if _placement_ok(objects, candidate, resolution):
                 objects.append(candidate)
                 break
@@ -408,7 +427,7 @@ def render_scene(scene: Scene) -> np.ndarray:
 def render_entity(rng: np.random.Generator, shape: str, colour: str, resolution: int,
                   background_texture: float = 0.0) -> np.ndarray:
     """The same shape and colour alone, at a fresh random scale and position (reference image for grounding)."""
-    obj = SceneObject(shape=shape, colour=colour, box=_sample_box(rng, resolution))
+    obj = SceneObject(shape=shape, colour=colour, box=sample_box(rng, resolution))
     return render_scene(Scene(resolution=resolution, objects=[obj], background_texture=background_texture,
                               background_seed=int(rng.integers(2**31))))
 
@@ -504,13 +523,13 @@ def split_pairs(split: str) -> tuple[tuple[str, str], ...]:
 
 
 def make_scene(split: str, index: int, kind: str = "grounding", family: str = "objects",
-               resolution: int | None = None, seed: int = 0, background_texture: float = 0.0
-               ) -> tuple[Scene, np.random.Generator]:
+               resolution: int | None = None, seed: int = 0, background_texture: float = 0.0,
+               geometry: ObjectGeometry = DEFAULT_GEOMETRY) -> tuple[Scene, np.random.Generator]:
     """The scene of one sample, plus its generator (positioned after the scene, for caption and entities)."""
     rng = sample_rng(split, family, kind, index, seed)
     if family in ("objects", "styled"):
         scene = sample_object_scene(rng, resolution or DEFAULT_RESOLUTION, pairs=split_pairs(split),
-                                    background_texture=background_texture)
+                                    background_texture=background_texture, geometry=geometry)
         if family == "styled":
             scene.style = STYLES[int(rng.integers(len(STYLES)))]
     elif family == "persons":
@@ -523,14 +542,14 @@ def make_scene(split: str, index: int, kind: str = "grounding", family: str = "o
 
 def make_sample(split: str, index: int, kind: str = "grounding", family: str = "objects",
                 resolution: int | None = None, seed: int = 0, background_texture: float = 0.0,
-                with_entities: bool = True) -> dict:
+                with_entities: bool = True, geometry: ObjectGeometry = DEFAULT_GEOMETRY) -> dict:
     """One WebDataset sample: {"__key__", "png", "txt", "json", "entity{i}.png"...}.
 
     kind: annotation kind (schema v1 has no "keypoint" kind; person scenes are a family, annotated as
     "grounding" by default with a person caption). Caption: "" for "detection", templated otherwise.
-    resolution: None picks DEFAULT_RESOLUTION (32).
+    resolution: None picks DEFAULT_RESOLUTION (32). geometry: object sizes and count (objects and styled families).
     """
-    scene, rng = make_scene(split, index, kind, family, resolution, seed, background_texture)
+    scene, rng = make_scene(split, index, kind, family, resolution, seed, background_texture, geometry)
     key = f"toy-{family}-{split}-{kind}-s{seed}-{index:08d}"
     categories = [o.category for o in scene.objects]
     if kind == "detection":
@@ -550,21 +569,23 @@ def make_sample(split: str, index: int, kind: str = "grounding", family: str = "
 
 
 def iter_split(split: str, kind: str, n: int, family: str = "objects", resolution: int | None = None,
-               seed: int = 0, background_texture: float = 0.0, with_entities: bool = True):
+               seed: int = 0, background_texture: float = 0.0, with_entities: bool = True,
+               geometry: ObjectGeometry = DEFAULT_GEOMETRY):
     """Samples 0..n-1 of a split, lazily."""
     for index in range(n):
         yield make_sample(split, index, kind=kind, family=family, resolution=resolution, seed=seed,
-                          background_texture=background_texture, with_entities=with_entities)
+                          background_texture=background_texture, with_entities=with_entities, geometry=geometry)
 
 
 def write_split(split: str, kind: str, n: int, out_dir: str, resolution: int | None = None, seed: int = 0,
                 family: str = "objects", max_samples: int = 1000, background_texture: float = 0.0,
-                with_entities: bool = True, progress: bool = False) -> dict:
+                with_entities: bool = True, progress: bool = False,
+                geometry: ObjectGeometry = DEFAULT_GEOMETRY) -> dict:
     """Write n samples of a split as schema-v1 tar shards ``{out_dir}/{family}-{split}-{kind}-NNNNNN.tar``.
 
     Returns ``write_shards``' index (shard names, sample counts, kinds).
     """
     samples = iter_split(split, kind, n, family=family, resolution=resolution, seed=seed,
-                         background_texture=background_texture, with_entities=with_entities)
+                         background_texture=background_texture, with_entities=with_entities, geometry=geometry)
     return write_shards(samples, out_dir, prefix=f"{family}-{split}-{kind}", max_samples=max_samples,
                         progress=progress)

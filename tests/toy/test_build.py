@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gligen.data.shards import resolve_shards
+from gligen.evaluation.generate import load_layouts
 from gligen.ldm import FrozenLDM
 from gligen.toy.build import (
     ToyBuildConfig,
@@ -179,3 +180,46 @@ def test_word_similarity_reads_the_shape_and_colour_word_states(toy_cache):
     assert distinct == {"shape_word_cosine": 0.0, "colour_word_cosine": 0.0}
     collapsed = word_similarity(_OneHotText(ldm, collapse_shapes=True))
     assert collapsed["shape_word_cosine"] == pytest.approx(1.0) and collapsed["colour_word_cosine"] == 0.0
+
+
+def test_object_geometry_is_a_world_setting_that_a_cache_remembers(tmp_path):
+    """object_geometry draws the objects and styled families with other sizes and counts; the pretrained base
+    records it, and a cache drawn with another geometry is refused, naming the setting, before anything is written."""
+    big = {"min_side": 0.5, "max_side": 0.7, "max_objects": 2}
+    config = ToyBuildConfig(splits={"train": {"grounding": 12}, "val": {"grounding": 12}}, person_splits={},
+                            styled_splits={"val": 6}, object_geometry=big, shard_size=16, pretrain=TINY)
+    build(tmp_path, config, log=lambda *a: None)
+    for directory in (shard_dir(tmp_path, "val", "grounding"), styled_shard_dir(tmp_path, "val")):
+        layouts, _ = load_layouts(str(directory), 32)
+        assert layouts and all(1 <= len(layout["objects"]) <= 2 for layout in layouts)
+        sides = [(x1 - x0) * 32 for layout in layouts for x0, _, x1, _ in (o["box"] for o in layout["objects"])]
+        assert min(sides) >= round(0.5 * 32) - 1e-6 and max(sides) <= round(0.7 * 32) + 1e-6
+    assert json.loads((ldm_dir(tmp_path) / "toy_pretrain.json").read_text())["object_geometry"] == big
+    with pytest.raises(ValueError, match=r"build_config.json.*object_geometry.*cached vs \{\} asked"):
+        build(tmp_path, replace(config, object_geometry={}), log=lambda *a: None)
+    assert not is_shipped_config(replace(ToyBuildConfig(), object_geometry=big))
+    assert "object_geometry" not in build_record(ToyBuildConfig())
+
+
+def test_object_geometry_settings_are_checked():
+    with pytest.raises(ValueError, match="max_object"):
+        ToyBuildConfig(object_geometry={"max_object": 2})
+    with pytest.raises(ValueError, match="min_side <= max_side"):
+        ToyBuildConfig(object_geometry={"min_side": 0.8, "max_side": 0.5})
+
+
+def test_probe_base_pretrains_a_unet_for_the_asked_world_on_a_built_vae(toy_cache, tmp_path):
+    from gligen.toy.__main__ import main
+
+    config = tmp_path / "world.yaml"
+    config.write_text("object_geometry: {min_side: 0.5, max_side: 0.7, max_objects: 1}\n"
+                      "pretrain: {unet_steps: 2, batch_size: 4, unet_channels: [16, 32, 32], attention_heads: 2}\n")
+    out = tmp_path / "probe.json"
+    main(["probe-base", "--ldm", str(ldm_dir(toy_cache)), "--config", str(config), "--num-images", "8",
+          "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["data"] == {"scenes": 8, "mean_objects_per_scene": 1.0,
+                              "object_geometry": {"min_side": 0.5, "max_side": 0.7, "max_objects": 1}}
+    assert result["setup"]["pretrain"]["unet_steps"] == 2 and "probe-base" in result["setup"]["command"]
+    for key in ("base_ldm_one_object_captions", "vae_reconstruction_single_objects"):
+        assert set(result[key]) == {"colour_recall", "shape_accuracy_given_colour"}
