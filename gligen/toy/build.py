@@ -175,13 +175,12 @@ def check_world_version(out: Path, config: ToyBuildConfig | None = None) -> None
                          f"delete {out} to rebuild it, or build into another --out")
     if config is not None:
         asked = build_record(config)
-        changed = [k for k in DRAWING_FIELDS
-                   if cached.get(k, OPTIONAL_FIELDS.get(k)) != asked.get(k, OPTIONAL_FIELDS.get(k))]
+        pairs = {k: (cached.get(k, OPTIONAL_FIELDS.get(k)), asked.get(k, OPTIONAL_FIELDS.get(k)))
+                 for k in DRAWING_FIELDS}
+        changed = ", ".join(f"{k}: {c} cached vs {a} asked" for k, (c, a) in pairs.items() if c != a)
         if changed:
-            raise ValueError(f"{record}: the cached toy shards were drawn with other settings ("
-                             + ", ".join(f"{k}: {cached.get(k, OPTIONAL_FIELDS.get(k))} cached vs "
-                                         f"{asked.get(k, OPTIONAL_FIELDS.get(k))} asked" for k in changed)
-                             + f"); delete {out} to rebuild it, or build into another --out")
+            raise ValueError(f"{record}: the cached toy shards were drawn with other settings ({changed}); "
+                             f"delete {out} to rebuild it, or build into another --out")
 
 
 def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict) -> None:

@@ -145,6 +145,12 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     return text_encoder.eval()
 
 
+@torch.no_grad()
+def latent_means(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The posterior means of images [N, 3, H, W] in [-1, 1], unscaled, in batches."""
+    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)])
+
+
 def train_vae(images: torch.Tensor, config: PretrainConfig, log) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=config.vae_channels,
@@ -169,9 +175,7 @@ def train_vae(images: torch.Tensor, config: PretrainConfig, log) -> AutoencoderK
         optimizer.step()
         bar.set_postfix(recon=f"{recon.item():.4f}")
     vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.register_to_config(scaling_factor=float(1.0 / latent_means(vae, images).std()))
     log(f"vae: final reconstruction loss {recon.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
     return vae
 
@@ -265,10 +269,7 @@ def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfi
     text_encoder = text_encoder_from_clip(clip)
     text_encoder.requires_grad_(False)
     vae = train_vae(images, config, log)
-    with torch.no_grad():
-        latents = torch.cat([
-            vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)
-        ]) * vae.config.scaling_factor
+    latents = latent_means(vae, images) * vae.config.scaling_factor
     unet = train_unet(latents, captions, tokenizer, text_encoder, config, log)
     save_ldm(out_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler())
     clip.save_pretrained(out_dir / "clip")

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gligen.evaluation.generate import reconstruct
+from gligen.evaluation.generate import reconstruct, to_pixels
 from gligen.evaluation.reporting import command_line
 from gligen.ldm import FrozenLDM
 from gligen.provenance import git_commit
 from gligen.toy import world
 from gligen.toy.build import ToyBuildConfig
 from gligen.toy.evaluate import attribute_accuracy, detect_objects
-from gligen.toy.pretrain import train_unet
+from gligen.toy.pretrain import latent_means, train_unet
 from gligen.toy.report import shape_on_command
 
 
@@ -41,8 +41,7 @@ def object_scenes(config: ToyBuildConfig, n: int) -> tuple[torch.Tensor, list[st
         images.append(world.render_scene(scene))
         captions.append(world.object_caption(rng, [o.category for o in scene.objects]))
         counts.append(len(scene.objects))
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, captions, float(np.mean(counts))
+    return to_pixels(images), captions, float(np.mean(counts))
 
 
 def single_object_ceiling(ldm: FrozenLDM, config: ToyBuildConfig, per_pair: int = 4, seed: int = 0) -> dict:
@@ -65,9 +64,7 @@ def probe_base(ldm_path: str | Path, config: ToyBuildConfig, num_images: int = 1
         raise ValueError(f"{ldm_path}: its VAE is for {ldm.vae.config.sample_size} px images, the world asks for "
                          f"{config.resolution}")
     pixels, captions, mean_objects = object_scenes(config, num_images)
-    with torch.no_grad():
-        latents = torch.cat([ldm.vae.encode(pixels[i:i + 256]).latent_dist.mean
-                             for i in range(0, len(pixels), 256)]) * ldm.scaling_factor
+    latents = latent_means(ldm.vae, pixels) * ldm.scaling_factor
     # the UNet's cross-attention width is the kept text encoder's, whatever the config's text settings say
     pretrain = replace(config.pretrain, text_width=ldm.text_encoder.config.hidden_size)
     unet_start = time.time()
