@@ -151,7 +151,9 @@ def latent_means(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256
     return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)])
 
 
-def train_vae(images: torch.Tensor, config: PretrainConfig, log) -> AutoencoderKL:
+def train_vae(images: torch.Tensor, config: PretrainConfig, log) -> tuple[AutoencoderKL, torch.Tensor]:
+    """The toy VAE and the scaled posterior means of `images` (the UNet's training latents; encoded once, they
+    also set the scaling factor)."""
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=config.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
@@ -175,9 +177,10 @@ def train_vae(images: torch.Tensor, config: PretrainConfig, log) -> AutoencoderK
         optimizer.step()
         bar.set_postfix(recon=f"{recon.item():.4f}")
     vae.eval()
-    vae.register_to_config(scaling_factor=float(1.0 / latent_means(vae, images).std()))
+    latents = latent_means(vae, images)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"vae: final reconstruction loss {recon.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
-    return vae
+    return vae, latents * vae.config.scaling_factor
 
 
 def make_unet(config: PretrainConfig, latent_size: int) -> UNet2DConditionModel:
@@ -189,6 +192,17 @@ def make_unet(config: PretrainConfig, latent_size: int) -> UNet2DConditionModel:
     )
 
 
+@torch.no_grad()
+def encode_captions(captions: list[str], tokenizer, text_encoder, batch_size: int = 256) -> torch.Tensor:
+    """The text encoder's last hidden states [N, max_length, width] of captions, padded as the pipeline pads."""
+    out = []
+    for i in range(0, len(captions), batch_size):
+        ids = tokenizer(captions[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out.append(text_encoder(ids).last_hidden_state)
+    return torch.cat(out)
+
+
 def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, text_encoder, config: PretrainConfig,
                log) -> UNet2DConditionModel:
     """Text-to-image UNet on scaled latents [N, 4, h, w]."""
@@ -196,10 +210,13 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, text_encod
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
     noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    null_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    # every distinct caption encoded once (a few thousand among tens of thousands of images): the frozen text
+    # encoder per step was about a sixth of this stage's time
+    distinct = sorted(set(captions) | {""})
+    row = {caption: i for i, caption in enumerate(distinct)}
+    caption_rows = torch.tensor([row[caption] for caption in captions])
+    contexts = encode_captions(distinct, tokenizer, text_encoder)
+    null_context = contexts[row[""]]
     generator = torch.Generator().manual_seed(config.seed + 2)
     unet.train()
     bar = tqdm(_batches(len(latents), config.batch_size, config.unet_steps, generator), total=config.unet_steps,
@@ -207,11 +224,9 @@ def train_unet(latents: torch.Tensor, captions: list[str], tokenizer, text_encod
     for step, index in enumerate(bar):
         _cosine_lr(optimizer, step, config.unet_steps, config.unet_lr, config.unet_warmup)
         x0 = latents[index]
-        batch_ids = ids[index].clone()
+        context = contexts[caption_rows[index]]
         drop = torch.rand(len(index), generator=generator) < config.caption_dropout
-        batch_ids[drop] = null_ids
-        with torch.no_grad():
-            context = text_encoder(batch_ids).last_hidden_state
+        context[drop] = null_context
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
@@ -261,16 +276,24 @@ def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfi
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
     start = time.time()
+    stages = {}  # seconds per stage: where a build's time goes (the build budget is quoted per processor class)
+
+    def lap(stage: str) -> None:
+        stages[stage] = round(time.time() - start - sum(stages.values()), 1)
+
     images, captions, entity_images, entity_phrases = load_split_arrays(train_shards, with_entities=True)
     log(f"pretraining data: {len(images)} images from {len(train_shards)} shards, "
         f"{0 if entity_images is None else len(entity_images)} entity images")
+    lap("data")
     tokenizer = build_clip_tokenizer(toy_vocabulary() + list(config.extra_words))
     clip = train_clip(images, captions, tokenizer, config, log, entity_images, entity_phrases)
     text_encoder = text_encoder_from_clip(clip)
     text_encoder.requires_grad_(False)
-    vae = train_vae(images, config, log)
-    latents = latent_means(vae, images) * vae.config.scaling_factor
+    lap("clip")
+    vae, latents = train_vae(images, config, log)
+    lap("vae")
     unet = train_unet(latents, captions, tokenizer, text_encoder, config, log)
+    lap("unet")
     save_ldm(out_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler())
     clip.save_pretrained(out_dir / "clip")
     # the toy CLIP saw pixels in [-1, 1], i.e. CLIP normalisation with mean = std = 0.5 (not OpenAI's statistics)
@@ -279,6 +302,6 @@ def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfi
                        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir / "clip")
     (out_dir / "toy_pretrain.json").write_text(
         json.dumps({"config": asdict(config), **(record or {}), "seconds": round(time.time() - start, 1),
-                    "train_images": len(images)}, indent=1))
+                    "stage_seconds": stages, "train_images": len(images)}, indent=1))
     log(f"saved toy LDM to {out_dir} in {time.time() - start:.0f} s")
     return out_dir

@@ -136,6 +136,9 @@ def test_base_ldm_is_pretrained_on_person_scenes_too(toy_cache):
     record = json.loads((ldm_dir(toy_cache) / "toy_pretrain.json").read_text())
     assert record["train_images"] == 24 + 8 + 8 + PERSONS["train"]
     assert "train-persons" in record["train_shards"] and record["world_version"] == WORLD_VERSION
+    # where the build's time went, stage by stage (the build budget is quoted from these)
+    assert list(record["stage_seconds"]) == ["data", "clip", "vae", "unet"]
+    assert sum(record["stage_seconds"].values()) == pytest.approx(record["seconds"], abs=1.0)
     # the same settings without person training data describe another base: refused, naming the key
     config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
                                     "val": {"grounding": 8}}, person_splits={"val": 4}, shard_size=16, pretrain=TINY)
