@@ -37,7 +37,11 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     assert "| 0.0 | 2 |" in summary or "| 0 | 2 |" in summary
     assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-    assert json.loads((out / "config.json").read_text())["num_images"] == 8
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_images"] == 8
+    # the toy default sweeps the layouts that ask for a style, and scores style and fidelity on every image
+    assert Path(config["val_shards"]).name == "val-styled" and config["image_scorer"] == "toy_image"
+    assert all(0 <= float(row["style_adherence"]) <= 1 and float(row["fidelity_error"]) >= 0 for row in rows)
     # a world other than the shipped one: pretrained and trained here, and the stage times say so
     timings = json.loads((out / "timings.json").read_text())
     assert timings["toy_build_s"] > 0 and timings["train_s"] > 0 and timings["sweep_s"] > 0
