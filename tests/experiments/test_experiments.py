@@ -70,7 +70,8 @@ def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
     assert "3 trained models (training seeds)" in summary and "| 1.0 | 3 |" in summary
     assert "Differences from tau = 0.0" in summary and summary.count("`") > 6
     # layouts are the third level: every row names its layout records, which give back the row's metrics
-    assert "the 4 layouts resampled too for coarse_ap50, ap50 (not fid" in summary
+    # the toy image scorer's per-image style and fidelity resample with the layouts too
+    assert "the 4 layouts resampled too for coarse_ap50, ap50, style_adherence, fidelity_error (not fid" in summary
     pooled = read_rows(out / "metrics.csv")
     assert all(not r["layout_records"].mismatches(r) for r in pooled)
     assert {"coarse_ap50", "ap", "miou"} <= set(pooled[0]["layout_records"].metrics)
