@@ -73,6 +73,12 @@ def toy_vocabulary() -> list[str]:
     return sorted(words)
 
 
+def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids [N, max_length], padded as the pipeline pads (FrozenLDM.tokenize; no LDM exists yet here)."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
     for _ in range(steps):
         yield torch.randint(0, n, (batch_size,), generator=generator)
@@ -115,12 +121,8 @@ def train_clip(images: torch.Tensor, captions: list[str], tokenizer, config: Pre
         projection_dim=width,
     ))
 
-    def tokens(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    ids = tokens(captions)
-    entity_ids = tokens(entity_phrases) if entity_images is not None else None
+    ids = caption_ids(tokenizer, captions)
+    entity_ids = caption_ids(tokenizer, entity_phrases) if entity_images is not None else None
     optimizer = torch.optim.AdamW(clip.parameters(), lr=config.clip_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed)
     clip.train()
@@ -197,9 +199,7 @@ def encode_captions(captions: list[str], tokenizer, text_encoder, batch_size: in
     """The text encoder's last hidden states [N, max_length, width] of captions, padded as the pipeline pads."""
     out = []
     for i in range(0, len(captions), batch_size):
-        ids = tokenizer(captions[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids).last_hidden_state)
+        out.append(text_encoder(caption_ids(tokenizer, captions[i:i + batch_size])).last_hidden_state)
     return torch.cat(out)
 
 
