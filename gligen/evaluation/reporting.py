@@ -163,8 +163,8 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bo
 def beta_verdict(rows: list[dict], placement: str, style: str = "style_adherence", keep: float = 0.9) -> str | None:
     """The sweep's verdict in one sentence, on layouts that ask for a style (None without `style` in the rows): the
     tau that best trades placement gained (share of tau 1's gain over tau 0) against style loss avoided (share of
-    the fall in adherence from tau 0 to tau 1 that does not happen), or, when style adherence does not fall by more than 0.05, that there is no
-    trade-off to make. Means over all rows of a tau (training and sampling seeds)."""
+    the fall in adherence from tau 0 to tau 1 that does not happen), or, when style adherence does not fall by more
+    than 0.05, that there is no trade-off to make. Means over all rows of a tau (training and sampling seeds)."""
     if not any(r.get(style) not in (None, "") for r in rows):
         return None
     taus = sorted({float(r["tau"]) for r in rows})
