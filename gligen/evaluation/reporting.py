@@ -107,7 +107,7 @@ def beta_sweep_summary(out: Path, rows: list[dict], config: dict) -> str:
         f"Command: `{command_line()}`",
         "",
         (f"git commit `{provenance['git_commit']}`, config hash `{provenance['config_hash']}`, "
-         f"{provenance['num_images']} layouts per cell, seeds {sorted({r['seed'] for r in rows})}, "
+         f"{provenance['num_images']} layouts per cell, seeds {sorted({int(r['seed']) for r in rows})}, "
          f"sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}."),
         "",
         f"Checkpoint: `{provenance.get('ckpt', config.get('ckpt'))}` on base `{config.get('pretrained')}`.",
@@ -162,9 +162,9 @@ def interval_sections(rows: list[dict], arm: str, metrics: list[str], paired: bo
 
 def beta_verdict(rows: list[dict], placement: str, style: str = "style_adherence", keep: float = 0.9) -> str | None:
     """The sweep's verdict in one sentence, on layouts that ask for a style (None without `style` in the rows): the
-    tau that best trades placement gained (share of tau 1's gain over tau 0) against style kept (share of tau 0's
-    adherence over tau 1's that stays), or, when style adherence does not fall by more than 0.05, that there is no
-    trade-off to make. Means over all rows of a tau (training and sampling seeds)."""
+    tau that best trades placement gained (share of tau 1's gain over tau 0) against style loss avoided (share of
+    the fall in adherence from tau 0 to tau 1 that does not happen), or, when style adherence does not fall by more
+    than 0.05, that there is no trade-off to make. Means over all rows of a tau (training and sampling seeds)."""
     if not any(r.get(style) not in (None, "") for r in rows):
         return None
     taus = sorted({float(r["tau"]) for r in rows})
@@ -182,8 +182,10 @@ def beta_verdict(rows: list[dict], placement: str, style: str = "style_adherence
     kept = [t for t in taus if share[t][0] >= keep and share[t][1] >= keep]
     best = max(kept) if kept else max(taus, key=lambda t: sum(share[t]))
     placed, styled = share[best]
-    return (f"tau = {best:g} keeps {placed:.0%} of full grounding's placement gain and {styled:.0%} of the style the "
-            f"base keeps ({trend}).")
+    avoided = "all" if styled >= 1 else f"{styled:.0%}"  # above 1: the style is kept better than at tau 0
+    return (f"tau = {best:g} keeps {placed:.0%} of full grounding's placement gain and avoids {avoided} of its style "
+            f"loss ({placement} {mean[placement][best]:.3f} and {style} {mean[style][best]:.3f} at tau {best:g}; "
+            f"{trend}).")
 
 
 def _verdict_lines(rows: list[dict]) -> list[str]:

@@ -38,12 +38,13 @@ from gligen.evaluation.results import read_rows
 from gligen.experiments.config import BetaSweepConfig, parse
 from gligen.experiments.sweep import sweep_checkpoint
 from gligen.provenance import git_commit
-from gligen.toy.build import ensure_toy_world, ldm_dir, shard_dir
+from gligen.toy.build import ensure_toy_world, ldm_dir, styled_shard_dir
 from gligen.toy.shipped import reference_checkpoint
 from gligen.training.cli import fit_from_config
 from gligen.training.rundir import seed_run
 
 SWITCHES = ("rebuild", "retrain")
+TOY_IMAGE_SCORER = "toy_image"  # on the toy world: style_adherence and fidelity_error of every image
 # the k-th trained model samples with seeds + k * SEED_STRIDE: every model draws its own noise, so the spread over
 # models holds sampling noise too (at tau = 0 every model is the same base LDM: it would otherwise show none)
 SEED_STRIDE = 1000  # how to get there, not what is measured: not in the sweep's config (hash)
@@ -65,7 +66,10 @@ def main(argv=None) -> None:
                            shipped=not settings.rebuild, train_splits=settings.retrain)
     if toy:
         config["pretrained"] = config["pretrained"] or str(ldm_dir(cache))
-        config["val_shards"] = config["val_shards"] or str(shard_dir(cache, "val", "grounding"))
+        # layouts that ask for a background style the grounding data never shows: placement and style, the two
+        # sides of scheduled sampling's trade-off, on the same images
+        config["val_shards"] = config["val_shards"] or str(styled_shard_dir(cache, "val"))
+        config["image_scorer"] = config["image_scorer"] or TOY_IMAGE_SCORER
         if config["ckpt"] is None and not settings.retrain:  # training seed -> the shipped checkpoint trained so
             for seed in train_seeds or [None]:
                 path = reference_checkpoint(config["train_config"], config["pretrained"], seed=seed)

@@ -34,9 +34,6 @@ from gligen.toy.pretrain import PretrainConfig, pretrain
 
 PERSONS = "persons"  # shard directory suffix of the persons family (no data kind is called that)
 STYLED = "styled"  # and of the styled family
-# Fields added after a shipped manifest was written: left out of the build record while at their default, so the
-# shipped LDM still matches the configs that do not use them.
-OPTIONAL_FIELDS = {"styled_splits": {}, "object_geometry": {}}
 
 
 @dataclass
@@ -55,10 +52,10 @@ class ToyBuildConfig:
     # samples per split of the persons family (keypoint modality), written to shards/<split>-persons; {} = none
     person_splits: dict[str, int] = field(default_factory=lambda: {"train": 4000, "val": 200})
     # samples per split of the styled family, written to shards/<split>-styled; {} = none
-    styled_splits: dict[str, int] = field(default_factory=dict)
+    styled_splits: dict[str, int] = field(default_factory=lambda: {"train": 8000, "val": 200})
     # object sizes and count of the objects and styled families (world.ObjectGeometry's fields: min_side, max_side,
-    # max_objects); {} = the world's defaults
-    object_geometry: dict[str, float] = field(default_factory=dict)
+    # max_objects); keys left out take the world's defaults, and the record always holds all three
+    object_geometry: dict[str, float] = field(default_factory=lambda: asdict(world.DEFAULT_GEOMETRY))
     shard_size: int = 1000
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -83,7 +80,7 @@ class ToyBuildConfig:
         if unknown:
             raise ValueError(f"object_geometry: unknown settings {sorted(unknown)}; expected some of "
                              f"{[f.name for f in fields(world.ObjectGeometry)]}")
-        world.ObjectGeometry(**self.object_geometry)  # raises on invalid values
+        self.object_geometry = asdict(world.ObjectGeometry(**self.object_geometry))  # raises on invalid values
 
     @property
     def geometry(self) -> world.ObjectGeometry:
@@ -151,9 +148,8 @@ def pretrain_data(out: Path, config: ToyBuildConfig) -> tuple[list[Path], dict]:
         dirs.append(person_shard_dir(out, "train"))
     if "train" in config.styled_splits:
         dirs.append(styled_shard_dir(out, "train"))
-    record = {"world_version": world.WORLD_VERSION, "train_shards": [d.name for d in dirs]}
-    if config.object_geometry:  # only when set: LDMs pretrained before the field existed keep matching
-        record["object_geometry"] = dict(config.object_geometry)
+    record = {"world_version": world.WORLD_VERSION, "train_shards": [d.name for d in dirs],
+              "object_geometry": dict(config.object_geometry)}
     return dirs, record
 
 
@@ -175,8 +171,7 @@ def check_world_version(out: Path, config: ToyBuildConfig | None = None) -> None
                          f"delete {out} to rebuild it, or build into another --out")
     if config is not None:
         asked = build_record(config)
-        pairs = {k: (cached.get(k, OPTIONAL_FIELDS.get(k)), asked.get(k, OPTIONAL_FIELDS.get(k)))
-                 for k in DRAWING_FIELDS}
+        pairs = {k: (cached.get(k), asked.get(k)) for k in DRAWING_FIELDS}
         changed = ", ".join(f"{k}: {c} cached vs {a} asked" for k, (c, a) in pairs.items() if c != a)
         if changed:
             raise ValueError(f"{record}: the cached toy shards were drawn with other settings ({changed}); "
@@ -202,9 +197,8 @@ def check_pretrain_config(ldm: Path, config: PretrainConfig, data: dict) -> None
 
 
 def build_record(config: ToyBuildConfig) -> dict:
-    """What build_config.json holds (JSON types: tuples become lists; OPTIONAL_FIELDS only when set)."""
-    record = {k: v for k, v in asdict(config).items() if not (k in OPTIONAL_FIELDS and v == OPTIONAL_FIELDS[k])}
-    return json.loads(json.dumps({**record, "world_version": world.WORLD_VERSION}))
+    """What build_config.json holds (JSON types: tuples become lists)."""
+    return json.loads(json.dumps({**asdict(config), "world_version": world.WORLD_VERSION}))
 
 
 def is_shipped_config(config: ToyBuildConfig, root: Path | None = None) -> bool:

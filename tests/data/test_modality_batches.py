@@ -108,7 +108,8 @@ def test_collate_pads_missing_entity_images_and_refuses_a_mix_with_precomputed_e
 
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory):
-    config = ToyBuildConfig(splits=SPLITS, person_splits=PERSON_SPLITS, shard_size=16, pretrain=TINY)
+    config = ToyBuildConfig(splits=SPLITS, person_splits=PERSON_SPLITS, styled_splits={}, shard_size=16,
+                            pretrain=TINY)
     out = tmp_path_factory.mktemp("toy_modalities")
     build(out, config, log=lambda *a: None)
     return out
@@ -193,8 +194,8 @@ def test_person_shards_join_an_existing_cache_without_touching_the_ldm(toy_cache
     weights = ldm_dir(toy_cache) / "unet" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
     messages = []
-    build(toy_cache, ToyBuildConfig(splits=SPLITS, person_splits={**PERSON_SPLITS, "test": 4}, shard_size=16,
-                                    pretrain=TINY), log=messages.append)
+    build(toy_cache, ToyBuildConfig(splits=SPLITS, person_splits={**PERSON_SPLITS, "test": 4}, styled_splits={},
+                                    shard_size=16, pretrain=TINY), log=messages.append)
     assert len(messages) == 1 and "test person scenes" in messages[0]
     assert weights.stat().st_mtime_ns == before
     assert json.loads((person_shard_dir(toy_cache, "test") / "index.json").read_text())["total"] == 4

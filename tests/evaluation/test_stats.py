@@ -150,7 +150,10 @@ def test_the_beta_verdict_names_the_tau_that_keeps_placement_and_style():
                 for t, s, p in zip((0.0, 0.3, 0.5, 1.0), style, placement) for k in range(3)]
 
     trade = beta_verdict(rows((0.9, 0.85, 0.6, 0.2), (0.0, 0.8, 0.85, 0.9)), "coarse_ap50")
-    assert trade.startswith("tau = 0.3 keeps 89% of full grounding's placement gain and 93% of the style")
+    assert trade.startswith("tau = 0.3 keeps 89% of full grounding's placement gain and avoids 93% of its style loss")
+    assert "coarse_ap50 0.800 and style_adherence 0.850 at tau 0.3" in trade
+    kept = beta_verdict(rows((0.9, 0.95, 0.6, 0.2), (0.0, 0.85, 0.85, 0.9)), "coarse_ap50")  # style above tau 0's
+    assert kept.startswith("tau = 0.3 keeps 94% of full grounding's placement gain and avoids all of its style loss")
     flat = beta_verdict(rows((0.9, 0.9, 0.88, 0.88), (0.0, 0.5, 0.8, 0.9)), "coarse_ap50")
     assert flat.startswith("No trade-off to make here") and "tau = 1 is best" in flat
     assert beta_verdict([{"tau": 0.0, "coarse_ap50": 0.1}], "coarse_ap50") is None  # no style asked

@@ -37,7 +37,11 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     assert "| 0.0 | 2 |" in summary or "| 0 | 2 |" in summary
     assert (out / "ap_fid_vs_tau.png").stat().st_size > 0 and (out / "samples_tau1.png").exists()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-    assert json.loads((out / "config.json").read_text())["num_images"] == 8
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_images"] == 8
+    # the toy default sweeps the layouts that ask for a style, and scores style and fidelity on every image
+    assert Path(config["val_shards"]).name == "val-styled" and config["image_scorer"] == "toy_image"
+    assert all(0 <= float(row["style_adherence"]) <= 1 and float(row["fidelity_error"]) >= 0 for row in rows)
     # a world other than the shipped one: pretrained and trained here, and the stage times say so
     timings = json.loads((out / "timings.json").read_text())
     assert timings["toy_build_s"] > 0 and timings["train_s"] > 0 and timings["sweep_s"] > 0
@@ -66,7 +70,8 @@ def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
     assert "3 trained models (training seeds)" in summary and "| 1.0 | 3 |" in summary
     assert "Differences from tau = 0.0" in summary and summary.count("`") > 6
     # layouts are the third level: every row names its layout records, which give back the row's metrics
-    assert "the 4 layouts resampled too for coarse_ap50, ap50 (not fid" in summary
+    # the toy image scorer's per-image style and fidelity resample with the layouts too
+    assert "the 4 layouts resampled too for coarse_ap50, ap50, style_adherence, fidelity_error (not fid" in summary
     pooled = read_rows(out / "metrics.csv")
     assert all(not r["layout_records"].mismatches(r) for r in pooled)
     assert {"coarse_ap50", "ap", "miou"} <= set(pooled[0]["layout_records"].metrics)

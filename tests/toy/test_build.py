@@ -1,7 +1,7 @@
 """The toy build end to end at test size: shards + a pretrained-by-us LDM loadable through the `pretrained` path."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ import torch
 from gligen.data.shards import resolve_shards
 from gligen.evaluation.generate import load_layouts
 from gligen.ldm import FrozenLDM
+from gligen.toy import world
 from gligen.toy.build import (
     ToyBuildConfig,
     build,
@@ -113,8 +114,8 @@ def test_swap_shape_words_changes_every_shape_and_nothing_else():
 def test_build_refuses_a_cached_ldm_pretrained_with_other_settings(toy_cache):
 
     config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
-                                    "val": {"grounding": 8}}, person_splits=PERSONS, shard_size=16,
-                            pretrain=replace(TINY, unet_steps=4))
+                                    "val": {"grounding": 8}}, person_splits=PERSONS, styled_splits=STYLED,
+                            shard_size=16, pretrain=replace(TINY, unet_steps=4))
     with pytest.raises(ValueError, match=r"toy_pretrain.json.*unet_steps.*\[3\] cached vs \[4\]"):
         build(toy_cache, config, log=lambda *a: None)
 
@@ -128,7 +129,7 @@ def test_the_styled_family_is_base_pretraining_data_and_the_default_world_is_sti
     record = json.loads((ldm_dir(tmp_path) / "toy_pretrain.json").read_text())
     assert record["train_shards"] == ["train-grounding", "train-styled"] and record["train_images"] == 16
     assert json.loads((styled_shard_dir(tmp_path, "val") / "index.json").read_text())["total"] == 4
-    assert "styled_splits" not in build_record(ToyBuildConfig()) and is_shipped_config(ToyBuildConfig())
+    assert build_record(ToyBuildConfig())["styled_splits"] == {"train": 8000, "val": 200}  # the default world's
     assert not is_shipped_config(replace(ToyBuildConfig(), styled_splits={"train": 8}))
 
 
@@ -141,7 +142,8 @@ def test_base_ldm_is_pretrained_on_person_scenes_too(toy_cache):
     assert sum(record["stage_seconds"].values()) == pytest.approx(record["seconds"], abs=1.0)
     # the same settings without person training data describe another base: refused, naming the key
     config = ToyBuildConfig(splits={"train": {"grounding": 24, "detection": 8, "detection_caption": 8},
-                                    "val": {"grounding": 8}}, person_splits={"val": 4}, shard_size=16, pretrain=TINY)
+                                    "val": {"grounding": 8}}, person_splits={"val": 4}, styled_splits=STYLED,
+                            shard_size=16, pretrain=TINY)
     with pytest.raises(ValueError, match=r"toy_pretrain.json.*train_shards"):
         build(toy_cache, config, log=lambda *a: None)
 
@@ -152,7 +154,8 @@ def test_build_refuses_shards_drawn_by_another_world_version(toy_cache, tmp_path
     del old["world_version"]  # as written before versions were recorded
     (tmp_path / "build_config.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match=rf"build_config.json.*version 1, this code draws version {WORLD_VERSION}"):
-        build(tmp_path, ToyBuildConfig(splits={"train": {"grounding": 2}}, pretrain=TINY), log=lambda *a: None)
+        build(tmp_path, ToyBuildConfig(splits={"train": {"grounding": 2}}, styled_splits={}, pretrain=TINY),
+              log=lambda *a: None)
     assert not (tmp_path / "shards").exists()  # refused before writing anything
 
 
@@ -198,10 +201,14 @@ def test_object_geometry_is_a_world_setting_that_a_cache_remembers(tmp_path):
         sides = [(x1 - x0) * 32 for layout in layouts for x0, _, x1, _ in (o["box"] for o in layout["objects"])]
         assert min(sides) >= round(0.5 * 32) - 1e-6 and max(sides) <= round(0.7 * 32) + 1e-6
     assert json.loads((ldm_dir(tmp_path) / "toy_pretrain.json").read_text())["object_geometry"] == big
-    with pytest.raises(ValueError, match=r"build_config.json.*object_geometry.*cached vs \{\} asked"):
-        build(tmp_path, replace(config, object_geometry={}), log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"build_config.json.*object_geometry.*'max_side': 0.7.*cached vs .*"
+                                         r"'max_side': 0.75.* asked"):
+        build(tmp_path, replace(config, object_geometry={}), log=lambda *a: None)  # {}: the world's defaults
     assert not is_shipped_config(replace(ToyBuildConfig(), object_geometry=big))
-    assert "object_geometry" not in build_record(ToyBuildConfig())
+    # the record always holds the whole geometry: keys left out take the world's defaults
+    assert build_record(ToyBuildConfig())["object_geometry"] == asdict(world.DEFAULT_GEOMETRY)
+    assert ToyBuildConfig(object_geometry={"max_objects": 3}).object_geometry == \
+        {**asdict(world.DEFAULT_GEOMETRY), "max_objects": 3}
 
 
 def test_object_geometry_settings_are_checked():

@@ -101,7 +101,8 @@ def test_safetensors_checkpoint_round_trip_and_refusal(tiny_pretrained, tmp_path
 
 
 TINY_WORLD = dict(splits={"train": {"grounding": 16, "detection": 4, "detection_caption": 4},
-                          "val": {"grounding": 4}}, person_splits={"train": 4}, shard_size=16, pretrain=TINY)
+                          "val": {"grounding": 4}}, person_splits={"train": 4}, styled_splits={}, shard_size=16,
+                  pretrain=TINY)
 
 
 def test_build_installs_a_shipped_ldm_only_for_its_config_and_rebuild_replaces_it(tiny_pretrained, tmp_path,

@@ -87,13 +87,14 @@ def test_captions_and_phrases_per_kind():
 
 def test_annotated_boxes_are_the_drawn_pixels():
     # Independent of the evaluator: the annotated box must hold the object's colour on its four border lines
-    # (the shape touches every side) and the box size must respect the 25%-60% side range.
+    # (the shape touches every side) and the box size must respect the world's side range.
     for i in range(30):
         sample = make_sample("val", i)
         image, res = decode(sample["png"]), sample["json"]["width"]
         for obj in sample["json"]["objects"]:
             x0, y0, x1, y1 = (round(c * res) for c in obj["box"])
-            assert 0.25 * res - 1 <= x1 - x0 <= 0.6 * res + 1 and 0.25 * res - 1 <= y1 - y0 <= 0.6 * res + 1
+            low, high = world.MIN_OBJECT_SIDE * res - 1, world.MAX_OBJECT_SIDE * res + 1
+            assert low <= x1 - x0 <= high and low <= y1 - y0 <= high
             colour = np.array(world.PALETTE[obj["category"].split()[0]])
             inside = (image[y0:y1, x0:x1] == colour).all(axis=-1)
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
