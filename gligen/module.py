@@ -24,6 +24,7 @@ from gligen.nn.fuser import FUSER_TYPES
 from gligen.nn.grounded_unet import add_grounding, fusers
 
 CHECKPOINT_FORMAT = 1
+HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision -> frozen dtype
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")  # diffusers get_scheduler names
 
 
@@ -44,6 +45,10 @@ class GLIGENModule(L.LightningModule):
         warmup_steps: linear warm-up steps (official 10k); constant_with_warmup and cosine use them.
         lr_schedule: diffusers `get_scheduler` name: "constant_with_warmup" (official default), "constant" or
             "cosine" (warm-up, then cosine decay to 0 at the run's last step, `trainer.max_steps`).
+        half_frozen: under mixed precision (`trainer.precision` bf16-mixed / 16-mixed) keep the frozen LDM's
+            weights (UNet, VAE, text encoder) in that half dtype, as diffusers' training scripts do: they are only
+            read, and autocast computes in half precision anyway. The trainable weights, their gradients and the
+            optimizer state stay fp32. About half the memory of the frozen weights at SD scale; no effect in fp32.
         ema_decay: keep an exponential moving average of the trainable weights (diffusers `EMAModel`, e.g. 0.9999;
             official: optional, off). Checkpoints hold it next to the raw weights, and `from_checkpoint` samples
             with it (`use_ema=False`: the raw weights). None: off.
@@ -83,6 +88,7 @@ class GLIGENModule(L.LightningModule):
         max_persons: int = MAX_PERSONS,
         lr_schedule: str = "constant_with_warmup",
         ema_decay: float | None = None,
+        half_frozen: bool = False,
     ):
         super().__init__()
         self.modality: Modality = get_modality(modality)  # raises for an unknown name
@@ -267,8 +273,18 @@ class GLIGENModule(L.LightningModule):
             for group in optimizer.param_groups:
                 group["weight_decay"] = hp.weight_decay
 
-    # ----- EMA of the trainable weights (ema_decay) -------------------------------------------------------------
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """The frozen weights (every parameter that does not train) in `dtype`; trainable ones are left as they are."""
+        for p in self.parameters():
+            if not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        self._null_caption = None  # encoded again by the cast text encoder
+
+    # ----- fit start: half-precision frozen weights (half_frozen), EMA (ema_decay) ---------------------------------
     def on_fit_start(self) -> None:
+        half = HALF_PRECISIONS.get(str(self.trainer.precision))
+        if self.hparams.half_frozen and half is not None:
+            self.cast_frozen(half)
         if self.hparams.ema_decay is None or self.ema is not None:
             return
         names, params = zip(*self.trainable_named_parameters())

@@ -282,6 +282,9 @@ class BenchTrainConfig:
     """Ours: channels-last UNet and latents."""
     compile: bool = False
     """Ours: torch.compile the UNet."""
+    half_frozen: bool = False
+    """Ours: frozen weights in the half dtype of `precision` (bf16); the memory comparison adds ours with fp32 frozen
+    weights, same step."""
     image_size: int | None = None
     """Override the size's image side (px)."""
     batch_size: int | None = None
