@@ -41,12 +41,13 @@ def make_size(name: str, image_size: int | None = None, batch_size: int | None =
 
 def run(sizes: list[str], repeats: int, device: str, memory: bool = True, out: str | None = None,
         command: str | None = None, options: StepOptions | None = None, image_size: int | None = None,
-        batch_size: int | None = None, peak_size: int | None = None, log=print) -> list[dict]:
+        batch_size: int | None = None, peak_size: int | None = None, log=print,
+        memory_official: bool = True) -> list[dict]:
     rows = []
     commit = git_commit()
     for name in sizes:
         row = bench_size(make_size(name, image_size, batch_size), repeats=repeats, device=device, memory=memory,
-                         options=options, peak_size=peak_size, log=log)
+                         options=options, peak_size=peak_size, log=log, memory_official=memory_official)
         row.update({"git_commit": commit, "command": command or ""})
         log(summary(row))
         rows.append(row)
@@ -65,4 +66,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
     options = StepOptions(config.precision, config.channels_last, config.compile, config.half_frozen)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return run(config.sizes, config.repeats, device, memory=config.memory, out=config.out or None,
-               command=command, options=options, image_size=config.image_size, batch_size=config.batch_size)
+               command=command, options=options, image_size=config.image_size, batch_size=config.batch_size,
+               memory_official=config.memory_official)

@@ -274,6 +274,9 @@ class BenchTrainConfig:
     """cuda | cpu; null: cuda when available."""
     memory: bool = True
     """Measure peak memory (false / --no-memory: skip)."""
+    memory_official: bool = True
+    """Measure the official-style step's peak memory too (about 18 GB at the sd size on CPU: false where that does
+    not fit beside other work)."""
     out: str = "results/bench/train.csv"
     """CSV to append to ('' = none)."""
     precision: str = "fp32"
