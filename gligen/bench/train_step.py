@@ -466,8 +466,8 @@ def summary(row: dict) -> str:
                      f" MB; {row['mem_method']})")
     if "mem_ours_fp32_frozen_mb" in row:
         lines.append(f"[{row['size']}] peak memory ours with half-precision frozen weights "
-                     f"{row['mem_ours_mb']:.0f} MB, with fp32 frozen weights {row['mem_ours_fp32_frozen_mb']:.0f} MB (same step): half / fp32 "
-                     f"frozen {row['mem_ratio_half_over_fp32_frozen']:.3f}")
+                     f"{row['mem_ours_mb']:.0f} MB, with fp32 frozen weights {row['mem_ours_fp32_frozen_mb']:.0f} MB "
+                     f"(same step): half / fp32 frozen {row['mem_ratio_half_over_fp32_frozen']:.3f}")
     return "\n".join(lines)
 
 
