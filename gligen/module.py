@@ -11,10 +11,11 @@ import inspect
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from gligen.checkpoint_file import read_checkpoint, weights_hash
+from gligen.checkpoint_file import EMA_KEY, read_checkpoint, sampled_weights, weights_hash
 from gligen.constants import MAX_OBJECTS, MAX_PERSONS
 from gligen.ldm import FrozenLDM, weights_fingerprint
 from gligen.modalities import DEFAULT_MODALITY, Modality, get_modality
@@ -23,6 +24,8 @@ from gligen.nn.fuser import FUSER_TYPES
 from gligen.nn.grounded_unet import add_grounding, fusers
 
 CHECKPOINT_FORMAT = 1
+HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision -> frozen dtype
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")  # diffusers get_scheduler names
 
 
 class GLIGENModule(L.LightningModule):
@@ -39,7 +42,16 @@ class GLIGENModule(L.LightningModule):
         learning_rate: AdamW lr of fusers and position_net (official 5e-5).
         gate_learning_rate: lr of the alpha gates; None = learning_rate.
         weight_decay: AdamW weight decay (official 0).
-        warmup_steps: linear warm-up steps, constant lr after (official 10k).
+        warmup_steps: linear warm-up steps (official 10k); constant_with_warmup and cosine use them.
+        lr_schedule: diffusers `get_scheduler` name: "constant_with_warmup" (official default), "constant" or
+            "cosine" (warm-up, then cosine decay to 0 at the run's last step, `trainer.max_steps`).
+        half_frozen: under mixed precision (`trainer.precision` bf16-mixed / 16-mixed) keep the frozen LDM's
+            weights (UNet, VAE, text encoder) in that half dtype, as diffusers' training scripts do: they are only
+            read, and autocast computes in half precision anyway. The trainable weights, their gradients and the
+            optimizer state stay fp32. About half the memory of the frozen weights at SD scale; no effect in fp32.
+        ema_decay: keep an exponential moving average of the trainable weights (diffusers `EMAModel`, e.g. 0.9999;
+            official: optional, off). Checkpoints hold it next to the raw weights, and `from_checkpoint` samples
+            with it (`use_ema=False`: the raw weights). None: off.
         caption_dropout: probability of replacing a caption with "" (classifier-free guidance; paper 0.1, official
             0.5 for box configs).
         grounding_dropout: probability of nulling the grounding (paper 0.1).
@@ -74,6 +86,9 @@ class GLIGENModule(L.LightningModule):
         max_objects: int = MAX_OBJECTS,
         check_inputs: bool = True,
         max_persons: int = MAX_PERSONS,
+        lr_schedule: str = "constant_with_warmup",
+        ema_decay: float | None = None,
+        half_frozen: bool = False,
     ):
         super().__init__()
         self.modality: Modality = get_modality(modality)  # raises for an unknown name
@@ -81,6 +96,10 @@ class GLIGENModule(L.LightningModule):
             raise ValueError(f"fuser_type must be one of {FUSER_TYPES}, got {fuser_type!r}")
         if grounding_dropout_mode not in ("per_sample", "per_batch"):
             raise ValueError(f"grounding_dropout_mode must be per_sample or per_batch, got {grounding_dropout_mode!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {ema_decay}")
         self.save_hyperparameters()
         self.ldm = FrozenLDM(pretrained)
         self.allow_other_base = False  # from_checkpoint(..., allow_other_base=True) sets it before loading
@@ -104,6 +123,8 @@ class GLIGENModule(L.LightningModule):
         # how this model was trained, written into every checkpoint (the CLI fills it: config, data, code)
         self.training_provenance: dict = {}
         self._earlier_commits: list[str] = []  # commits of the attempts before a resume
+        self.ema: EMAModel | None = None  # made at fit start, on the weights' device (ema_decay)
+        self._ema_restored: dict | None = None  # a resumed run's EMA state until the EMA exists
         # Lightning checkpoints hold only trainable weights; `on_load_checkpoint` checks they are all there
         self.strict_loading = False
 
@@ -226,7 +247,13 @@ class GLIGENModule(L.LightningModule):
         if gates:
             groups.append({"params": gates, "lr": hp.gate_learning_rate or hp.learning_rate})
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=hp.warmup_steps)
+        total = None
+        if hp.lr_schedule == "cosine":
+            total = self.trainer.max_steps
+            if total is None or total <= 0:
+                raise ValueError("lr_schedule cosine decays over trainer.max_steps: set it (> 0)")
+        scheduler = get_scheduler(hp.lr_schedule, optimizer, num_training_steps=total,
+                                  num_warmup_steps=None if hp.lr_schedule == "constant" else hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -246,17 +273,41 @@ class GLIGENModule(L.LightningModule):
             for group in optimizer.param_groups:
                 group["weight_decay"] = hp.weight_decay
 
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """The frozen weights (every parameter that does not train) in `dtype`; trainable ones are left as they are."""
+        for p in self.parameters():
+            if not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        self._null_caption = None  # encoded again by the cast text encoder
+
+    # ----- fit start: half-precision frozen weights (half_frozen), EMA (ema_decay) ---------------------------------
+    def on_fit_start(self) -> None:
+        half = HALF_PRECISIONS.get(str(self.trainer.precision))
+        if self.hparams.half_frozen and half is not None:
+            self.cast_frozen(half)
+        if self.hparams.ema_decay is None or self.ema is not None:
+            return
+        names, params = zip(*self.trainable_named_parameters())
+        self.ema = EMAModel(params, decay=self.hparams.ema_decay)
+        if self._ema_restored is not None:  # resumed: continue the average where the checkpoint left it
+            shadow = [self._ema_restored["weights"][n].to(p.device, p.dtype) for n, p in zip(names, params)]
+            self.ema.load_state_dict({**self._ema_restored["state"], "shadow_params": shadow})
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        if self.ema is not None:  # once per optimizer step, after it (gradient accumulation included)
+            self.ema.step([p for _, p in self.trainable_named_parameters()])
+
     def configure_callbacks(self):
         return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
     @classmethod
     def from_checkpoint(cls, path: str, pretrained: str | None = None, map_location="cpu",
-                        allow_other_base: bool = False) -> "GLIGENModule":
+                        allow_other_base: bool = False, use_ema: bool = True) -> "GLIGENModule":
         """Rebuild from a checkpoint of this module: the frozen LDM from `pretrained` (default: the one the run
         used), the grounding layers from the file (`.ckpt` loaded with `weights_only=True`, no unpickling; or a
         `.safetensors` checkpoint, see gligen.checkpoint_file.read_checkpoint). A base whose
         weights differ from the one the run trained on is an error unless `allow_other_base` (e.g. grounding layers
-        on purpose on another SD-1.x fine-tune)."""
+        on purpose on another SD-1.x fine-tune). A checkpoint with EMA weights loads those unless `use_ema=False`."""
         checkpoint = read_checkpoint(path, map_location)
         if "hyper_parameters" not in checkpoint:
             raise ValueError(f"{path}: not a GLIGENModule checkpoint (no 'hyper_parameters')")
@@ -271,17 +322,22 @@ class GLIGENModule(L.LightningModule):
             module.on_load_checkpoint(checkpoint)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
+        module.load_state_dict(sampled_weights(checkpoint) if use_ema else checkpoint["state_dict"], strict=False)
         return module.eval()
 
     # ----- checkpoints: trainable weights only -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, _ in self.trainable_named_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.ema is not None:
+            names = [n for n, _ in self.trainable_named_parameters()]
+            checkpoint[EMA_KEY] = {n: w.detach().clone() for n, w in zip(names, self.ema.shadow_params)}
         # the weights as training saved them: a later edit of the file shows (checkpoint_identity: weights_changed)
         checkpoint["gligen"] = {"format": CHECKPOINT_FORMAT, "pretrained": self.hparams.pretrained,
                                 "base_fingerprint": self.base_fingerprint, "modality": self.modality.name,
-                                "weights_hash": weights_hash(checkpoint["state_dict"])}
+                                "weights_hash": weights_hash(checkpoint["state_dict"], checkpoint.get(EMA_KEY))}
+        if self.ema is not None:  # the average's own counters (decay, steps), so a resume continues it
+            checkpoint["gligen"]["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
         if self.training_provenance:
             commits = list(self._earlier_commits)
             if self.training_provenance.get("commit") and self.training_provenance["commit"] not in commits[-1:]:
@@ -312,6 +368,8 @@ class GLIGENModule(L.LightningModule):
                 f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
         self._earlier_commits = list((checkpoint["gligen"].get("training") or {}).get("commits") or [])
+        if self.hparams.ema_decay is not None and EMA_KEY in checkpoint and "ema" in checkpoint["gligen"]:
+            self._ema_restored = {"weights": checkpoint[EMA_KEY], "state": checkpoint["gligen"]["ema"]}
         trained_on = checkpoint["gligen"].get("base_fingerprint")  # absent in converted / older checkpoints
         if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint \
                 and not self.allow_other_base:

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,19 +62,25 @@ class StepOptions:
         bf16 natively (gligen.bench.machine.native_bf16), and not at all where bf16 is emulated (AVX2-only CPUs).
     channels_last: UNet weights and latents in channels-last memory format (GLIGENModule(channels_last=True)).
     compile: torch.compile of the UNet (GLIGENModule(compile_unet=True)); compilation happens in an untimed step.
+    half_frozen: the frozen weights (UNet, VAE, text encoder) in the half dtype of `precision`
+        (GLIGENModule(half_frozen=True)); the memory comparison then also measures ours with fp32 frozen weights.
     """
 
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    half_frozen: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.half_frozen and PRECISIONS[self.precision] is None:
+            raise ValueError("half_frozen needs a half precision (bf16): fp32 frozen weights are the fp32 step")
 
     @property
     def label(self) -> str:
-        return "+".join([self.precision] + ["channels_last"] * self.channels_last + ["compile"] * self.compile)
+        return "+".join([self.precision] + ["channels_last"] * self.channels_last + ["compile"] * self.compile
+                        + ["half_frozen"] * self.half_frozen)
 
 
 @dataclass
@@ -200,6 +206,13 @@ def set_variant(module, variant: str, options: StepOptions | None = None) -> Non
     unet.requires_grad_(variant == "official")
     for p in module.grounding_params:
         p.requires_grad_(True)
+    # frozen weights in half precision for ours with half_frozen, back to fp32 otherwise (the official step trains
+    # every UNet weight in fp32; the round trip changes the weights' values, not the cost being measured)
+    frozen = PRECISIONS[options.precision] if options.half_frozen else torch.float32
+    grounding = {id(p) for p in module.grounding_params}
+    for p in module.parameters():
+        if id(p) not in grounding and p.dtype != frozen:
+            p.data = p.data.to(frozen)
 
 
 def train_step(module, batch: dict, optimizer: torch.optim.Optimizer, precision: str = "fp32") -> float:
@@ -329,12 +342,13 @@ def gpu_memory(module, batch: dict, optimizer, variant: str, options: StepOption
 # ----- the whole comparison -------------------------------------------------------------------------------------
 def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: str | None = None,
                memory: bool = True, options: StepOptions | None = None, peak_size: int | None = None,
-               log=print) -> dict:
+               log=print, memory_official: bool = True) -> dict:
     """Time (median of `repeats` alternating ours/official steps after one warm-up each), count FLOPs, measure
     the matmul peak and peak memory of both variants on one model and batch. Returns one result row.
     `options` say how "ours" runs (precision, channels-last, compile); the official-style step is always fp32.
     `peak_size`: side of the peak's matmul (default: best of 1024 and 2048 on CPU). A bf16 "ours" on a device
-    without native bf16 gets no bf16 peak, limit or MFU (empty cells): an emulated peak is no hardware limit."""
+    without native bf16 gets no bf16 peak, limit or MFU (empty cells): an emulated peak is no hardware limit.
+    `memory_official=False`: no memory measurement of the official-style step (18 GB at SD size on CPU)."""
     options = options or StepOptions()
     native = native_bf16(device)
     if torch.device(device).type == "cuda":
@@ -355,8 +369,7 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
             f"ours = {options.label}")
         flops, times = {}, {v: [] for v in VARIANTS}
         for variant in VARIANTS:  # warm-up + FLOP count (one untimed eager step each)
-            set_variant(module, variant, StepOptions(options.precision, options.channels_last)
-                        if variant == "ours" else None)
+            set_variant(module, variant, replace(options, compile=False) if variant == "ours" else None)
             flops[variant] = count_flops(module, variant_batch(batch, variant), optimizer, precision[variant])
         if options.compile:  # compilation (and its recompilation for the second call) outside the timings
             set_variant(module, "ours", options)
@@ -377,15 +390,17 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
                 f"official {times['official'][-1]:.3f} s, matmul peak so far "
                 + ", ".join(f"{p} {f / 1e9:.1f}" for p, f in peak.items()) + " GFLOP/s")
         mem = {}
-        if memory:
+        if memory:  # with half_frozen also ours with fp32 frozen weights: the saving, side by side, same step
+            measured_mem = [(v, v, options) for v in VARIANTS if memory_official or v == "ours"] + (
+                [("ours_fp32_frozen", "ours", replace(options, half_frozen=False))] if options.half_frozen else [])
             if torch.device(device).type == "cuda":
-                mem = {v: gpu_memory(module, batch, optimizer, v, options) for v in VARIANTS}
+                mem = {name: gpu_memory(module, batch, optimizer, v, o) for name, v, o in measured_mem}
             else:
                 batch_path = str(Path(tmp) / "batch.pt")
                 torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}, batch_path)
                 del module, optimizer, batch
                 gc.collect()
-                mem = {v: cpu_memory(pretrained, batch_path, v, options=options) for v in VARIANTS}
+                mem = {name: cpu_memory(pretrained, batch_path, v, options=o) for name, v, o in measured_mem}
     med = {v: statistics.median(times[v]) for v in VARIANTS}
     row = {
         "size": size.name, "batch_size": size.batch_size, "image_size": size.pipeline.image_size,
@@ -398,6 +413,7 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
         "times_official": " ".join(f"{t:.4f}" for t in times["official"]),
         "ours_options": options.label, "precision_ours": options.precision,
         "channels_last_ours": options.channels_last, "compile_ours": options.compile,
+        "half_frozen_ours": options.half_frozen,
         "flops_ours": flops["ours"], "flops_official": flops["official"],
         "matmul_peak_flops": peak["fp32"], "matmul_peak_flops_ours": peak.get(options.precision),
         "limit_ours_s": flops["ours"] / peak[options.precision] if options.precision in peak else None,
@@ -407,12 +423,17 @@ def bench_size(size: BenchSize, repeats: int = 3, device: str = "cpu", workdir: 
         "mfu_official": flops["official"] / peak["fp32"] / med["official"],
     }
     if mem:
+        row.update({"mem_ours_mb": mem["ours"]["peak_mb"], "mem_step_ours_mb": mem["ours"]["step_mb"],
+                    "mem_method": mem["ours"]["method"]})
+    if "official" in mem:
         row.update({
-            "mem_ours_mb": mem["ours"]["peak_mb"], "mem_official_mb": mem["official"]["peak_mb"],
+            "mem_official_mb": mem["official"]["peak_mb"],
             "mem_ratio_ours_over_official": mem["ours"]["peak_mb"] / mem["official"]["peak_mb"],
-            "mem_step_ours_mb": mem["ours"]["step_mb"], "mem_step_official_mb": mem["official"]["step_mb"],
-            "mem_method": mem["ours"]["method"],
+            "mem_step_official_mb": mem["official"]["step_mb"],
         })
+    if "ours_fp32_frozen" in mem:
+        row.update({"mem_ours_fp32_frozen_mb": mem["ours_fp32_frozen"]["peak_mb"],
+                    "mem_ratio_half_over_fp32_frozen": mem["ours"]["peak_mb"] / mem["ours_fp32_frozen"]["peak_mb"]})
     row.update({"device": str(device), **machine_columns(device), "torch": torch.__version__, "note": size.note})
     return row
 
@@ -438,11 +459,15 @@ def summary(row: dict) -> str:
             f"ours at {row['mfu_ours_vs_fp32_peak']:.3f} of the fp32 peak")
          + f", MFU official {row['mfu_official']:.3f}"),
     ]
-    if "mem_ours_mb" in row:
+    if "mem_official_mb" in row:
         lines.append(f"[{row['size']}] peak memory ours {row['mem_ours_mb']:.0f} MB, official "
                      f"{row['mem_official_mb']:.0f} MB; a/b memory ratio {row['mem_ratio_ours_over_official']:.3f} "
                      f"(above pre-step resident: {row['mem_step_ours_mb']:.0f} / {row['mem_step_official_mb']:.0f}"
                      f" MB; {row['mem_method']})")
+    if "mem_ours_fp32_frozen_mb" in row:
+        lines.append(f"[{row['size']}] peak memory ours with half-precision frozen weights "
+                     f"{row['mem_ours_mb']:.0f} MB, with fp32 frozen weights {row['mem_ours_fp32_frozen_mb']:.0f} MB "
+                     f"(same step): half / fp32 frozen {row['mem_ratio_half_over_fp32_frozen']:.3f}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,11 @@ for _left, _right in COCO_FLIP_PAIRS:
     FLIP_PERMUTATION[_left], FLIP_PERMUTATION[_right] = _right, _left
 
 
+class DataConfigError(ValueError):
+    """The data settings cannot apply to this data (not one bad sample): raised through the skip accounting, since
+    skipping would drop every sample, or silently ignore a setting."""
+
+
 @dataclass(frozen=True)
 class Crop:
     """A ``size`` x ``size`` window at (left, top) of an image of (width, height) pixels."""
@@ -218,7 +223,12 @@ def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random
     out: dict = {"key": sample.key, "kind": ann.kind}
 
     if "latent_mean.npy" in sample.arrays:
-        flip = flip_coin and "latent_mean_flip.npy" in sample.arrays
+        if rng is not None and cfg.random_flip and "latent_mean_flip.npy" not in sample.arrays:
+            raise DataConfigError(
+                f"{sample.url} key {sample.key}: random_flip is on but these precomputed latents have no "
+                "latent_mean_flip.npy / latent_std_flip.npy, so no sample would ever be flipped: precompute with "
+                "--flip, or set data.random_flip: false")
+        flip = flip_coin
         suffix = "_flip" if flip else ""
         for name in ("latent_mean", "latent_std"):
             out[name] = torch.as_tensor(sample.arrays[f"{name}{suffix}.npy"], dtype=torch.float32)
@@ -269,6 +279,8 @@ def transform_or_skip(sample: DecodedSample, cfg: TransformConfig, rng: np.rando
     drops: Counter = Counter()
     try:
         example = transform_sample(sample, cfg, rng, drops)
+    except DataConfigError:  # a setting that cannot apply to the data: every sample would fail the same way
+        raise
     except Exception as exn:  # one sample's failure, whatever its kind, must not end the run
         skips.record("transform_error", sample.url, sample.key, f"{type(exn).__name__}: {exn}")
         return None

@@ -15,10 +15,11 @@ from gligen.metrics.resample import RowRecords
 
 def checkpoint_columns(ckpt, identity: dict) -> dict:
     """The columns naming the model a result row came from (`gligen.checkpoint_file.checkpoint_identity` of `ckpt`):
-    its path, step, whether training finished, the hash of its weights, the base it was trained on, and how it was
-    trained (commits, config hash, train shards)."""
+    its path, step, whether training finished, the hash of its weights, whether they include EMA weights (what
+    sampling then uses), the base it was trained on, and how it was trained (commits, config hash, train shards)."""
     return {"ckpt": str(ckpt), "ckpt_step": identity["global_step"], "ckpt_max_steps": identity["max_steps"],
             "ckpt_complete": identity["complete"], "ckpt_weights_hash": identity["weights_hash"],
+            "ckpt_ema": identity["ema"],
             "ckpt_base_fingerprint": identity["base_fingerprint"], "ckpt_train_commits": identity["train_commits"],
             "ckpt_train_config_hash": identity["train_config_hash"],
             "ckpt_train_shards": identity["train_shards_fingerprint"]}

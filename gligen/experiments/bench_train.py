@@ -3,6 +3,7 @@
     python experiments/bench_train.py --sizes [toy,sd] --repeats 3 --out results/bench/train.csv
     python experiments/bench_train.py --sizes [sd] --precision bf16 --channels_last --compile   # "ours" optimised
     python experiments/bench_train.py --sizes [sd] --image_size 512 --batch_size 8 --device cuda --precision bf16
+    python experiments/bench_train.py --sizes [sd] --precision bf16 --half_frozen   # + memory with fp32 frozen weights
 
 On one model and batch per size: (a) ours = precomputed latents and text features, no gradients for frozen
 weights; (b) official-style = VAE encode + text encoder every step, gradients for all UNet weights (only the
@@ -40,12 +41,13 @@ def make_size(name: str, image_size: int | None = None, batch_size: int | None =
 
 def run(sizes: list[str], repeats: int, device: str, memory: bool = True, out: str | None = None,
         command: str | None = None, options: StepOptions | None = None, image_size: int | None = None,
-        batch_size: int | None = None, peak_size: int | None = None, log=print) -> list[dict]:
+        batch_size: int | None = None, peak_size: int | None = None, log=print,
+        memory_official: bool = True) -> list[dict]:
     rows = []
     commit = git_commit()
     for name in sizes:
         row = bench_size(make_size(name, image_size, batch_size), repeats=repeats, device=device, memory=memory,
-                         options=options, peak_size=peak_size, log=log)
+                         options=options, peak_size=peak_size, log=log, memory_official=memory_official)
         row.update({"git_commit": commit, "command": command or ""})
         log(summary(row))
         rows.append(row)
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"bench_train: sizes must be among {sorted(SIZES)} (got {unknown}), precision among "
                          f"{sorted(PRECISIONS)} (got {config.precision!r})")
     command = command_line(argv, program="experiments/bench_train.py")
-    options = StepOptions(config.precision, config.channels_last, config.compile)
+    options = StepOptions(config.precision, config.channels_last, config.compile, config.half_frozen)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return run(config.sizes, config.repeats, device, memory=config.memory, out=config.out or None,
-               command=command, options=options, image_size=config.image_size, batch_size=config.batch_size)
+               command=command, options=options, image_size=config.image_size, batch_size=config.batch_size,
+               memory_official=config.memory_official)

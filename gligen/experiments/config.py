@@ -274,6 +274,9 @@ class BenchTrainConfig:
     """cuda | cpu; null: cuda when available."""
     memory: bool = True
     """Measure peak memory (false / --no-memory: skip)."""
+    memory_official: bool = True
+    """Measure the official-style step's peak memory too (about 18 GB at the sd size on CPU: false where that does
+    not fit beside other work)."""
     out: str = "results/bench/train.csv"
     """CSV to append to ('' = none)."""
     precision: str = "fp32"
@@ -282,6 +285,9 @@ class BenchTrainConfig:
     """Ours: channels-last UNet and latents."""
     compile: bool = False
     """Ours: torch.compile the UNet."""
+    half_frozen: bool = False
+    """Ours: frozen weights in the half dtype of `precision` (bf16); the memory comparison adds ours with fp32 frozen
+    weights, same step."""
     image_size: int | None = None
     """Override the size's image side (px)."""
     batch_size: int | None = None

@@ -115,10 +115,11 @@ class SampleGrid(L.Callback):
         pl_module.eval()
         ldm = pl_module.ldm
         grounding = pl_module.modality.layout_inputs(ldm, layouts, pl_module.hparams.max_objects)
-        try:
-            images = sample(ldm, [lay["caption"] for lay in layouts], grounding, tau_schedule(self.steps, self.tau),
-                            steps=self.steps, guidance=self.guidance,
-                            seeds=[self.seed + i for i in range(len(layouts))], interrupt=preemption_requested)
+        try:  # in the trainer's precision: frozen weights may be half precision (GLIGENModule half_frozen)
+            with trainer.precision_plugin.forward_context():
+                images = sample(ldm, [lay["caption"] for lay in layouts], grounding,
+                                tau_schedule(self.steps, self.tau), steps=self.steps, guidance=self.guidance,
+                                seeds=[self.seed + i for i in range(len(layouts))], interrupt=preemption_requested)
         except SamplingInterrupted:
             log.warning("preemption signal: sample grid of step %d abandoned", trainer.global_step)
             return
@@ -173,11 +174,12 @@ class GroundingEvaluation(L.Callback):
         layouts = layouts_from_batch(batch)
         # distinct, reproducible seeds per (rank, batch): a rank's images do not depend on the others
         seed = self.seed + batch_idx * trainer.world_size + trainer.global_rank
-        try:
-            images = generate(pl_module.ldm, layouts, tau_schedule(self.steps, self.tau), seed=seed,
-                              sampler=self.sampler, steps=self.steps, guidance=self.guidance,
-                              batch_size=len(layouts), progress=False, max_objects=pl_module.hparams.max_objects,
-                              interrupt=preemption_requested)
+        try:  # validation_step's precision context does not cover callbacks
+            with trainer.precision_plugin.forward_context():
+                images = generate(pl_module.ldm, layouts, tau_schedule(self.steps, self.tau), seed=seed,
+                                  sampler=self.sampler, steps=self.steps, guidance=self.guidance,
+                                  batch_size=len(layouts), progress=False,
+                                  max_objects=pl_module.hparams.max_objects, interrupt=preemption_requested)
         except SamplingInterrupted:
             self._aborted = True  # the rest of this validation is skipped (SlurmRequeue); no AP from a part of it
             return

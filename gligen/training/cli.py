@@ -33,7 +33,7 @@ import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -52,6 +52,7 @@ from gligen.training.preemption import (
     restore_signal_handlers,
     slurm_environment_plugin,
 )
+from gligen.training.progress import PlainProgress
 from gligen.training.rundir import (
     RESUME_SAFE_KEYS,
     RunDirLock,
@@ -120,6 +121,14 @@ class GLIGENCLI(LightningCLI):
             default=20,
             help="stop with an error after this many consecutive optimizer steps skipped for a non-finite loss or "
             "gradient (0: never)",
+        )
+        parser.add_argument(
+            "--progress_every",
+            type=int,
+            default=50,
+            help="when stdout is not a terminal (Slurm and nohup logs): instead of a progress bar, one plain line "
+            "(step, steps/s, eta, logged metrics) every this many optimizer steps; 0: none. In a terminal: "
+            "Lightning's bar",
         )
         parser.add_argument(
             "--allow_config_change",
@@ -216,6 +225,13 @@ class GLIGENCLI(LightningCLI):
         callbacks = list(kwargs.get("callbacks") or trainer_config.get("callbacks") or [])
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             callbacks.append(NonFiniteGuard(self._get(self.config, "max_nonfinite_steps", default=20)))
+        every = self._get(self.config, "progress_every", default=50)
+        if every is not None and not sys.stdout.isatty() and trainer_config.get("enable_progress_bar") is not False \
+                and not any(isinstance(c, ProgressBar) for c in callbacks):
+            if every > 0:  # a bar's carriage returns would fill a log file on every step
+                callbacks.append(PlainProgress(every))
+            else:
+                kwargs["enable_progress_bar"] = False
         kwargs["callbacks"] = callbacks
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -228,7 +244,9 @@ class GLIGENCLI(LightningCLI):
             run_dir = Path(run_dir)
             kwargs["default_root_dir"] = str(run_dir)
             if trainer_config.get("logger") in (None, True):
-                kwargs["logger"] = TensorBoardLogger(save_dir=str(run_dir), name="", version="")
+                # no hp_metric: Lightning's placeholder (-1) would fill the HParams view with a meaningless column
+                kwargs["logger"] = TensorBoardLogger(save_dir=str(run_dir), name="", version="",
+                                                     default_hp_metric=False)
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 # one `last.ckpt`, overwritten in place (no last-v1.ckpt after a resume) so a requeue finds it
                 every = self._get(self.config, "checkpoint_every", default=500) or 0

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # log and validate, which callbacks watch; none of them changes the trained weights at a given step
 RESUME_SAFE_KEYS = (
     "ckpt_path", "run_dir", "checkpoint_every", "keep_checkpoints", "allow_config_change", "max_nonfinite_steps",
+    "progress_every",
     "config", "weights_only",
     "trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.min_steps", "trainer.min_epochs",
     "trainer.callbacks", "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",

@@ -93,6 +93,36 @@ def test_bench_options_apply_to_ours_only(tiny_pretrained):
         StepOptions("fp8")
 
 
+def test_half_frozen_casts_only_frozen_weights_and_only_for_ours(tiny_pretrained):
+    from gligen.bench.train_step import StepOptions
+
+    module = make_module(tiny_pretrained)
+    grounding = {id(p) for p in module.grounding_params}
+    set_variant(module, "ours", StepOptions("bf16", half_frozen=True))
+    assert {p.dtype for p in module.parameters() if id(p) not in grounding} == {torch.bfloat16}
+    assert {p.dtype for p in module.grounding_params} == {torch.float32}
+    set_variant(module, "official", StepOptions("bf16", half_frozen=True))  # the official step: fp32 throughout
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="half_frozen needs a half precision"):
+        StepOptions("fp32", half_frozen=True)
+
+
+@pytest.mark.slow
+def test_bench_train_half_frozen_memory_side_by_side(tmp_path):
+    """The memory row of a half_frozen run holds ours with fp32 frozen weights too, measured in the same run."""
+    from gligen.bench.train_step import StepOptions
+
+    script = load_script()
+    lines = []
+    (row,) = script.run(["tiny"], repeats=1, device="cpu", out=None, peak_size=128, log=lines.append,
+                        options=StepOptions("bf16", half_frozen=True), memory_official=False)
+    assert "mem_official_mb" not in row  # not measured on request (18 GB at the sd size)
+    assert row["ours_options"] == "bf16+half_frozen" and row["half_frozen_ours"] is True
+    assert row["mem_ours_fp32_frozen_mb"] > 0
+    assert row["mem_ratio_half_over_fp32_frozen"] == row["mem_ours_mb"] / row["mem_ours_fp32_frozen_mb"]
+    assert "with fp32 frozen weights" in "\n".join(lines)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bench_train_tiny_bf16_channels_last(native, monkeypatch):
     """"ours" under bf16 autocast and channels-last (tiny sizes: bf16 is emulated, and slow, on AVX2-only CPUs). With

@@ -3,9 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
+from gligen.data.decode import SkipCounter
 from gligen.data.schema import Annotation, DecodedSample, ObjectAnnotation, PersonAnnotation
 from gligen.data.transforms import (
     Crop,
+    DataConfigError,
     TransformConfig,
     choose_crop,
     crop_boxes,
@@ -18,6 +20,7 @@ from gligen.data.transforms import (
     pad_keypoints,
     resize_short_side,
     resized_size,
+    transform_or_skip,
     transform_sample,
 )
 
@@ -207,5 +210,12 @@ def test_transform_sample_latents_pick_flip_variant():
     unflipped = transform_sample(sample, TransformConfig(512), rng=None)
     assert unflipped["latent_mean"].unique().tolist() == [0.0]
     del arrays["latent_mean_flip.npy"], arrays["latent_std_flip.npy"]
-    no_flip_variant = transform_sample(sample, TransformConfig(512), rng=FixedRng())
-    assert torch.allclose(no_flip_variant["boxes"][1], torch.tensor([0.1, 0.2, 0.4, 0.6]))  # no flip possible
+    # random_flip on latents that cannot flip: an error naming the sample and the fix, not a flip silently never done,
+    # and not a skip (every sample would be skipped): it passes through the skip accounting
+    for transform in (lambda: transform_sample(sample, TransformConfig(512), rng=FixedRng()),
+                      lambda: transform_or_skip(sample, TransformConfig(512), FixedRng(), SkipCounter())):
+        with pytest.raises(DataConfigError, match="u key k: random_flip is on .* precompute with --flip"):
+            transform()
+    no_flip_variant = transform_sample(sample, TransformConfig(512, random_flip=False), rng=FixedRng())
+    assert torch.allclose(no_flip_variant["boxes"][1], torch.tensor([0.1, 0.2, 0.4, 0.6]))
+    assert transform_sample(sample, TransformConfig(512), rng=None)["latent_mean"].unique().tolist() == [0.0]

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
 from gligen.evaluation.visualize import layouts_grid
@@ -280,6 +281,7 @@ def test_sample_grid_callback_samples_and_draws_every_modality(clip_pretrained, 
     trainer.datamodule = type("D", (), {"val_shards": "x", "val_dataloader": lambda self: [batch]})()
     trainer.logger = type("Lg", (), {"experiment": Experiment()})()
     trainer.global_step = 7
+    trainer.precision_plugin = Precision()  # Lightning's fp32 plugin: sampling runs in the trainer's precision
     grid_callback = callbacks.SampleGrid(num_images=2, steps=2, guidance=1.0)
     grid_callback.log_grid(trainer, module)
     ((tag, image, step),) = logged

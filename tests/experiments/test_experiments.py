@@ -229,6 +229,7 @@ def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_p
     module = GLIGENModule.from_checkpoint(str(checkpoint))
     hp = module.hparams
     assert (hp.gamma_init, hp.learning_rate, hp.warmup_steps, hp.channels_last) == (0.0, 5e-5, 10000, True)
+    assert (hp.half_frozen, hp.lr_schedule, hp.ema_decay) == (True, "constant_with_warmup", None)
     assert module.ldm.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["global_step"] == 1

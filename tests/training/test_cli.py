@@ -52,3 +52,26 @@ def test_unimplemented_subcommands_do_not_exist(subcommand, capsys):
     with pytest.raises(SystemExit) as error:
         main([subcommand, "--help"])
     assert error.value.code != 0 and "invalid choice" in capsys.readouterr().err
+
+
+def test_logs_that_are_files_get_plain_progress_lines_and_no_placeholder_hp_metric(tiny_pretrained, tmp_path,
+                                                                                    capsys):
+    """stdout is not a terminal here (as in a Slurm log): one line per `--progress_every` steps, no carriage
+    returns; the TensorBoard run has no `hp_metric = -1`."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", tiny_pretrained, max_steps=4)
+    capsys.readouterr()
+    main(["fit", "--config", str(config), "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "true",
+          "--progress_every", "2"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 2/4 (50.0%)", "step 4/4 (100.0%)"]
+    assert "train/loss" in lines[-1] and "\r" not in out
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
+
+    capsys.readouterr()
+    main(["fit", "--config", str(config), "--run_dir", str(tmp_path / "quiet"), "--trainer.enable_progress_bar",
+          "true", "--progress_every", "0"])
+    assert "step " not in capsys.readouterr().out
