@@ -4,7 +4,9 @@
     python experiments/ablate_claims.py --seeds [0] --overrides '{trainer.max_steps: 200}'   # a quick look
 
 Each arm is a training config (`base_config` + `overrides` + the arm's own dotted keys), trained once per training
-seed as the cells of a grid (experiments/grid.py machinery: <out>/<arm>/<cell>, resumable, finished cells skipped),
+seed as the cells of a grid (experiments/grid.py machinery: <out>/<arm>/<cell>, resumable, finished cells skipped;
+a cell trained and swept gets <run_dir>/cell_done.json, so a clone of committed results, without the git-ignored
+checkpoints, skips it too),
 each model swept over tau on its val layouts (`val`) and on every layout set of `evaluations` (e.g. the held-out
 colour-shape pairs `ood`, or layouts that ask for a background style), in <run_dir>/sweep and
 <run_dir>/sweep_<evaluation>. A claim compares two (arm, evaluation, tau) on a metric: a - b with its 95% bootstrap
@@ -26,10 +28,12 @@ from gligen.evaluation.reporting import command_line, summary_marker
 from gligen.evaluation.results import read_rows, write_rows
 from gligen.experiments import grid as grid_lib
 from gligen.experiments.config import ClaimsConfig, parse, to_dict
-from gligen.experiments.sweep import sweep_checkpoint
+from gligen.experiments.sweep import DONE, sweep_checkpoint, sweep_done
+from gligen.provenance import config_hash
 from gligen.training.rundir import config_paths, load_config
 
 VAL = "val"  # the evaluation name of each model's own sweep (its val layouts)
+CELL_DONE = "cell_done.json"  # in a cell's run dir: trained and swept on every evaluation
 
 
 def arm_grid(config: dict, arm: str) -> dict:
@@ -64,15 +68,51 @@ def sweep_dirs(config: dict) -> list[tuple[str, str, dict, Path]]:
     return found
 
 
+def cell_sweeps(config: dict, cell: dict) -> dict[str, dict]:
+    """Every sweep config of a cell: its val sweep and one per evaluation."""
+    return {VAL: cell["sweep"], **{name: evaluation_sweep(cell, name, settings)
+                                   for name, settings in (config.get("evaluations") or {}).items()}}
+
+
+def cell_complete(config: dict, cell: dict) -> bool:
+    """True when the cell's marker (CELL_DONE, written once all its sweeps finished) records this training config
+    and every sweep is still done with that config on the same weights. Checkpoints are not committed (git-ignored),
+    the sweeps and markers are: a clone or a later session skips finished cells instead of retraining them."""
+    marker = Path(cell["run_dir"]) / CELL_DONE
+    if not marker.exists():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("train_config_hash") != config_hash(cell["config"]):
+        return False
+    identity = {"weights_hash": done.get("weights_hash")}
+    return all(sweep_done(sweep["out"], sweep, identity) for sweep in cell_sweeps(config, cell).values())
+
+
 def run(config: dict) -> None:
-    """Train and sweep every arm (finished cells and sweeps are skipped), then sweep every evaluation."""
+    """Train and sweep every arm's cells (cells whose marker says they are done are skipped, as are finished
+    trainings and sweeps), then sweep every evaluation; a cell's marker is written once all its sweeps are done."""
     for arm in config["arms"]:
         grid = arm_grid(config, arm)
-        grid_lib.run_local(grid)
+        complete = {cell["cell"] for cell in grid_lib.cells(grid) if cell_complete(config, cell)}
+        for name in sorted(complete):
+            print(f"[claims] {arm} / {name}: trained and swept ({CELL_DONE}); not redone")
+        grid_lib.run_local(grid, skip=complete)
         for cell in grid_lib.cells(grid):
+            if cell["cell"] in complete:
+                continue
             for name, settings in (config.get("evaluations") or {}).items():
                 sweep_checkpoint(evaluation_sweep(cell, name, settings), resume=True,
                                  provenance={"arm": arm, "evaluation": name, "train_seed": cell["seed"]})
+            mark_complete(config, cell)
+
+
+def mark_complete(config: dict, cell: dict) -> None:
+    sweeps = cell_sweeps(config, cell)
+    weights = {json.loads((Path(s["out"]) / DONE).read_text())["weights_hash"] for s in sweeps.values()}
+    if len(weights) == 1:  # all swept on the same weights
+        (Path(cell["run_dir"]) / CELL_DONE).write_text(json.dumps(
+            {"train_config_hash": config_hash(cell["config"]), "weights_hash": weights.pop(),
+             "sweeps": {name: config_hash(s) for name, s in sweeps.items()}}, indent=1))
 
 
 def pooled_rows(config: dict) -> list[dict]:

@@ -26,6 +26,7 @@ import copy
 import itertools
 import math
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -224,13 +225,15 @@ def _requeue_on_signal() -> None:
         signal.signal(signum, handler)
 
 
-def run_local(grid: dict, sweep: bool | None = None) -> list[Path]:
-    """Trains every cell here (skipping finished ones), then sweeps it (unless sweep is off); returns the
-    cells' last checkpoints."""
+def run_local(grid: dict, sweep: bool | None = None, skip: Iterable[str] = ()) -> list[Path]:
+    """Trains every cell here (skipping finished ones, and cells named in `skip`), then sweeps it (unless sweep is
+    off); returns the checkpoints of the cells it trained or found trained."""
     sweep = sweep_enabled(grid) if sweep is None else sweep
     build_toy_world_if_used(grid)
-    checkpoints = []
+    checkpoints, skip = [], set(skip)
     for path in expand(grid):
+        if path.stem in skip:
+            continue
         if is_trained(path):
             print(f"[grid] {path}: training finished; not retrained")
             config = yaml.safe_load(path.read_text())

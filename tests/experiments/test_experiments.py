@@ -283,3 +283,17 @@ def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_
     reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]
     assert not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
     assert any("summary.md (claims)" in line for r in reports for line in r.passed)
+
+    # committed without checkpoints (git-ignores *.ckpt): a rerun (a clone, a later session) trains nothing again
+    from gligen.experiments import ablate_claims
+
+    for checkpoint in out.rglob("*.ckpt"):
+        checkpoint.unlink()
+    _, rerun_rows = run_experiment("ablate_claims.py", overrides, tmp_path)
+    assert not list(out.rglob("*.ckpt"))
+    assert rerun_rows == rows
+    config = json.loads((out / "config.json").read_text())  # the config the run used
+    cell = grid_lib.cells(ablate_claims.arm_grid(config, "raw_boxes"))[0]
+    assert ablate_claims.cell_complete(config, cell)
+    config["arms"]["raw_boxes"]["trainer.max_steps"] = 3  # another training config: that cell is not done
+    assert not ablate_claims.cell_complete(config, grid_lib.cells(ablate_claims.arm_grid(config, "raw_boxes"))[0])
