@@ -22,6 +22,7 @@ from gligen.modalities import DEFAULT_MODALITY, Modality, get_modality
 from gligen.nn.fourier import POSITION_ENCODINGS
 from gligen.nn.fuser import FUSER_TYPES
 from gligen.nn.grounded_unet import add_grounding, fusers
+from gligen.presets import DEFAULT_PRESET, resolve
 
 CHECKPOINT_FORMAT = 1
 HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision -> frozen dtype
@@ -52,10 +53,13 @@ class GLIGENModule(L.LightningModule):
         ema_decay: keep an exponential moving average of the trainable weights (diffusers `EMAModel`, e.g. 0.9999;
             official: optional, off). Checkpoints hold it next to the raw weights, and `from_checkpoint` samples
             with it (`use_ema=False`: the raw weights). None: off.
-        caption_dropout: probability of replacing a caption with "" (classifier-free guidance; paper 0.1, official
-            0.5 for box configs).
+        preset: "paper" (default) or "official": where the paper and the official code differ (gligen/presets.py),
+            the value of every setting below left at None; the data module follows the model's preset.
+        caption_dropout: probability of replacing a caption with "" (classifier-free guidance); None: the preset's
+            (paper 0.1; official 0.5, keypoint 0).
         grounding_dropout: probability of nulling the grounding (paper 0.1).
-        grounding_dropout_mode: "per_sample" (default) or "per_batch" (official: one coin for the whole batch).
+        grounding_dropout_mode: "per_sample" or "per_batch" (one coin for the whole batch); None: the preset's
+            (paper per_sample, official per_batch).
         gradient_checkpointing: recompute UNet blocks in backward to save memory.
         channels_last: keep the UNet weights and latents in channels-last memory format (faster convolutions with
             cuDNN / oneDNN; numerically the same model).
@@ -77,9 +81,9 @@ class GLIGENModule(L.LightningModule):
         gate_learning_rate: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 10_000,
-        caption_dropout: float = 0.1,
+        caption_dropout: float | None = None,
         grounding_dropout: float = 0.1,
-        grounding_dropout_mode: str = "per_sample",
+        grounding_dropout_mode: str | None = None,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
         compile_unet: bool = False,
@@ -89,9 +93,13 @@ class GLIGENModule(L.LightningModule):
         lr_schedule: str = "constant_with_warmup",
         ema_decay: float | None = None,
         half_frozen: bool = False,
+        preset: str = DEFAULT_PRESET,
     ):
         super().__init__()
         self.modality: Modality = get_modality(modality)  # raises for an unknown name
+        # the preset fills what is left at None; hparams (and so checkpoints) record the resolved values
+        caption_dropout, grounding_dropout_mode = resolve(
+            preset, modality, caption_dropout=caption_dropout, grounding_dropout_mode=grounding_dropout_mode).values()
         if fuser_type not in FUSER_TYPES:
             raise ValueError(f"fuser_type must be one of {FUSER_TYPES}, got {fuser_type!r}")
         if grounding_dropout_mode not in ("per_sample", "per_batch"):
@@ -101,6 +109,8 @@ class GLIGENModule(L.LightningModule):
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {ema_decay}")
         self.save_hyperparameters()
+        # LightningCLI hands save_hyperparameters the arguments as given (None): record the resolved values
+        self.hparams.update(caption_dropout=caption_dropout, grounding_dropout_mode=grounding_dropout_mode)
         self.ldm = FrozenLDM(pretrained)
         self.allow_other_base = False  # from_checkpoint(..., allow_other_base=True) sets it before loading
         # recorded, never guessed: samplers and sample grids read it (image and text_image share a tokenizer)
@@ -149,12 +159,18 @@ class GLIGENModule(L.LightningModule):
         return self.ldm.encode_images(batch["pixel_values"])
 
     def batch_captions(self, batch: dict, drop: torch.Tensor) -> torch.Tensor:
-        """Caption context [B, 77, D]; samples where `drop` is True, and detection data, get the null caption ""."""
+        """Caption context [B, 77, D]; samples where `drop` is True, and detection data, get the null caption "",
+        except detection samples the data module gave a caption of their category names (`category_captions`)."""
+        written = batch.get("category_captions") or [False] * len(drop)
         if "kinds" in batch:
-            detection = torch.tensor([k == "detection" for k in batch["kinds"]], device=drop.device)
-            drop = drop | detection
+            detection = [k == "detection" and not w for k, w in zip(batch["kinds"], written)]
+            drop = drop | torch.tensor(detection, device=drop.device)
         if "caption_embeds" in batch:
             embeds = batch["caption_embeds"].float()
+            if any(written):  # the stored features are of the data's own caption: encode the written ones here
+                rows = [i for i, w in enumerate(written) if w]
+                embeds = embeds.clone()
+                embeds[rows] = self.ldm.encode_captions([batch["captions"][i] for i in rows]).to(embeds)
             if drop.any():
                 embeds = torch.where(drop[:, None, None], self.null_caption().to(embeds.dtype), embeds)
             return embeds

@@ -4,7 +4,8 @@ beta multiplies every fuser's residual at each sampler step. The official code g
 (fractions of the L steps): the first int(a*L) steps beta = 1, the next int(b*L) steps decay linearly from 1
 towards 0 (values (n-1)/n, ..., 1/n, 0, as the official `np.arange(0, 1, 1/n)[::-1]`), the rest beta = 0. The
 shorthand tau means [tau, 0, 1 - tau]. Classifier-free guidance runs the unconditional branch with the null
-caption "" AND null grounding (every object masked, so only the learned null features reach the fusers).
+caption "" (or a negative prompt) AND null grounding (every object masked, so only the learned null features reach
+the fusers).
 """
 
 from collections.abc import Callable
@@ -67,6 +68,7 @@ def sample(
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
     interrupt: Callable[[], object] | None = None,
+    negative_prompt: str = "",
 ) -> torch.Tensor:
     """Generate one image per prompt; returns pixels in [0, 1], [B, 3, H, W].
 
@@ -81,6 +83,8 @@ def sample(
             `strength` of the schedule remains and denoise from there (ddim only); betas still index all `steps`.
         interrupt: checked before every sampler step; when it returns true, `SamplingInterrupted` is raised (a
             preemption signal must not wait for a whole sampling run).
+        negative_prompt: caption of the unconditional branch ("" as the paper; the official inference script's
+            default is `gligen.presets.OFFICIAL_NEGATIVE_PROMPT`).
     """
     batch = len(prompts)
     device = ldm.unet.device
@@ -110,7 +114,7 @@ def sample(
     use_cfg = guidance > 1
     context = ldm.encode_captions(list(prompts))
     if use_cfg:  # order [unconditional, conditional], as diffusers' pipelines
-        context = torch.cat([ldm.encode_captions([""] * batch), context])
+        context = torch.cat([ldm.encode_captions([negative_prompt] * batch), context])
         if grounding is not None:
             # every mask zeroed (text_image also has phrases_masks / image_masks), as the official code and diffusers
             null = {k: torch.zeros_like(v) if k.endswith("masks") else v for k, v in grounding.items()}

@@ -30,6 +30,8 @@ def collate_batch(examples: list[dict]) -> dict:
         "boxes": torch.stack([e["boxes"] for e in examples]),
         "masks": torch.stack([e["masks"] for e in examples]),
     }
+    if any(e.get("category_caption") for e in examples):  # detection captions written from category names
+        batch["category_captions"] = [bool(e.get("category_caption")) for e in examples]
     if all("latent_mean" in e for e in examples):
         batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
         batch["latent_std"] = torch.stack([e["latent_std"] for e in examples])

@@ -16,7 +16,15 @@ from gligen.data.collate import BatchShapes, collate_batch, example_signature
 from gligen.data.decode import DataLimits, SkipCounter, decode_sample
 from gligen.data.schema import DecodedSample
 from gligen.data.shards import decode_or_skip, iter_raw_samples, resolve_shards
-from gligen.data.transforms import TransformConfig, transform_or_skip, transform_sample
+from gligen.data.transforms import (
+    DETECTION_CAPTIONS,
+    KEYPOINT_CAPTIONS,
+    KEYPOINT_SLOTS,
+    TransformConfig,
+    transform_or_skip,
+    transform_sample,
+)
+from gligen.presets import DEFAULT_PRESET, resolve
 
 # Batches carry what their worker counted since its previous batch (``SkipCounter.since``: skipped samples and
 # dropped objects by reason) under this key; the DataModule's on_before_batch_transfer pops it, so counts from
@@ -188,7 +196,10 @@ class GroundingDataModule(L.LightningDataModule):
     ``train_shards`` maps a data kind (or any source name) to a shard pattern or a directory with index.json;
     ``ratios`` gives each source's share of the training samples. ``entity_images``: batches carry the entity
     images of samples without precomputed ``entity_embeds`` as ``entity_pixel_values`` [B, max_objects, 3, S, S]
-    (S = ``entity_resolution`` or ``resolution``) + ``entity_masks``, which GLIGENModule encodes with CLIP."""
+    (S = ``entity_resolution`` or ``resolution``) + ``entity_masks``, which GLIGENModule encodes with CLIP.
+    ``preset`` ("paper" or "official", gligen/presets.py; the CLI links it to the model's) sets
+    ``detection_captions`` ("null" | "category_names"), ``keypoint_slots`` ("most_visible" | "largest") and
+    ``keypoint_captions`` ("optional" | "required") that are left at None."""
 
     def __init__(
         self,
@@ -212,19 +223,36 @@ class GroundingDataModule(L.LightningDataModule):
         entity_images: bool = False,
         entity_resolution: int | None = None,
         limits: dict | None = None,
+        preset: str = DEFAULT_PRESET,
+        detection_captions: str | None = None,
+        keypoint_slots: str | None = None,
+        keypoint_captions: str | None = None,
     ):
         super().__init__()
+        # the preset (linked to the model's by the CLI) fills what is left at None; hparams record resolved values
+        detection_captions, keypoint_slots, keypoint_captions = resolve(
+            preset, detection_captions=detection_captions, keypoint_slots=keypoint_slots,
+            keypoint_captions=keypoint_captions).values()
+        for name, value, allowed in (("detection_captions", detection_captions, DETECTION_CAPTIONS),
+                                     ("keypoint_slots", keypoint_slots, KEYPOINT_SLOTS),
+                                     ("keypoint_captions", keypoint_captions, KEYPOINT_CAPTIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.save_hyperparameters()
+        self.hparams.update(detection_captions=detection_captions, keypoint_slots=keypoint_slots,
+                            keypoint_captions=keypoint_captions)  # resolved (LightningCLI saves them as given)
         self.train_shards = dict(train_shards or {})
         self.ratios = dict(ratios) if ratios is not None else {name: 1.0 for name in self.train_shards}
         self.val_shards = val_shards
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.resampled, self.seed, self.strict, self.shuffle_buffer = resampled, seed, strict, shuffle_buffer
+        differ = {"detection_captions": detection_captions, "keypoint_slots": keypoint_slots,
+                  "keypoint_captions": keypoint_captions}
         self.train_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, random_crop, random_flip,
-                                         entity_images, entity_resolution)
+                                         entity_images, entity_resolution, **differ)
         self.val_cfg = TransformConfig(resolution, max_objects, max_persons, min_area, False, False, entity_images,
-                                       entity_resolution)
+                                       entity_resolution, **differ)
         self.limits = DataLimits.of(limits)  # per-sample resource limits (docs/data.md), e.g. {max_image_pixels: ...}
         self.train_skips = SkipCounter(strict=strict)  # merged from the batches' SKIPS_KEY
         self.val_skips = SkipCounter(strict=strict)

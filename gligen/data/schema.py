@@ -57,9 +57,13 @@ class ObjectAnnotation:
 @dataclass(frozen=True)
 class PersonAnnotation:
     keypoints: np.ndarray  # float [17, 3]: normalised x, y and COCO visibility v in {0, 1, 2}
+    box: tuple[float, float, float, float] | None = None  # optional person box, normalised xyxy (keypoint_slots)
 
     def to_json(self) -> dict:
-        return {"keypoints": [[float(x), float(y), int(v)] for x, y, v in self.keypoints]}
+        out: dict = {"keypoints": [[float(x), float(y), int(v)] for x, y, v in self.keypoints]}
+        if self.box is not None:
+            out["box"] = list(self.box)
+        return out
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def _validate_person(person: Any, where: str, field: str) -> PersonAnnotation:
             _fail("bad_keypoint", where, f, f"visibility must be 0, 1 or 2, got {v!r}")
         if v > 0 and not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
             _fail("keypoint_out_of_range", where, f, f"labelled keypoint outside [0, 1]: {kp!r}")
-    return PersonAnnotation(keypoints=np.asarray(kps, dtype=np.float32))
+    box = None if person.get("box") is None else _validate_box(person["box"], where, f"{field}.box")
+    return PersonAnnotation(keypoints=np.asarray(kps, dtype=np.float32), box=box)
 
 
 def validate_annotation(obj: Any, where: str) -> Annotation:

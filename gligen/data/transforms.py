@@ -143,13 +143,16 @@ def pad_rows(rows: np.ndarray, max_rows: int) -> torch.Tensor:
     return out
 
 
-def pad_keypoints(keypoints: np.ndarray, max_persons: int = MAX_PERSONS, drops: Counter | None = None) -> dict:
-    """Keep the ``max_persons`` persons with most present keypoints and pad: ``keypoints`` float32
-    [max_persons, 17, 2], ``keypoint_masks`` float32 [max_persons, 17] (1 where visibility is 2). ``drops``
-    (optional) counts persons with present keypoints left out by the cap (``person_over_cap``)."""
+def pad_keypoints(keypoints: np.ndarray, max_persons: int = MAX_PERSONS, drops: Counter | None = None,
+                  areas: np.ndarray | None = None) -> dict:
+    """Keep ``max_persons`` persons and pad: those with most present keypoints, or with ``areas`` [P] the largest
+    (the official slots); ties in input order. ``keypoints`` float32 [max_persons, 17, 2], ``keypoint_masks``
+    float32 [max_persons, 17] (1 where visibility is 2). ``drops`` (optional) counts persons with present
+    keypoints left out by the cap (``person_over_cap``)."""
     keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, NUM_KEYPOINTS, 3)
     present = keypoints[..., 2] == VISIBLE
-    order = np.argsort(-present.sum(1), kind="stable")[:max_persons]
+    rank = present.sum(1) if areas is None else np.asarray(areas, dtype=np.float64)
+    order = np.argsort(-rank, kind="stable")[:max_persons]
     if drops is not None:
         _count(drops, person_over_cap=int(present.any(1).sum() - present[order].any(1).sum()))
     xy = torch.zeros(max_persons, NUM_KEYPOINTS, 2)
@@ -158,6 +161,22 @@ def pad_keypoints(keypoints: np.ndarray, max_persons: int = MAX_PERSONS, drops: 
     xy[:n] = torch.as_tensor(keypoints[order, :, :2] * present[order, :, None], dtype=torch.float32)
     masks[:n] = torch.as_tensor(present[order], dtype=torch.float32)
     return {"keypoints": xy, "keypoint_masks": masks}
+
+
+def person_areas(persons, cropped: np.ndarray, crop: Crop) -> np.ndarray:
+    """Area of each person in the crop: its box mapped and clipped, or, for a person stored without a box, the
+    bounding box of its labelled keypoints there (0 when none is left)."""
+    areas = np.zeros(len(persons))
+    for i, person in enumerate(persons):
+        if person.box is not None:
+            x0, y0, x1, y1 = np.clip(crop_boxes(np.asarray(person.box, dtype=np.float64)[None], crop)[0], 0, 1)
+        else:
+            labelled = cropped[i][cropped[i, :, 2] > 0, :2]
+            if not len(labelled):
+                continue
+            (x0, y0), (x1, y1) = labelled.min(0), labelled.max(0)
+        areas[i] = (x1 - x0) * (y1 - y0)
+    return areas
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -197,6 +216,11 @@ def pad_entity_images(sample: DecodedSample, kept: np.ndarray, size: int, max_ob
     return {"entity_pixel_values": pixels, "entity_masks": masks}
 
 
+DETECTION_CAPTIONS = ("null", "category_names")
+KEYPOINT_SLOTS = ("most_visible", "largest")
+KEYPOINT_CAPTIONS = ("optional", "required")
+
+
 @dataclass(frozen=True)
 class TransformConfig:
     resolution: int
@@ -207,6 +231,10 @@ class TransformConfig:
     random_flip: bool = True
     entity_images: bool = False  # carry entity images as entity_pixel_values (image / text_image modalities)
     entity_resolution: int | None = None  # side of entity_pixel_values; None = resolution
+    # where paper and official code differ (gligen/presets.py); GroundingDataModule resolves its preset into these
+    detection_captions: str = "null"  # or "category_names": detection samples get "cat, dog" as their caption
+    keypoint_slots: str = "most_visible"  # or "largest": the person slots go to the largest persons
+    keypoint_captions: str = "optional"  # or "required": keypoint data without captions is an error
 
 
 def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random.Generator | None = None,
@@ -256,18 +284,30 @@ def transform_sample(sample: DecodedSample, cfg: TransformConfig, rng: np.random
             out.update(entities)
 
     # detection data trains with the null caption: "" here, and GLIGENModule nulls the caption embeddings of
-    # kind "detection" itself, so stored embeddings are kept (a mixed batch keeps its precomputed path)
+    # kind "detection" itself, so stored embeddings are kept (a mixed batch keeps its precomputed path); with
+    # category_names (official) it gets its kept objects' names, largest first, which the module encodes
     out["caption"] = "" if ann.kind == "detection" else sample.caption
+    if ann.kind == "detection" and cfg.detection_captions == "category_names" and len(kept):
+        out["caption"] = ", ".join(ann.objects[i].category or ann.objects[i].phrase for i in kept)
+        out["category_caption"] = True
     if "caption_embeds.npy" in sample.arrays:
         out["caption_embeds"] = torch.as_tensor(sample.arrays["caption_embeds.npy"], dtype=torch.float32)
 
     if ann.persons is not None:
+        if cfg.keypoint_captions == "required" and not sample.caption.strip():
+            message = (f"{sample.url} key {sample.key}: keypoint_captions is 'required' (the official keypoint data "
+                       "always trains with a real caption) but this sample has none")
+            if ann.kind == "detection":  # converted without captions: every sample is alike
+                raise DataConfigError(message + ": convert the keypoints with --captions, or set "
+                                      "data.init_args.keypoint_captions: optional")
+            raise ValueError(message)  # one sample: a counted skip
         kps = np.stack([p.keypoints for p in ann.persons]) if ann.persons else np.zeros((0, NUM_KEYPOINTS, 3))
         cropped = crop_keypoints(kps, crop)
         if drops is not None:
             visible = (kps[..., 2] == VISIBLE).any(1)
             _count(drops, person_outside_crop=int((visible & ~(cropped[..., 2] == VISIBLE).any(1)).sum()))
-        out.update(pad_keypoints(flip_keypoints(cropped) if flip else cropped, cfg.max_persons, drops))
+        areas = person_areas(ann.persons, cropped, crop) if cfg.keypoint_slots == "largest" else None
+        out.update(pad_keypoints(flip_keypoints(cropped) if flip else cropped, cfg.max_persons, drops, areas))
     return out
 
 

@@ -2,6 +2,7 @@
 
     python -m gligen.evaluation.sample --ckpt runs/toy_box/checkpoints/last.ckpt --layout layout.json \\
         --prompt "a red circle and a blue square" --tau 0.3 --seed 0 --steps 50 --guidance 7.5 --out out.png
+    python -m gligen.evaluation.sample --ckpt ... --layout layout.json --preset official   # PLMS, negative prompt
 
 layout.json (normalised coordinates in [0, 1]; the checkpoint's modality says which parts are used):
   box:        {"prompt": "...", "objects": [{"box": [x0, y0, x1, y1], "phrase": "a red circle"}, ...]}
@@ -23,7 +24,8 @@ from gligen.evaluation.visualize import draw_layout, layout_label
 from gligen.modalities import DEFAULT_MODALITY, get_modality
 from gligen.modalities.box import layout_boxes
 from gligen.module import GLIGENModule
-from gligen.sampling import SAMPLERS, beta_schedule, sample, tau_schedule
+from gligen.presets import DEFAULT_PRESET, PRESETS, resolve
+from gligen.sampling import SAMPLERS, beta_schedule, sample
 
 
 def read_layout(path: str | Path, max_objects: int = MAX_OBJECTS, modality: str = DEFAULT_MODALITY,
@@ -63,10 +65,14 @@ def main(argv=None) -> None:
     parser.add_argument("--pretrained", help="frozen LDM (default: the one the checkpoint was trained on)")
     parser.add_argument("--layout", required=True, help="layout JSON")
     parser.add_argument("--prompt", help="caption (default: the layout's prompt)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
+                        help="paper: DDIM, no negative prompt, tau 0.3; official: PLMS, the official negative "
+                        "prompt, alpha_type [0.3, 0, 0.7] (image / text_image [1, 0, 0]); each flag below overrides")
     beta = parser.add_mutually_exclusive_group()
     beta.add_argument("--tau", type=float, default=None, help="grounding for the first fraction tau of the steps")
     beta.add_argument("--alpha-type", type=float, nargs=3, metavar=("A", "B", "C"), help="official [a, b, c]")
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS))
+    parser.add_argument("--negative-prompt", default=None, help="caption of the unconditional branch")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -76,13 +82,14 @@ def main(argv=None) -> None:
     module = GLIGENModule.from_checkpoint(args.ckpt, args.pretrained)
     hp = module.hparams
     layout = read_layout(args.layout, hp.max_objects, module.modality, hp.max_persons)
-    if args.alpha_type:
-        betas = beta_schedule(args.steps, tuple(args.alpha_type))
-    else:
-        betas = tau_schedule(args.steps, 0.3 if args.tau is None else args.tau)  # official box default
+    alpha_type = (args.tau, 0.0, 1.0 - args.tau) if args.tau is not None else args.alpha_type
+    chosen = resolve(args.preset, module.modality.name, sampler=args.sampler, negative_prompt=args.negative_prompt,
+                     alpha_type=alpha_type)
+    betas = beta_schedule(args.steps, tuple(chosen["alpha_type"]))
     grounding = module.modality.layout_inputs(module.ldm, [layout["layout"]], hp.max_objects, hp.max_persons)
     prompt = args.prompt if args.prompt is not None else layout["prompt"]
-    image = sample(module.ldm, [prompt], grounding, betas, args.sampler, args.steps, args.guidance, [args.seed])[0]
+    image = sample(module.ldm, [prompt], grounding, betas, chosen["sampler"], args.steps, args.guidance, [args.seed],
+                   negative_prompt=chosen["negative_prompt"])[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, out)

@@ -11,6 +11,7 @@ from gligen.evaluation.generate import generate, layouts_from_batch
 from gligen.evaluation.visualize import layouts_grid
 from gligen.metrics.detectors import make_detector
 from gligen.metrics.grounding import ap_summary, map_inputs, stable_label_id
+from gligen.presets import DEFAULT_PRESET, resolve
 from gligen.sampling import SamplingInterrupted, sample, tau_schedule
 from gligen.training.preemption import SlurmRequeue, preemption_requested
 
@@ -82,12 +83,15 @@ def format_data_counts(totals: dict[str, int], world_size: int = 1) -> str:
 class SampleGrid(L.Callback):
     """Every `every_n_steps`, sample a fixed set of validation layouts (same seeds each time) and log the grid with
     the layout drawn (boxes and labels; keypoints and skeletons for the keypoint modality), so TensorBoard shows
-    grounding emerge. The grounding inputs follow the module's modality (box, keypoint, image, text_image)."""
+    grounding emerge. The grounding inputs follow the module's modality (box, keypoint, image, text_image);
+    `sampler` and `negative_prompt` left at None follow the module's preset (paper: DDIM, ""; official: PLMS, the
+    official negative prompt)."""
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 8, steps: int = 25, guidance: float = 5.0,
-                 tau: float = 1.0, seed: int = 0):
+                 tau: float = 1.0, seed: int = 0, sampler: str | None = None, negative_prompt: str | None = None):
         self.every_n_steps, self.num_images = every_n_steps, num_images
         self.steps, self.guidance, self.tau, self.seed = steps, guidance, tau, seed
+        self.sampler, self.negative_prompt = sampler, negative_prompt
         self._batch = None
 
     def _layouts(self, trainer) -> list[dict] | None:
@@ -115,11 +119,14 @@ class SampleGrid(L.Callback):
         pl_module.eval()
         ldm = pl_module.ldm
         grounding = pl_module.modality.layout_inputs(ldm, layouts, pl_module.hparams.max_objects)
+        chosen = resolve(pl_module.hparams.get("preset", DEFAULT_PRESET), sampler=self.sampler,
+                         negative_prompt=self.negative_prompt)
         try:  # in the trainer's precision: frozen weights may be half precision (GLIGENModule half_frozen)
             with trainer.precision_plugin.forward_context():
                 images = sample(ldm, [lay["caption"] for lay in layouts], grounding,
-                                tau_schedule(self.steps, self.tau), steps=self.steps, guidance=self.guidance,
-                                seeds=[self.seed + i for i in range(len(layouts))], interrupt=preemption_requested)
+                                tau_schedule(self.steps, self.tau), sampler=chosen["sampler"], steps=self.steps,
+                                guidance=self.guidance, seeds=[self.seed + i for i in range(len(layouts))],
+                                interrupt=preemption_requested, negative_prompt=chosen["negative_prompt"])
         except SamplingInterrupted:
             log.warning("preemption signal: sample grid of step %d abandoned", trainer.global_step)
             return

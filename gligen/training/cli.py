@@ -2,8 +2,8 @@
 
 `validate` scores the run's newest checkpoint unless `--ckpt_path` names another (and says which it scored).
 `--config` may be repeated: the toy configs are `toy_base.yaml` plus one modality's file. The data settings that
-must agree with the model's (`max_objects`, `max_persons`, and `entity_images` from `modality`) are linked: set on
-the model, they follow on the data (`LINKS`).
+must agree with the model's (`max_objects`, `max_persons`, `preset`, and `entity_images` from `modality`) are
+linked: set on the model, they follow on the data (`LINKS`).
 
 `--run_dir runs/<name>` puts the TensorBoard run (no auto-incremented versions), `config.yaml` and
 `checkpoints/` (with `last.ckpt`) in one place, and `fit` resumes when it can (`ckpt_path: last`, the default), so
@@ -40,6 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gligen.data.shards import resolve_shards
 from gligen.modalities import get_modality, modality_names
 from gligen.module import GLIGENModule
+from gligen.presets import with_preset_values
 from gligen.provenance import config_hash, files_fingerprint, git_commit
 from gligen.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint, resume_path
 from gligen.training.lightning_internals import disable_lightning_signal_handlers
@@ -79,6 +80,7 @@ LINKS = (
     ("model.max_objects", "data.init_args.max_objects", None),
     ("model.max_persons", "data.init_args.max_persons", None),
     ("model.modality", "data.init_args.entity_images", _uses_entity_images),
+    ("model.preset", "data.init_args.preset", None),
 )
 LINKED_KEYS = tuple(target for _, target, _ in LINKS)  # derived: not compared when a run_dir is resumed
 
@@ -201,7 +203,9 @@ class GLIGENCLI(LightningCLI):
         saved_path = run_dir / "config.yaml"
         if resuming and saved_path.exists() and not self._get(self.config, "allow_config_change", default=False):
             # a config.yaml saved before the links listed the linked data keys; they follow the model keys compared
-            diffs = config_differences(yaml.safe_load(saved_path.read_text()) or {}, yaml.safe_load(text),
+            # compared as resolved: a run saved before presets (explicit caption_dropout 0.1, ...) is the same run
+            diffs = config_differences(with_preset_values(yaml.safe_load(saved_path.read_text()) or {}),
+                                       with_preset_values(yaml.safe_load(text)),
                                        safe=(*RESUME_SAFE_KEYS, *LINKED_KEYS))
             if diffs:
                 raise ConfigChangedError(

@@ -206,13 +206,17 @@ def test_train_sh_without_arguments_trains_the_toy_box_config(tmp_path):
     assert toy_box["run_dir"] == "runs/toy_box" and toy_box["model"]["pretrained"].startswith("cache/toy")
 
 
-def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_path):
-    """experiments/configs/sd15_box.yaml, on the tiny toy LDM and shards instead of SD and real data, CPU instead of
-    GPU, one step: its model / optimisation settings (bf16-mixed, channels-last, paper hyperparameters) run as is."""
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_path, official):
+    """experiments/configs/sd15_box.yaml (+ sd15_box_official.yaml), on the tiny toy LDM and shards instead of SD
+    and real data, CPU instead of GPU, one step: its model / optimisation settings (bf16-mixed, channels-last,
+    paper hyperparameters) run as is; the official delta switches the preset of model and data."""
     from gligen.module import GLIGENModule
     from gligen.training.cli import fit_from_config
 
     config = yaml.safe_load((ROOT / "experiments/configs/sd15_box.yaml").read_text())
+    if official:
+        config["model"].update(yaml.safe_load((ROOT / "experiments/configs/sd15_box_official.yaml").read_text())["model"])
     config["run_dir"] = str(tmp_path / "runs/sd15_box")
     config["trainer"].update(accelerator="cpu", devices=1, strategy="auto", max_steps=1, limit_val_batches=0,
                              log_every_n_steps=1)
@@ -233,6 +237,14 @@ def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_p
     assert module.ldm.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["global_step"] == 1
+    data = saved["datamodule_hyper_parameters"]
+    if official:
+        assert (hp.preset, hp.caption_dropout, hp.grounding_dropout_mode) == ("official", 0.5, "per_batch")
+        assert (data["preset"], data["detection_captions"], data["keypoint_slots"]) == (
+            "official", "category_names", "largest")
+    else:
+        assert (hp.preset, hp.caption_dropout, hp.grounding_dropout_mode) == ("paper", 0.1, "per_sample")
+        assert (data["preset"], data["detection_captions"]) == ("paper", "null")
 
 
 def test_readme_has_the_two_commands_and_ci_runs_the_test_one():

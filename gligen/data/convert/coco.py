@@ -5,8 +5,8 @@ Phrases are the category names; the caption is "" (``detection``) or one COCO ca
 ``per_caption``). Boxes: COCO ``[x, y, w, h]`` pixels -> normalised xyxy.
 
 ``entity_size`` (CLI ``--entity-crops [--entity-size N]``, also used by the MDETR converter) stores each object's box
-crop of the image as its entity image ``entity<i>.png`` (padded to a square, resized to N x N), for image-entity
-grounding on real data.
+crop of the image as its entity image ``entity<i>.png`` (padded to a square, resized to N x N; ``--entity-crop
+stretch``: stretched to it, as the official crops), for image-entity grounding on real data.
 """
 
 from __future__ import annotations
@@ -133,19 +133,28 @@ def box_pixels(box: list[float], width: int, height: int) -> tuple[int, int, int
     return left, top, right, bottom
 
 
-def entity_crop(image: Image.Image, box: list[float], size: int) -> Image.Image:
-    """The box region of ``image`` (``box_pixels``), centred on a square of ``ENTITY_PAD`` colour (padding the
-    shorter side; nothing is cut off or stretched), resized to ``size`` x ``size`` (bicubic; not when it already
-    has that size)."""
+ENTITY_CROPS = ("pad", "stretch")
+
+
+def entity_crop(image: Image.Image, box: list[float], size: int, mode: str = "pad") -> Image.Image:
+    """The box region of ``image`` (``box_pixels``) as a ``size`` x ``size`` image (bicubic; not resized when it
+    already has that size). ``pad`` (default): centred on a square of ``ENTITY_PAD`` colour (padding the shorter
+    side; nothing is cut off or stretched); ``stretch``: the region resized to the square as it is, its aspect
+    ratio lost (the official GLIGEN crops)."""
+    if mode not in ENTITY_CROPS:
+        raise ValueError(f"entity crop mode must be one of {ENTITY_CROPS}, got {mode!r}")
     left, top, right, bottom = box_pixels(box, *image.size)
     region = image.convert("RGB").crop((left, top, right, bottom))
+    if mode == "stretch":
+        return region if region.size == (size, size) else region.resize((size, size), Image.BICUBIC)
     side = max(region.size)
     square = Image.new("RGB", (side, side), ENTITY_PAD)
     square.paste(region, ((side - region.width) // 2, (side - region.height) // 2))
     return square if side == size else square.resize((size, size), Image.BICUBIC)
 
 
-def add_entity_crops(sample_members: dict, objects: list[dict], data: bytes, size: int) -> list[dict]:
+def add_entity_crops(sample_members: dict, objects: list[dict], data: bytes, size: int, mode: str = "pad"
+                     ) -> list[dict]:
     """Crop every object's box out of the encoded image ``data``: adds ``entity<i>.png`` to ``sample_members`` and
     returns the objects with ``entity_image`` set."""
     with Image.open(io.BytesIO(data), formats=list(PIL_FORMATS.values())) as image:  # checked by image_member
@@ -153,7 +162,7 @@ def add_entity_crops(sample_members: dict, objects: list[dict], data: bytes, siz
         out = []
         for i, obj in enumerate(objects):
             buf = io.BytesIO()
-            entity_crop(image, obj["box"], size).save(buf, format="PNG")
+            entity_crop(image, obj["box"], size, mode).save(buf, format="PNG")
             sample_members[f"entity{i}.png"] = buf.getvalue()
             out.append(dict(obj, entity_image=f"entity{i}.png"))
     return out
@@ -161,9 +170,9 @@ def add_entity_crops(sample_members: dict, objects: list[dict], data: bytes, siz
 
 def image_samples(index: CocoIndex, image_id: Any, images_dir: str, key_prefix: str, kind: str, objects: list[dict],
                   captions: list[str], report: ConvertReport, extra: dict | None = None,
-                  entity_size: int | None = None) -> Iterator[dict]:
+                  entity_size: int | None = None, entity_crop_mode: str = "pad") -> Iterator[dict]:
     """The samples of one image (one per caption) once its objects are known; reads and checks the image file.
-    ``entity_size``: also store each object's box crop as its entity image (``entity_crop``)."""
+    ``entity_size``: also store each object's box crop as its entity image (``entity_crop``, ``entity_crop_mode``)."""
     img = index.images[image_id]
     where = f"{img['file_name']} (image id {image_id!r})"
     if not captions:
@@ -176,7 +185,7 @@ def image_samples(index: CocoIndex, image_id: Any, images_dir: str, key_prefix: 
         return
     entities: dict = {}
     if entity_size is not None:
-        objects = add_entity_crops(entities, objects, data, entity_size)
+        objects = add_entity_crops(entities, objects, data, entity_size, entity_crop_mode)
     annotation = {"schema_version": SCHEMA_VERSION, "kind": kind, "source_id": f"{key_prefix}/{image_id}",
                   "width": img["width"], "height": img["height"], "objects": objects, **(extra or {})}
     for k, caption in enumerate(captions):
@@ -187,7 +196,8 @@ def image_samples(index: CocoIndex, image_id: Any, images_dir: str, key_prefix: 
 
 def coco_samples(index: CocoIndex, images_dir: str, report: ConvertReport, source: str, key_prefix: str = "coco",
                  per_caption: bool = False, keep_crowd: bool = False, keep_empty: bool = False, seed: int = 0,
-                 limit: int | None = None, entity_size: int | None = None) -> Iterator[dict]:
+                 limit: int | None = None, entity_size: int | None = None, entity_crop_mode: str = "pad"
+                 ) -> Iterator[dict]:
     """Samples of a COCO instances index, images in id order. Kind: ``detection_caption`` when the index has
     captions, else ``detection``. ``entity_size``: store box crops as entity images."""
     kind = "detection_caption" if index.captions else "detection"
@@ -208,20 +218,20 @@ def coco_samples(index: CocoIndex, images_dir: str, report: ConvertReport, sourc
             continue
         yield from image_samples(index, image_id, images_dir, key_prefix, kind, objects,
                                  captions_for(index, image_id, kind, per_caption, seed), report,
-                                 entity_size=entity_size)
+                                 entity_size=entity_size, entity_crop_mode=entity_crop_mode)
 
 
 def convert_coco(instances: str, images_dir: str, out_dir: str, captions: str | None = None,
                  per_caption: bool = False, keep_crowd: bool = False, keep_empty: bool = False, seed: int = 0,
                  key_prefix: str = "coco", limit: int | None = None, entity_size: int | None = None,
-                 **write_kw) -> tuple[dict, ConvertReport]:
+                 entity_crop_mode: str = "pad", **write_kw) -> tuple[dict, ConvertReport]:
     """Convert a COCO instances JSON (+ optional captions JSON) and its image folder; returns (index, report).
     ``entity_size``: store each object's box crop (square, entity_size px) as its entity image."""
     report = ConvertReport(source=instances)
     caption_data = load_json_file(captions) if captions else None
     index = index_coco(load_json_file(instances), instances, report, caption_data)
     samples = coco_samples(index, images_dir, report, instances, key_prefix, per_caption, keep_crowd, keep_empty,
-                           seed, limit, entity_size)
+                           seed, limit, entity_size, entity_crop_mode)
     return write_converted(samples, report, out_dir, **write_kw), report
 
 
@@ -240,6 +250,9 @@ def add_entity_crop_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store each object's box crop as its entity image entity<i>.png (image entities)")
     parser.add_argument("--entity-size", type=int, default=ENTITY_SIZE,
                         help=f"side of the square entity crops in pixels (default {ENTITY_SIZE})")
+    parser.add_argument("--entity-crop", choices=ENTITY_CROPS, default="pad",
+                        help="pad: the box centred on a padded square (default); stretch: the box resized to the "
+                        "square, aspect ratio lost (official GLIGEN)")
 
 
 def entity_size_arg(args: argparse.Namespace) -> int | None:
@@ -265,5 +278,6 @@ def _run(args: argparse.Namespace) -> int:
     index, report = convert_coco(args.instances, args.images, captions=args.captions, per_caption=args.per_caption,
                                  keep_crowd=args.keep_crowd, keep_empty=args.keep_empty, seed=args.seed,
                                  key_prefix=args.key_prefix, limit=args.limit, entity_size=entity_size_arg(args),
+                                 entity_crop_mode=args.entity_crop,
                                  **output_kwargs(args))
     return finish(report, index)

@@ -2,7 +2,8 @@
 
 Each person gives an object (its box, phrase "person") and, when it has at least ``min_keypoints`` labelled
 keypoints, a ``persons`` entry: 17 ``[x / width, y / height, v]`` with COCO visibility v kept (0 unlabelled,
-1 labelled hidden, 2 visible). Caption: "" (``detection``) or a COCO caption (``detection_caption``).
+1 labelled hidden, 2 visible), and its box (the official data fills the person slots with the largest boxes).
+Caption: "" (``detection``) or a COCO caption (``detection_caption``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def keypoint_samples(index: CocoIndex, images_dir: str, report: ConvertReport, s
             if clipped:  # kept, but worth knowing about
                 report.note("keypoint_clipped", annotation_where(source, ann),
                             "labelled keypoint outside the image, clipped to it")
-            persons.append({"keypoints": keypoints})
+            persons.append({"keypoints": keypoints, "box": list(box)})  # the box: keypoint_slots "largest"
         if not objects:
             report.skip_sample("no_persons", f"{img['file_name']} (image id {image_id!r})", "no usable person")
             continue

@@ -34,7 +34,8 @@ from gligen.data.convert.coco import (
 
 def mdetr_samples(index: CocoIndex, images_dir: str, report: ConvertReport, source: str,
                   key_prefix: str = "mdetr", keep_crowd: bool = False, keep_empty: bool = False,
-                  limit: int | None = None, entity_size: int | None = None) -> Iterator[dict]:
+                  limit: int | None = None, entity_size: int | None = None, entity_crop_mode: str = "pad"
+                  ) -> Iterator[dict]:
     for n, image_id in enumerate(sorted(index.images, key=id_order)):
         if limit is not None and n >= limit:
             return
@@ -56,16 +57,17 @@ def mdetr_samples(index: CocoIndex, images_dir: str, report: ConvertReport, sour
             report.skip_sample("no_objects", where, "no usable grounded phrase")
             continue
         yield from image_samples(index, image_id, images_dir, key_prefix, "grounding", objects, [caption], report,
-                                 entity_size=entity_size)
+                                 entity_size=entity_size, entity_crop_mode=entity_crop_mode)
 
 
 def convert_mdetr(annotations: str, images_dir: str, out_dir: str, key_prefix: str = "mdetr",
                   keep_crowd: bool = False, keep_empty: bool = False, limit: int | None = None,
-                  entity_size: int | None = None, **write_kw) -> tuple[dict, ConvertReport]:
+                  entity_size: int | None = None, entity_crop_mode: str = "pad", **write_kw
+                  ) -> tuple[dict, ConvertReport]:
     report = ConvertReport(source=annotations)
     index = index_coco(load_json_file(annotations), annotations, report)
     samples = mdetr_samples(index, images_dir, report, annotations, key_prefix, keep_crowd, keep_empty, limit,
-                           entity_size)
+                           entity_size, entity_crop_mode)
     return write_converted(samples, report, out_dir, **write_kw), report
 
 
@@ -84,5 +86,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     index, report = convert_mdetr(args.annotations, args.images, key_prefix=args.key_prefix,
                                   keep_crowd=args.keep_crowd, keep_empty=args.keep_empty, limit=args.limit,
-                                  entity_size=entity_size_arg(args), **output_kwargs(args))
+                                  entity_size=entity_size_arg(args),
+                                  entity_crop_mode=args.entity_crop, **output_kwargs(args))
     return finish(report, index)

@@ -1,0 +1,87 @@
+"""Where the paper's text and the official code (gligen/GLIGEN) differ: one table, two presets.
+
+`preset: paper` (the default) follows the paper, `preset: official` the released code and configs. Every setting
+is also an argument of its own (GLIGENModule, GroundingDataModule, `gligen.evaluation.sample`, a converter flag):
+given explicitly it wins over the preset; left at None it takes the preset's value for the model's modality.
+The README's "Paper vs official code" table lists the same rows (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+PRESETS = ("paper", "official")
+DEFAULT_PRESET = "paper"
+
+# the official inference script's default negative prompt (gligen_inference.py --negative_prompt)
+OFFICIAL_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                            "cropped, worst quality, low quality")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One behaviour where paper and official code differ. `paper` / `official`: a value, or a dict modality ->
+    value (key "*" for the other modalities). `where`: the argument that switches it on its own."""
+
+    name: str
+    where: str
+    behaviour: str
+    paper: Any
+    official: Any
+
+    def value(self, preset: str, modality: str | None = None) -> Any:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        chosen = self.paper if preset == "paper" else self.official
+        if isinstance(chosen, dict):
+            return chosen.get(modality, chosen["*"])
+        return chosen
+
+
+SETTINGS = {s.name: s for s in (
+    Setting("caption_dropout", "model.caption_dropout", "caption dropout (classifier-free guidance)",
+            0.1, {"keypoint": 0.0, "*": 0.5}),  # official keypoint data never drops it (prob_real_caption 1)
+    Setting("grounding_dropout_mode", "model.grounding_dropout_mode", "grounding dropout",
+            "per_sample", "per_batch"),  # official: one coin nulls the whole batch's grounding
+    Setting("detection_captions", "data.init_args.detection_captions", "detection data caption",
+            "null", "category_names"),  # official make_a_sentence: "cat, dog", then the caption dropout coin
+    Setting("keypoint_slots", "data.init_args.keypoint_slots", "keypoint person slots",
+            "most_visible", "largest"),
+    Setting("keypoint_captions", "data.init_args.keypoint_captions", "keypoint data captions",
+            "optional", "required"),
+    Setting("sampler", "sample --sampler", "sampler", "ddim", "plms"),
+    Setting("negative_prompt", "sample --negative-prompt", "negative prompt (unconditional branch)",
+            "", OFFICIAL_NEGATIVE_PROMPT),
+    Setting("alpha_type", "sample --alpha-type / --tau", "scheduled sampling beta",
+            (0.3, 0.0, 0.7), {"image": (1.0, 0.0, 0.0), "text_image": (1.0, 0.0, 0.0), "*": (0.3, 0.0, 0.7)}),
+)}
+
+# not a run-time setting: how converters crop entity images (python -m gligen.data convert ... --entity-crop)
+ENTITY_CROP = Setting("entity_crop", "convert --entity-crop", "entity crop for the image tower", "pad", "stretch")
+
+
+def resolve(preset: str, modality: str | None = None, **given: Any) -> dict:
+    """`given` settings with every None replaced by the preset's value for `modality`."""
+    return {name: SETTINGS[name].value(preset, modality) if value is None else value for name, value in given.items()}
+
+
+# the training config's keys of each setting (model.<name> or data.init_args.<name>)
+TRAINING_KEYS = {name: tuple(setting.where.split(".")) for name, setting in SETTINGS.items()
+                 if setting.where.startswith(("model.", "data."))}
+
+
+def with_preset_values(config: dict) -> dict:
+    """A training config (LightningCLI's dump) with `model.preset` set (default paper) and every preset setting
+    left at None or absent replaced by its value: two configs that train alike compare equal."""
+    config = copy.deepcopy(config)
+    model = config.setdefault("model", {}) or {}
+    preset = model.setdefault("preset", DEFAULT_PRESET) or DEFAULT_PRESET
+    for name, keys in TRAINING_KEYS.items():
+        node = config
+        for key in keys[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key), dict) or key not in node else {}
+        if node.get(keys[-1]) is None:
+            node[keys[-1]] = SETTINGS[name].value(preset, model.get("modality"))
+    return config
