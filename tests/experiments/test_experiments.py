@@ -216,7 +216,8 @@ def test_sd15_config_trains_one_step_with_its_own_settings(tiny_toy_world, tmp_p
 
     config = yaml.safe_load((ROOT / "experiments/configs/sd15_box.yaml").read_text())
     if official:
-        config["model"].update(yaml.safe_load((ROOT / "experiments/configs/sd15_box_official.yaml").read_text())["model"])
+        delta = yaml.safe_load((ROOT / "experiments/configs/sd15_box_official.yaml").read_text())
+        config["model"].update(delta["model"])
     config["run_dir"] = str(tmp_path / "runs/sd15_box")
     config["trainer"].update(accelerator="cpu", devices=1, strategy="auto", max_steps=1, limit_val_batches=0,
                              log_every_n_steps=1)
