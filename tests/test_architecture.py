@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gligen"
 
 # module (dotted, under gligen) -> layer; the longest matching prefix wins
 LAYERS = {
-    "constants": 0, "provenance": 0,
+    "constants": 0, "provenance": 0, "presets": 0,
     "nn": 1,
     "data": 2,
     "metrics": 3,

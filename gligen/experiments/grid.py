@@ -26,7 +26,6 @@ import copy
 import itertools
 import math
 import subprocess
-from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -225,19 +224,16 @@ def _requeue_on_signal() -> None:
         signal.signal(signum, handler)
 
 
-def run_local(grid: dict, sweep: bool | None = None, skip: Iterable[str] = ()) -> list[Path]:
+def run_local(grid: dict, sweep: bool | None = None, skip: frozenset[str] | set[str] = frozenset()) -> list[Path]:
     """Trains every cell here (skipping finished ones, and cells named in `skip`), then sweeps it (unless sweep is
     off); returns the checkpoints of the cells it trained or found trained."""
     sweep = sweep_enabled(grid) if sweep is None else sweep
     build_toy_world_if_used(grid)
-    checkpoints, skip = [], set(skip)
-    for path in expand(grid):
-        if path.stem in skip:
-            continue
+    checkpoints = []
+    for path in (p for p in expand(grid) if p.stem not in skip):
         if is_trained(path):
             print(f"[grid] {path}: training finished; not retrained")
-            config = yaml.safe_load(path.read_text())
-            checkpoints.append(Path(config["run_dir"]) / "checkpoints" / "last.ckpt")
+            checkpoints.append(Path(yaml.safe_load(path.read_text())["run_dir"]) / "checkpoints" / "last.ckpt")
         else:
             checkpoints.append(fit_from_config(str(path)))
         if sweep:

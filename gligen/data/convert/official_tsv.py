@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from gligen.data.convert import (
     ConvertError,
@@ -43,6 +44,7 @@ from gligen.data.convert import (
     write_converted,
 )
 from gligen.data.schema import SCHEMA_VERSION
+from gligen.nn.tokenizers import IMAGE_FEATURE_NORM, project_image_embeddings
 
 # field names seen across the official TSV writers and loaders, most specific first
 IMAGE_FIELDS = ("image", "img")
@@ -105,10 +107,6 @@ class ReprojectImageEmbeddings:
         self.in_dim, self.out_dim = self.weight.shape  # Linear(text width -> projection_dim).weight
 
     def __call__(self, embeddings: np.ndarray) -> np.ndarray:
-        import torch
-
-        from gligen.nn.tokenizers import IMAGE_FEATURE_NORM, project_image_embeddings
-
         x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
         return project_image_embeddings(x, self.weight, IMAGE_FEATURE_NORM).numpy().astype(np.float32)
 
