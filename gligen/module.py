@@ -97,13 +97,11 @@ class GLIGENModule(L.LightningModule):
     ):
         super().__init__()
         self.modality: Modality = get_modality(modality)  # raises for an unknown name
-        # the preset fills what is left at None; hparams (and so checkpoints) record the resolved values
+        # the preset fills what is left at None (and checks the values); hparams and checkpoints record them
         caption_dropout, grounding_dropout_mode = resolve(
             preset, modality, caption_dropout=caption_dropout, grounding_dropout_mode=grounding_dropout_mode).values()
         if fuser_type not in FUSER_TYPES:
             raise ValueError(f"fuser_type must be one of {FUSER_TYPES}, got {fuser_type!r}")
-        if grounding_dropout_mode not in ("per_sample", "per_batch"):
-            raise ValueError(f"grounding_dropout_mode must be per_sample or per_batch, got {grounding_dropout_mode!r}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if ema_decay is not None and not 0 < ema_decay < 1:

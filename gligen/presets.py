@@ -23,13 +23,15 @@ OFFICIAL_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing f
 @dataclass(frozen=True)
 class Setting:
     """One behaviour where paper and official code differ. `paper` / `official`: a value, or a dict modality ->
-    value (key "*" for the other modalities). `where`: the argument that switches it on its own."""
+    value (key "*" for the other modalities). `where`: the argument that switches it on its own. `closed`: the
+    paper's and the official value are the only ones it takes."""
 
     name: str
     where: str
     behaviour: str
     paper: Any
     official: Any
+    closed: bool = False
 
     def value(self, preset: str, modality: str | None = None) -> Any:
         if preset not in PRESETS:
@@ -44,13 +46,13 @@ SETTINGS = {s.name: s for s in (
     Setting("caption_dropout", "model.caption_dropout", "caption dropout (classifier-free guidance)",
             0.1, {"keypoint": 0.0, "*": 0.5}),  # official keypoint data never drops it (prob_real_caption 1)
     Setting("grounding_dropout_mode", "model.grounding_dropout_mode", "grounding dropout",
-            "per_sample", "per_batch"),  # official: one coin nulls the whole batch's grounding
+            "per_sample", "per_batch", closed=True),  # official: one coin for the whole batch
     Setting("detection_captions", "data.init_args.detection_captions", "detection data caption",
-            "null", "category_names"),  # official make_a_sentence: "cat, dog", then the caption dropout coin
+            "null", "category_names", closed=True),  # official make_a_sentence, then the caption dropout coin
     Setting("keypoint_slots", "data.init_args.keypoint_slots", "keypoint person slots",
-            "most_visible", "largest"),
+            "most_visible", "largest", closed=True),
     Setting("keypoint_captions", "data.init_args.keypoint_captions", "keypoint data captions",
-            "optional", "required"),
+            "optional", "required", closed=True),
     Setting("sampler", "sample --sampler", "sampler", "ddim", "plms"),
     Setting("negative_prompt", "sample --negative-prompt", "negative prompt (unconditional branch)",
             "", OFFICIAL_NEGATIVE_PROMPT),
@@ -63,8 +65,15 @@ ENTITY_CROP = Setting("entity_crop", "convert --entity-crop", "entity crop for t
 
 
 def resolve(preset: str, modality: str | None = None, **given: Any) -> dict:
-    """`given` settings with every None replaced by the preset's value for `modality`."""
-    return {name: SETTINGS[name].value(preset, modality) if value is None else value for name, value in given.items()}
+    """`given` settings with every None replaced by the preset's value for `modality`; ValueError for a value
+    outside a setting's choices."""
+    resolved = {name: SETTINGS[name].value(preset, modality) if value is None else value
+                for name, value in given.items()}
+    for name, value in resolved.items():
+        setting = SETTINGS[name]
+        if setting.closed and value not in (setting.paper, setting.official):
+            raise ValueError(f"{name} must be one of {(setting.paper, setting.official)}, got {value!r}")
+    return resolved
 
 
 # the training config's keys of each setting (model.<name> or data.init_args.<name>)
@@ -76,12 +85,13 @@ def with_preset_values(config: dict) -> dict:
     """A training config (LightningCLI's dump) with `model.preset` set (default paper) and every preset setting
     left at None or absent replaced by its value: two configs that train alike compare equal."""
     config = copy.deepcopy(config)
-    model = config.setdefault("model", {}) or {}
-    preset = model.setdefault("preset", DEFAULT_PRESET) or DEFAULT_PRESET
-    for name, keys in TRAINING_KEYS.items():
+    for name, keys in (("preset", ("model", "preset")), *TRAINING_KEYS.items()):
         node = config
         for key in keys[:-1]:
-            node = node.setdefault(key, {}) if isinstance(node.get(key), dict) or key not in node else {}
+            if not isinstance(node.get(key), dict):  # absent or null: a section of defaults
+                node[key] = {}
+            node = node[key]
         if node.get(keys[-1]) is None:
-            node[keys[-1]] = SETTINGS[name].value(preset, model.get("modality"))
+            node[keys[-1]] = DEFAULT_PRESET if name == "preset" else SETTINGS[name].value(
+                config["model"]["preset"], config["model"].get("modality"))
     return config

@@ -16,14 +16,7 @@ from gligen.data.collate import BatchShapes, collate_batch, example_signature
 from gligen.data.decode import DataLimits, SkipCounter, decode_sample
 from gligen.data.schema import DecodedSample
 from gligen.data.shards import decode_or_skip, iter_raw_samples, resolve_shards
-from gligen.data.transforms import (
-    DETECTION_CAPTIONS,
-    KEYPOINT_CAPTIONS,
-    KEYPOINT_SLOTS,
-    TransformConfig,
-    transform_or_skip,
-    transform_sample,
-)
+from gligen.data.transforms import TransformConfig, transform_or_skip, transform_sample
 from gligen.presets import DEFAULT_PRESET, resolve
 
 # Batches carry what their worker counted since its previous batch (``SkipCounter.since``: skipped samples and
@@ -233,11 +226,6 @@ class GroundingDataModule(L.LightningDataModule):
         detection_captions, keypoint_slots, keypoint_captions = resolve(
             preset, detection_captions=detection_captions, keypoint_slots=keypoint_slots,
             keypoint_captions=keypoint_captions).values()
-        for name, value, allowed in (("detection_captions", detection_captions, DETECTION_CAPTIONS),
-                                     ("keypoint_slots", keypoint_slots, KEYPOINT_SLOTS),
-                                     ("keypoint_captions", keypoint_captions, KEYPOINT_CAPTIONS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.save_hyperparameters()
         self.hparams.update(detection_captions=detection_captions, keypoint_slots=keypoint_slots,
                             keypoint_captions=keypoint_captions)  # resolved (LightningCLI saves them as given)

@@ -216,11 +216,6 @@ def pad_entity_images(sample: DecodedSample, kept: np.ndarray, size: int, max_ob
     return {"entity_pixel_values": pixels, "entity_masks": masks}
 
 
-DETECTION_CAPTIONS = ("null", "category_names")
-KEYPOINT_SLOTS = ("most_visible", "largest")
-KEYPOINT_CAPTIONS = ("optional", "required")
-
-
 @dataclass(frozen=True)
 class TransformConfig:
     resolution: int
@@ -231,7 +226,7 @@ class TransformConfig:
     random_flip: bool = True
     entity_images: bool = False  # carry entity images as entity_pixel_values (image / text_image modalities)
     entity_resolution: int | None = None  # side of entity_pixel_values; None = resolution
-    # where paper and official code differ (gligen/presets.py); GroundingDataModule resolves its preset into these
+    # where paper and official code differ (gligen/presets.py: their values); GroundingDataModule resolves these
     detection_captions: str = "null"  # or "category_names": detection samples get "cat, dog" as their caption
     keypoint_slots: str = "most_visible"  # or "largest": the person slots go to the largest persons
     keypoint_captions: str = "optional"  # or "required": keypoint data without captions is an error
