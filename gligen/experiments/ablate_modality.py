@@ -16,7 +16,10 @@ the boxes; keypoint PCK@0.1 and OKS AP of the pose read-back vs the persons; ima
 to find in each box being the class of its reference image.
 
 --train_seeds [0,1,2] replicates over training: one model per modality and seed (the config's own seed in its
-run_dir, another in <run_dir>_seed<s>), each trained when missing; the summary's intervals are over those models.
+run_dir, another in <run_dir>_seed<s>), each trained when missing (toy box: the shipped checkpoints of that training,
+unless --retrain); the summary's intervals are over those models. Each model's rows, grids and VAE ceiling are kept
+in <out>/models/<modality>_train<s>/ with a marker (model_done.json: settings hash, weights hash): a rerun, in a later
+session or a clone without the (uncommitted) checkpoints, reuses them instead of training and scoring again.
 
 Writes <out>/metrics.csv (one row per modality x training seed x tau x sampling seed, with git commit, config hash and
 the checkpoint's identity: step, weights hash, base, training commits), summary.md (per modality and tau: mean over
@@ -28,7 +31,6 @@ events in <out>/tensorboard.
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import matplotlib
@@ -38,23 +40,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import stats
-from gligen.evaluation.generate import generate, load_layouts, reconstruct, score
 from gligen.evaluation.reporting import command_line, interval_sections, summary_marker
-from gligen.evaluation.results import RECORDS, checkpoint_columns, write_csv, write_rows
+from gligen.evaluation.results import write_csv, write_rows
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
-from gligen.experiments.provenance import run_columns
-from gligen.metrics.detectors import make_image_scorer
+from gligen.experiments.modality_models import modality_layouts, scored_model
 from gligen.modalities import get_modality, modality_names
-from gligen.module import GLIGENModule
-from gligen.provenance import config_hash, git_commit
-from gligen.sampling import tau_schedule
 from gligen.toy.build import ensure_toy_world
-from gligen.toy.evaluate import toy_layouts
-from gligen.training.cli import fit_from_config
-from gligen.training.rundir import config_paths, describe_config, is_trained, seed_run
 
 
 def parse_args(argv=None) -> dict:
@@ -68,26 +61,6 @@ def parse_args(argv=None) -> dict:
     return to_dict(config)
 
 
-def checkpoint_for(modality: str, config: dict, train_seed: int | None = None) -> str:
-    """The modality's checkpoint for one training seed (None: the train config's own): given, found finished in
-    its run_dir (<run_dir>_seed<s> for another seed, gligen.training.rundir.seed_run), or trained now."""
-    if config["ckpts"].get(modality):
-        return str(config["ckpts"][modality])
-    train_config = config["train_configs"].get(modality)
-    if not train_config or not all(path.exists() for path in config_paths(train_config)):
-        raise SystemExit(f"{modality}: no checkpoint and no train config ({train_config!r}); pass --ckpts.{modality} "
-                         f"<file> or --train_configs.{modality} <yaml>")
-    overrides, run_dir = seed_run(train_config, train_seed)
-    last = run_dir / "checkpoints" / "last.ckpt" if run_dir else None
-    if last is not None and last.exists() and is_trained(train_config, overrides):
-        return str(last)
-    # none yet, or half-trained (a run cut short): fit resumes it to its max_steps; never scored half-way
-    resuming = " (resuming a half-trained run)" if last and last.exists() else ""
-    seed = f", training seed {train_seed}" if overrides else ""
-    print(f"{modality}: training {describe_config(train_config)}{seed}{resuming}")
-    return str(fit_from_config(train_config, *overrides))
-
-
 def training_seeds(config: dict) -> list[int | None]:
     """The training seeds to replicate over ([None]: one model, the train config's own seed). Given checkpoints
     are one training seed each: they cannot be replicated."""
@@ -99,84 +72,10 @@ def training_seeds(config: dict) -> list[int | None]:
     return seeds
 
 
-def modality_layouts(modality: str, config: dict, toy: bool) -> tuple[list[dict], list[np.ndarray]]:
-    """The evaluation layouts of a modality and their real images."""
-    if toy:
-        return toy_layouts(get_modality(modality).family, config["num_images"], config["resolution"])
-    shards = (config.get("val_shards") or {}).get(modality)
-    if not shards:
-        raise SystemExit(f"{modality}: val_shards.{modality} is required outside the toy world")
-    return load_layouts(shards, config["resolution"], config["num_images"],
-                        entity_images=get_modality(modality).entity_images)
-
-
-def evaluate_modality(modality: str, config: dict, toy: bool, train_seed: int | None = None
-                      ) -> tuple[list[dict], dict[float, list[np.ndarray]], list[dict], list[np.ndarray], GLIGENModule]:
-    """Rows (tau x sampling seed) of one trained model (training seed `train_seed`), its sample grids, the layouts
-    and their real images, and the model."""
-    ckpt = checkpoint_for(modality, config, train_seed)
-    module = GLIGENModule.from_checkpoint(ckpt, config.get("pretrained"))
-    if module.modality is not get_modality(modality):
-        raise SystemExit(f"{ckpt}: a {module.modality.name!r} checkpoint, listed for {modality!r}")
-    if torch.cuda.is_available():
-        module = module.cuda()
-    layouts, references = modality_layouts(modality, config, toy)
-    detector = module.modality.detector(config)
-    image_scorer = make_image_scorer(config.get("image_scorer"))
-    provenance = {"git_commit": git_commit(), "num_images": len(layouts),
-                  "config_hash": config_hash({**config, "modality": modality, "train_config": _text(
-                      config["train_configs"].get(modality))}),
-                  "train_seed": 0 if train_seed is None else train_seed,
-                  **checkpoint_columns(ckpt, checkpoint_identity(ckpt))}
-    rows, grids, start = [], {}, time.perf_counter()
-    for tau in config["taus"]:
-        for seed in config["seeds"]:
-            images = generate(module.ldm, layouts, tau_schedule(config["steps"], tau), seed=seed,
-                              sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
-                              batch_size=config["batch_size"], progress=False,
-                              max_objects=module.hparams.max_objects, modality=modality)
-            metrics, records = score(module.modality, images, layouts, detector, image_scorer)
-            records.alias("value", module.modality.primary_metric)
-            records.alias("placement", module.modality.placement_metric)
-            row = {"modality": modality, "tau": tau, "seed": seed, **headline(module.modality, metrics),
-                   **metrics, **provenance, RECORDS: records}
-            rows.append(row)
-            if seed == config["seeds"][0]:
-                grids[tau] = images[: config["grid_size"]]
-            print(f"{modality} train seed {provenance['train_seed']} tau={tau:g} seed={seed}: "
-                  + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    run = run_columns(time.perf_counter() - start)  # the stage: sampling and scoring this model
-    return [{**row, **run} for row in rows], grids, layouts, references, module
-
-
-def vae_ceiling(modality: str, module: GLIGENModule, config: dict, layouts: list[dict],
-                references: list[np.ndarray]) -> dict:
-    """The modality's metrics on VAE reconstructions of the real images of its layouts: no model in this latent
-    space can score higher; a low ceiling means the autoencoder, not grounding, caps the metric."""
-    metrics = module.modality.metrics(reconstruct(module.ldm, references), layouts, module.modality.detector(config))
-    print(f"{modality} VAE reconstructions: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    return {"modality": modality, **headline(module.modality, metrics), **metrics, "git_commit": git_commit(),
-            "num_images": len(layouts), "base_fingerprint": module.base_fingerprint}
-
-
-def headline(modality, metrics: dict) -> dict:
-    """The modality's primary (class / joint aware) and placement metric, as the table's columns."""
-    return {"metric": modality.primary_metric, "value": metrics[modality.primary_metric],
-            "placement_metric": modality.placement_metric,
-            "placement": metrics.get(modality.placement_metric, float("nan"))}
-
-
-def _text(train_config) -> str | None:
-    """The text of a train config's files (composed: concatenated in order), for the config hash."""
-    if not train_config or not all(p.exists() for p in config_paths(train_config)):
-        return None
-    return "".join(p.read_text() for p in config_paths(train_config))
-
-
 def bar_plot(rows: list[dict], path: Path) -> None:
     """Per modality, mean +- std over seeds, one bar per tau: the primary metric (left) and placement (right)."""
     modalities = list(dict.fromkeys(r["modality"] for r in rows))
-    taus = sorted({r["tau"] for r in rows})
+    taus = sorted({float(r["tau"]) for r in rows})
     width = 0.8 / len(taus)
     fig, axes = plt.subplots(1, 2, figsize=(3.6 * len(modalities) + 2, 4))
     for ax, key, attribute, title in ((axes[0], "value", "primary_metric", "class / joint aware"),
@@ -184,7 +83,7 @@ def bar_plot(rows: list[dict], path: Path) -> None:
         for k, tau in enumerate(taus):
             means, stds = [], []
             for m in modalities:
-                values = [r[key] for r in rows if r["modality"] == m and r["tau"] == tau]
+                values = [float(r[key]) for r in rows if r["modality"] == m and float(r["tau"]) == tau]
                 means.append(np.mean(values))
                 stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
             label = "base LDM (tau=0)" if tau == 0 else f"GLIGEN (tau={tau:g})"
@@ -225,10 +124,10 @@ def write_results(out: Path, rows: list[dict], grids: dict, layouts: dict, confi
             writer.add_image(f"samples/{modality}_tau_{tau:g}", grid, 0)
         for row in rows:
             names = [*get_modality(row["modality"]).metric_names, "value"]
-            metrics = {f"hp/{m}": float(row[m]) for m in names if m in row}
+            metrics = {f"hp/{m}": float(row[m]) for m in names if row.get(m) not in (None, "")}
             writer.add_hparams({"modality": row["modality"], "train_seed": int(row["train_seed"]),
                                 "tau": float(row["tau"]), "seed": int(row["seed"])}, metrics,
-                               run_name=f"{row['modality']}_train{row['train_seed']}_tau{row['tau']:g}_seed{row['seed']}")
+                               run_name=f"{row['modality']}_train{row['train_seed']}_tau{float(row['tau']):g}_seed{row['seed']}")
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -309,12 +208,12 @@ def main(argv=None) -> None:
     train_seeds = training_seeds(config)
     rows, grids, layouts, ceilings = [], {}, {}, []
     for modality in config["modalities"]:
+        layouts[modality] = modality_layouts(modality, config, toy)[0]
         for train_seed in train_seeds:
-            modality_rows, modality_grids, layouts[modality], references, module = evaluate_modality(
-                modality, config, toy, train_seed)
+            modality_rows, modality_grids, ceiling = scored_model(modality, config, toy, train_seed)
             rows += modality_rows
             if train_seed == train_seeds[0]:  # one model's samples and the VAE (the same base for every seed)
                 grids.update({(modality, tau): images for tau, images in modality_grids.items()})
-                ceilings.append(vae_ceiling(modality, module, config, layouts[modality], references))
+                ceilings.append(ceiling)
     write_results(Path(config["out"]), rows, grids, layouts, config, ceilings)
     print(f"wrote {config['out']}")

@@ -231,6 +231,8 @@ class ModalityAblationConfig(SamplingSettings):
     train_seeds: list[int] | None = _list([0, 1, 2])
     """Replicate over training: one model per modality and seed (seed_everything; run_dir gets a _seed<s> suffix
     except for the config's own seed), trained when missing. null: one model per modality, the config's own seed."""
+    retrain: bool = False
+    """Toy world: train the box models here instead of scoring the shipped checkpoints of the same training."""
     toy_cache: str = "cache/toy"
     """Where the toy world is built."""
     toy_config: str | None = None

@@ -3,6 +3,7 @@ CLI with keypoint and entity-image layout files, and experiments/ablate_modality
 
 import csv
 import json
+import shutil
 
 import lightning as L
 import numpy as np
@@ -12,7 +13,7 @@ from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
 from gligen.evaluation.visualize import layouts_grid
-from gligen.experiments import verify
+from gligen.experiments import ablate_modality, modality_models, verify
 from gligen.ldm import FrozenLDM
 from gligen.metrics.grounding import entity_grounding_metrics, entity_label, keypoint_metrics
 from gligen.modalities import get_modality, modality_of
@@ -238,6 +239,20 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
         ceilings = list(csv.DictReader(f))
     assert [(c["modality"], c["metric"]) for c in ceilings] == [("box", "ap50"), ("image", "entity_ap50")]
     assert all(0 <= float(c["value"]) <= 1 and c["git_commit"] for c in ceilings) and "VAE ceiling" in summary
+
+    # finishable across sessions: each model's scores are kept in out/models; with every checkpoint gone (they are
+    # not committed) a rerun, even of fewer modalities, neither trains nor scores again and writes the same rows
+    shutil.rmtree(tmp_path / "runs")
+    out, again = run_experiment("ablate_modality.py", {**overrides, "modalities": ["image", "box"]}, tmp_path)
+    assert not (tmp_path / "runs").exists()
+    key = ("modality", "train_seed", "tau", "seed", "value", "placement", "config_hash", "ckpt_weights_hash")
+    assert sorted(tuple(r[k] for k in key) for r in again) == sorted(tuple(r[k] for k in key) for r in rows)
+    assert not verify.verify_folder(out).failures
+    config = ablate_modality.parse_args(["--config", str(tmp_path / "ablate.yaml")])
+    folder = modality_models.model_dir(config, "box", 1)
+    assert modality_models.model_scored(folder, modality_models.model_settings("box", config, 1))
+    assert not modality_models.model_scored(folder, modality_models.model_settings("box", {**config, "steps": 3}, 1))
+    assert not modality_models.model_scored(folder, modality_models.model_settings("box", config, 0))
     assert (out / "modalities.png").stat().st_size > 0
     assert all((out / f"samples_{m}_tau{t}.png").exists() for m in modalities for t in (0, 1))
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -14,7 +14,7 @@ import yaml
 
 import gligen.experiments.grid as grid_lib
 from gligen.checkpoint_file import checkpoint_identity, weights_hash
-from gligen.experiments.ablate_modality import checkpoint_for
+from gligen.experiments.modality_models import checkpoint_for
 from gligen.training.cli import fit_from_config
 from tests.helpers import tiny_grid_config
 

@@ -11,6 +11,7 @@ import yaml
 
 import gligen.toy.build as toy_build
 from gligen.checkpoint_file import read_checkpoint, save_safetensors_checkpoint, weights_hash
+from gligen.experiments import modality_models
 from gligen.ldm import weights_fingerprint
 from gligen.module import GLIGENModule
 from gligen.toy import shipped
@@ -79,6 +80,27 @@ def test_shipped_seed_checkpoints_are_the_reference_training_with_other_seeds():
         hashes.add(weights_hash(checkpoint["state_dict"]))
     assert len(hashes) == 1 + len(shipped.SHIPPED_SEEDS)
     assert shipped.reference_checkpoint(train_config, shipped.shipped_ldm(), seed=7) is None  # not shipped: train
+
+
+@needs_shipped
+def test_ablate_modality_scores_the_shipped_box_models_instead_of_training_them(tmp_path, monkeypatch):
+    """The modality ablation's box models are the shipped reference training (seeds 0-2) when its box train config
+    and base are theirs; --retrain, or a seed not shipped, trains instead."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache/toy").mkdir(parents=True)
+    (tmp_path / "cache/toy/ldm").symlink_to(shipped.shipped_ldm())  # the default base, where toy_base.yaml says
+    config = {"ckpts": {}, "train_configs": {"box": [str(ROOT / p) for p in shipped.TRAIN_CONFIG]}}
+    trained = []
+    monkeypatch.setattr(modality_models, "fit_from_config", lambda *args: trained.append(args) or "trained.ckpt")
+    assert modality_models.checkpoint_for("box", config, 0) == str(shipped.shipped_checkpoint())
+    for seed in shipped.SHIPPED_SEEDS:
+        path = shipped.SHIPPED_DIR / RECORD["seed_checkpoints"][str(seed)]["file"]
+        assert modality_models.checkpoint_for("box", config, seed) == str(path)
+    assert not trained
+    assert modality_models.checkpoint_for("box", {**config, "retrain": True}, 1) == "trained.ckpt"
+    assert modality_models.checkpoint_for("box", config, 7) == "trained.ckpt"
+    assert [args[1:] for args in trained] == [("--seed_everything", "1", "--run_dir", "runs/toy_box_seed1"),
+                                              ("--seed_everything", "7", "--run_dir", "runs/toy_box_seed7")]
 
 
 def test_safetensors_checkpoint_round_trip_and_refusal(tiny_pretrained, tmp_path):
