@@ -21,3 +21,6 @@ SKELETON = (  # COCO joint index pairs drawn as limbs
 COCO_SIGMAS = tuple(s / 10 for s in (
     .26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89))
 VISIBLE = 2  # only COCO visibility 2 ("labelled and visible") counts as a present keypoint
+# where an LDM directory keeps the transformers CLIPModel whose image tower embeds image entities: <pretrained>/clip
+# (the toy build and the official-checkpoint import write it there; FrozenLDM, sweeps and converters look there)
+CLIP_SUBFOLDER = "clip"

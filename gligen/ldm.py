@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from gligen.constants import CLIP_SUBFOLDER
 from gligen.nn.tokenizers import IMAGE_FEATURE_NORM, project_image_embeddings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ def weights_fingerprint(pretrained: str, samples: int = 16, chunk: int = 4096) -
     return digest.hexdigest()[:16]
 
 
+def ldm_clip_dir(pretrained: str | os.PathLike) -> str | None:
+    """The CLIPModel directory an LDM directory holds (<pretrained>/clip), or None when it has none."""
+    path = os.path.join(str(pretrained), CLIP_SUBFOLDER)
+    return path if os.path.isdir(path) else None
+
+
 class FrozenLDM(nn.Module):
     """Frozen SD components with the encoders GLIGEN training needs. Every parameter has requires_grad=False."""
 
@@ -67,8 +74,7 @@ class FrozenLDM(nn.Module):
                  clip_image_std: tuple[float, float, float] | None = None):
         super().__init__()
         self.pretrained = pretrained
-        default_clip = os.path.join(str(pretrained), "clip")
-        self.clip_path = clip if clip is not None else (default_clip if os.path.isdir(default_clip) else None)
+        self.clip_path = clip if clip is not None else ldm_clip_dir(pretrained)
         self.clip_image_mean, self.clip_image_std = clip_image_mean, clip_image_std  # None: from the CLIP dir
         self._clip: list = []  # the lazily loaded CLIPModel, in a list so that it is no submodule (state_dict, .to)
         self.tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")

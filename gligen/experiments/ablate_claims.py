@@ -25,10 +25,11 @@ from pathlib import Path
 
 from gligen.evaluation import stats
 from gligen.evaluation.reporting import command_line, summary_marker
-from gligen.evaluation.results import read_rows, write_rows
+from gligen.evaluation.results import read_csv, read_rows, write_rows
 from gligen.experiments import grid as grid_lib
 from gligen.experiments.config import ClaimsConfig, parse, to_dict
 from gligen.experiments.sweep import DONE, sweep_checkpoint, sweep_done
+from gligen.ldm import weights_fingerprint
 from gligen.provenance import config_hash
 from gligen.training.rundir import config_paths, load_config
 
@@ -84,8 +85,18 @@ def cell_complete(config: dict, cell: dict) -> bool:
     done = json.loads(marker.read_text())
     if done.get("train_config_hash") != config_hash(cell["config"]):
         return False
+    base = (cell["config"].get("model") or {}).get("pretrained")
+    if base and trained_base(cell) != weights_fingerprint(str(base)):  # the same config on another base (a rebuilt
+        return False                                                   # toy world): train again
     identity = {"weights_hash": done.get("weights_hash")}
     return all(sweep_done(sweep["out"], sweep, identity) for sweep in cell_sweeps(config, cell).values())
+
+
+def trained_base(cell: dict) -> str | None:
+    """Fingerprint of the base LDM the cell's model was trained on, as its val sweep's rows record it."""
+    path = Path(cell["sweep"]["out"]) / "metrics.csv"
+    rows = read_csv(path) if path.exists() else []
+    return (rows[0].get("ckpt_base_fingerprint") or None) if rows else None
 
 
 def run(config: dict) -> None:

@@ -21,6 +21,7 @@ from gligen.evaluation import reporting
 from gligen.evaluation.generate import beta_sweep, load_layouts
 from gligen.evaluation.results import checkpoint_columns
 from gligen.experiments.provenance import run_columns
+from gligen.ldm import ldm_clip_dir
 from gligen.metrics.detectors import make_image_scorer
 from gligen.module import GLIGENModule
 from gligen.provenance import config_hash, git_commit
@@ -83,12 +84,11 @@ def sweep_checkpoint(config: dict, *, resume: bool = False, provenance: dict | N
         image_scorer = make_image_scorer(config.get("image_scorer"))
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    clip_dir = Path(config["pretrained"]) / "clip"
     start = time.perf_counter()
     rows, grids = beta_sweep(
         module.ldm, layouts, references, config["taus"], config["seeds"], detector,
         sampler=config["sampler"], steps=config["steps"], guidance=config["guidance"],
-        batch_size=config["batch_size"], clip_dir=str(clip_dir) if clip_dir.exists() else None, modality=modality,
+        batch_size=config["batch_size"], clip_dir=ldm_clip_dir(config["pretrained"]), modality=modality,
         image_scorer=image_scorer,
     )
     common = {"git_commit": git_commit(), "config_hash": config_hash(config), "num_images": len(layouts),

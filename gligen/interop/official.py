@@ -16,9 +16,10 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from gligen.constants import CLIP_SUBFOLDER
 from gligen.interop.export import _diffusers_class, _plain_unet, grounding_checkpoint
 from gligen.interop.safe_load import InteropError, _listing, load_official
-from gligen.ldm import save_ldm
+from gligen.ldm import ldm_clip_dir, save_ldm
 from gligen.modalities import get_modality, modality_names
 from gligen.nn.grounded_unet import add_grounding
 
@@ -320,12 +321,12 @@ def import_official(
 
 def _copy_clip(clip: str | None, base: str, pretrained: Path, text_encoder: CLIPTextModel) -> str | None:
     """Copy the CLIP used for image entities into `pretrained/clip`; returns where it came from (None: none)."""
-    if clip is None and (Path(base) / "clip").is_dir():
-        clip = str(Path(base) / "clip")
+    clip = clip if clip is not None else ldm_clip_dir(base)
     if clip is None:
         log.warning(
             "text_image import: no CLIP image tower (--clip); image entities need one. Copy a transformers CLIPModel "
-            "whose text tower is this text encoder (SD-1.x: openai/clip-vit-large-patch14) to %s/clip", pretrained)
+            "whose text tower is this text encoder (SD-1.x: openai/clip-vit-large-patch14) to %s/%s", pretrained,
+            CLIP_SUBFOLDER)
         return None
     model = CLIPModel.from_pretrained(clip)
     if model.config.text_config.hidden_size != text_encoder.config.hidden_size:
@@ -333,9 +334,9 @@ def _copy_clip(clip: str | None, base: str, pretrained: Path, text_encoder: CLIP
             f"CLIP {clip}: text width {model.config.text_config.hidden_size}, the official text encoder's is "
             f"{text_encoder.config.hidden_size}: it is not the CLIP of this model"
         )
-    model.save_pretrained(pretrained / "clip")
+    model.save_pretrained(pretrained / CLIP_SUBFOLDER)
     try:
-        CLIPImageProcessor.from_pretrained(clip).save_pretrained(pretrained / "clip")
+        CLIPImageProcessor.from_pretrained(clip).save_pretrained(pretrained / CLIP_SUBFOLDER)
     except OSError:  # no preprocessor_config.json: FrozenLDM falls back to CLIP's defaults
         pass
     return clip

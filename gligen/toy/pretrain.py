@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
+from gligen.constants import CLIP_SUBFOLDER
 from gligen.data.decode import SkipCounter
 from gligen.data.shards import iter_samples
 from gligen.ldm import save_ldm, sd_scheduler
@@ -295,11 +296,11 @@ def pretrain(train_shards: list[str], out_dir: str | Path, config: PretrainConfi
     unet = train_unet(latents, captions, tokenizer, text_encoder, config, log)
     lap("unet")
     save_ldm(out_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler())
-    clip.save_pretrained(out_dir / "clip")
+    clip.save_pretrained(out_dir / CLIP_SUBFOLDER)
     # the toy CLIP saw pixels in [-1, 1], i.e. CLIP normalisation with mean = std = 0.5 (not OpenAI's statistics)
     size = images.shape[-1]
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir / "clip")
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir / CLIP_SUBFOLDER)
     (out_dir / "toy_pretrain.json").write_text(
         json.dumps({"config": asdict(config), **(record or {}), "seconds": round(time.time() - start, 1),
                     "stage_seconds": stages, "train_images": len(images)}, indent=1))

@@ -25,7 +25,7 @@ import torch
 
 from gligen.evaluation.generate import generate, load_layouts, reconstruct
 from gligen.evaluation.reporting import command_line
-from gligen.ldm import FrozenLDM
+from gligen.ldm import FrozenLDM, ldm_clip_dir
 from gligen.module import GLIGENModule
 from gligen.provenance import git_commit
 from gligen.sampling import tau_schedule
@@ -187,8 +187,9 @@ def evaluate_toy(cache: str | Path, ckpt: str | None = None, num_images: int = 2
     results["base_ldm_captions_only"] = evaluate_boxes(base, layouts)
     results["base_ldm_one_object_captions"] = shape_on_command(ldm, config["resolution"], **sampling)
     results["text_encoder_word_similarity"] = word_similarity(ldm)
-    if (ldm_dir(cache) / "clip").exists():
-        results["toy_clip_zero_shot_single_objects"] = clip_zero_shot(ldm_dir(cache) / "clip", config["resolution"])
+    clip = ldm_clip_dir(ldm_dir(cache))
+    if clip is not None:
+        results["toy_clip_zero_shot_single_objects"] = clip_zero_shot(clip, config["resolution"])
     for strength in sdedit_strengths:
         for swap in (False, True):
             name = f"base_ldm_from_noised_real_strength{strength}" + ("_shape_words_swapped" if swap else "")

@@ -263,7 +263,8 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
 
 # ----- experiments/ablate_claims.py: arms x training seeds, extra layout sets, claims with verdicts ------------------
 
-def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_claim(tiny_toy_world, tmp_path):
+def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_claim(tiny_toy_world, tmp_path,
+                                                                                      monkeypatch):
     out = tmp_path / "claims"
     styled = str(tiny_toy_world / "shards" / "val-styled")
     overrides = {
@@ -308,5 +309,8 @@ def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_
     config = json.loads((out / "config.json").read_text())  # the config the run used
     cell = grid_lib.cells(ablate_claims.arm_grid(config, "raw_boxes"))[0]
     assert ablate_claims.cell_complete(config, cell)
+    monkeypatch.setattr(ablate_claims, "weights_fingerprint", lambda path: "a rebuilt base")
+    assert not ablate_claims.cell_complete(config, cell)  # the same config on another base LDM: not done
+    monkeypatch.undo()
     config["arms"]["raw_boxes"]["trainer.max_steps"] = 3  # another training config: that cell is not done
     assert not ablate_claims.cell_complete(config, grid_lib.cells(ablate_claims.arm_grid(config, "raw_boxes"))[0])

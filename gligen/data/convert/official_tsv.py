@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gligen.constants import CLIP_SUBFOLDER
 from gligen.data.convert import (
     ConvertError,
     ConvertReport,
@@ -85,7 +86,7 @@ def object_phrase(anno: dict, caption: str, by_name: bool) -> str:
 def clip_directory(path: str) -> str:
     """A transformers CLIPModel directory: ``path`` itself, or ``path/clip`` when ``path`` is a pretrained LDM
     directory holding one (as the toy LDM writes it; FrozenLDM's default)."""
-    for candidate in (os.path.join(path, "clip"), path):
+    for candidate in (os.path.join(path, CLIP_SUBFOLDER), path):
         config = os.path.join(candidate, "config.json")
         if os.path.isfile(config):
             with open(config) as f:
