@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ipynb")
 
@@ -25,6 +26,13 @@ def git_commit() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies under it (as result rows name files: the same in
+    every clone), else as given."""
+    path = Path(path)
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
 
 def config_hash(config: dict) -> str:

@@ -37,7 +37,7 @@ from gligen.evaluation.reporting import command_line, write_seed_summary
 from gligen.evaluation.results import read_rows
 from gligen.experiments.config import BetaSweepConfig, parse
 from gligen.experiments.sweep import sweep_checkpoint
-from gligen.provenance import git_commit
+from gligen.provenance import git_commit, portable_path
 from gligen.toy.build import ensure_toy_world, ldm_dir, styled_shard_dir
 from gligen.toy.shipped import reference_checkpoint
 from gligen.training.cli import fit_from_config
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
             for seed in train_seeds or [None]:
                 path = reference_checkpoint(config["train_config"], config["pretrained"], seed=seed)
                 if path is not None:
-                    shipped[seed] = str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+                    shipped[seed] = portable_path(path)
             print(f"sweeping the shipped checkpoints {sorted(shipped.values())} (--retrain trains them here)")
         if config["ckpt"] is None and len(shipped) < len(train_seeds or [None]):  # something trains: train shards
             ensure_toy_world(cache, config["toy_config"], shipped=not settings.rebuild)

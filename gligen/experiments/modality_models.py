@@ -18,7 +18,7 @@ from gligen.ldm import weights_fingerprint
 from gligen.metrics.detectors import make_image_scorer
 from gligen.modalities import get_modality
 from gligen.module import GLIGENModule
-from gligen.provenance import config_hash, git_commit
+from gligen.provenance import config_hash, git_commit, portable_path
 from gligen.sampling import tau_schedule
 from gligen.toy.evaluate import toy_layouts
 from gligen.toy.shipped import reference_checkpoint
@@ -39,10 +39,10 @@ def checkpoint_for(modality: str, config: dict, train_seed: int | None = None) -
     last = run_dir / "checkpoints" / "last.ckpt" if run_dir else None
     if last is not None and last.exists() and is_trained(train_config, overrides):
         return str(last)
-    base = (load_config(train_config).get("model") or {}).get("pretrained")
+    base = _pretrained(train_config)
     shipped = None if config.get("retrain") or not base else reference_checkpoint(train_config, base, seed=train_seed)
     if shipped is not None:  # the package ships this very training (toy box, seeds 0-2): nothing to train
-        return str(shipped.relative_to(Path.cwd()) if shipped.is_relative_to(Path.cwd()) else shipped)
+        return portable_path(shipped)
     # none yet, or half-trained (a run cut short): fit resumes it to its max_steps; never scored half-way
     resuming = " (resuming a half-trained run)" if last and last.exists() else ""
     seed = f", training seed {train_seed}" if overrides else ""
@@ -127,9 +127,11 @@ def model_settings(modality: str, config: dict, train_seed: int | None) -> dict:
     train config (its text, and the fingerprint of the base it trains on) and the training seed; not which other
     modalities or seeds run beside it, nor where the results go."""
     train_config = config["train_configs"].get(modality)
+    base = _pretrained(train_config)
     return {**{k: v for k, v in config.items() if k not in RUN_KEYS}, "modality": modality, "train_seed": train_seed,
             "ckpt": config["ckpts"].get(modality), "train_config": _text(train_config),
-            "train_base": _train_base(train_config), "val_shards": (config.get("val_shards") or {}).get(modality)}
+            "train_base": weights_fingerprint(str(base)) if base else None,
+            "val_shards": (config.get("val_shards") or {}).get(modality)}
 
 
 def model_dir(config: dict, modality: str, train_seed: int | None) -> Path:
@@ -179,12 +181,11 @@ def scored_model(modality: str, config: dict, toy: bool, train_seed: int | None)
     return load_model(folder, config["taus"])
 
 
-def _train_base(train_config) -> str | None:
-    """Fingerprint of the base LDM a train config trains on (None: no train config, or no local base)."""
+def _pretrained(train_config) -> str | None:
+    """The base LDM a train config trains on (model.pretrained; None: no train config)."""
     if not train_config or not all(p.exists() for p in config_paths(train_config)):
         return None
-    pretrained = (load_config(train_config).get("model") or {}).get("pretrained")
-    return weights_fingerprint(str(pretrained)) if pretrained else None
+    return (load_config(train_config).get("model") or {}).get("pretrained")
 
 
 def _text(train_config) -> str | None:
