@@ -25,16 +25,12 @@ from pathlib import Path
 
 from gligen.evaluation import stats
 from gligen.evaluation.reporting import command_line, summary_marker
-from gligen.evaluation.results import read_csv, read_rows, write_rows
+from gligen.evaluation.results import read_rows, write_rows
+from gligen.experiments import cell_status
 from gligen.experiments import grid as grid_lib
+from gligen.experiments.cell_status import VAL, evaluation_sweep
 from gligen.experiments.config import ClaimsConfig, parse, to_dict
-from gligen.experiments.sweep import DONE, sweep_checkpoint, sweep_done
-from gligen.ldm import weights_fingerprint
-from gligen.provenance import config_hash
 from gligen.training.rundir import config_paths, load_config
-
-VAL = "val"  # the evaluation name of each model's own sweep (its val layouts)
-CELL_DONE = "cell_done.json"  # in a cell's run dir: trained and swept on every evaluation
 
 
 def arm_grid(config: dict, arm: str) -> dict:
@@ -49,13 +45,9 @@ def arm_grid(config: dict, arm: str) -> dict:
             "gamma_init": [float(gamma)], "modality": [modality], "seeds": list(config["seeds"]), "overrides": keys,
             "sweep": {**{k: v for k, v in config["sweep"].items()
                          if v is not None or k not in grid_lib.OPTIONAL_SWEEP_KEYS}, "enabled": True},
+            "evaluations": config.get("evaluations") or {},
             "toy_cache": config.get("toy_cache"),
             "toy_config": config.get("toy_config")}
-
-
-def evaluation_sweep(cell: dict, name: str, settings: dict) -> dict:
-    """A cell's sweep on another layout set: its own sweep config with the evaluation's keys, into sweep_<name>."""
-    return {**cell["sweep"], **settings, "out": str(Path(cell["run_dir"]) / f"sweep_{name}")}
 
 
 def sweep_dirs(config: dict) -> list[tuple[str, str, dict, Path]]:
@@ -71,59 +63,22 @@ def sweep_dirs(config: dict) -> list[tuple[str, str, dict, Path]]:
 
 def cell_sweeps(config: dict, cell: dict) -> dict[str, dict]:
     """Every sweep config of a cell: its val sweep and one per evaluation."""
-    return {VAL: cell["sweep"], **{name: evaluation_sweep(cell, name, settings)
-                                   for name, settings in (config.get("evaluations") or {}).items()}}
+    return cell_status.cell_sweeps(cell, config.get("evaluations"))
 
 
 def cell_complete(config: dict, cell: dict) -> bool:
-    """True when the cell's marker (CELL_DONE, written once all its sweeps finished) records this training config
-    and every sweep is still done with that config on the same weights. Checkpoints are not committed (git-ignored),
-    the sweeps and markers are: a clone or a later session skips finished cells instead of retraining them."""
-    marker = Path(cell["run_dir"]) / CELL_DONE
-    if not marker.exists():
-        return False
-    done = json.loads(marker.read_text())
-    if done.get("train_config_hash") != config_hash(cell["config"]):
-        return False
-    base = (cell["config"].get("model") or {}).get("pretrained")
-    if base and trained_base(cell) != weights_fingerprint(str(base)):  # the same config on another base (a rebuilt
-        return False                                                   # toy world): train again
-    identity = {"weights_hash": done.get("weights_hash")}
-    return all(sweep_done(sweep["out"], sweep, identity) for sweep in cell_sweeps(config, cell).values())
-
-
-def trained_base(cell: dict) -> str | None:
-    """Fingerprint of the base LDM the cell's model was trained on, as its val sweep's rows record it."""
-    path = Path(cell["sweep"]["out"]) / "metrics.csv"
-    rows = read_csv(path) if path.exists() else []
-    return (rows[0].get("ckpt_base_fingerprint") or None) if rows else None
+    """True when the cell is trained and swept on every evaluation, by its marker (cell_status): checkpoints are
+    not committed (git-ignored), the sweeps and markers are, so a clone or a later session skips finished cells."""
+    return cell_status.cell_complete(cell, cell_sweeps(config, cell))
 
 
 def run(config: dict) -> None:
-    """Train and sweep every arm's cells (cells whose marker says they are done are skipped, as are finished
-    trainings and sweeps), then sweep every evaluation; a cell's marker is written once all its sweeps are done."""
+    """Train and sweep every arm's cells, on every evaluation (grid.run_local: cells whose marker says they are
+    done are skipped, as are finished trainings and sweeps; a cell's marker is written once all its sweeps are
+    done)."""
     for arm in config["arms"]:
-        grid = arm_grid(config, arm)
-        complete = {cell["cell"] for cell in grid_lib.cells(grid) if cell_complete(config, cell)}
-        for name in sorted(complete):
-            print(f"[claims] {arm} / {name}: trained and swept ({CELL_DONE}); not redone")
-        grid_lib.run_local(grid, skip=complete)
-        for cell in grid_lib.cells(grid):
-            if cell["cell"] in complete:
-                continue
-            for name, settings in (config.get("evaluations") or {}).items():
-                sweep_checkpoint(evaluation_sweep(cell, name, settings), resume=True,
-                                 provenance={"arm": arm, "evaluation": name, "train_seed": cell["seed"]})
-            mark_complete(config, cell)
-
-
-def mark_complete(config: dict, cell: dict) -> None:
-    sweeps = cell_sweeps(config, cell)
-    weights = {json.loads((Path(s["out"]) / DONE).read_text())["weights_hash"] for s in sweeps.values()}
-    if len(weights) == 1:  # all swept on the same weights
-        (Path(cell["run_dir"]) / CELL_DONE).write_text(json.dumps(
-            {"train_config_hash": config_hash(cell["config"]), "weights_hash": weights.pop(),
-             "sweeps": {name: config_hash(s) for name, s in sweeps.items()}}, indent=1))
+        print(f"[claims] arm {arm}")
+        grid_lib.run_local(arm_grid(config, arm))
 
 
 def pooled_rows(config: dict) -> list[dict]:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from gligen.experiments import grid as grid_lib
+from gligen.experiments.cell_status import scalars
 from gligen.experiments.config import GammaAblationConfig
 
 
@@ -28,7 +29,7 @@ def plot(grid: dict, path: Path) -> None:
 
     fig, (gates, loss) = plt.subplots(1, 2, figsize=(10, 4))
     for cell in grid_lib.cells(grid):
-        series = grid_lib.scalars(cell["run_dir"]) if cell["run_dir"].exists() else {}
+        series = scalars(cell["run_dir"]) if cell["run_dir"].exists() else {}
         attn = [s for tag, s in series.items() if tag.startswith("gate_attn/")]
         if attn:
             steps = [step for step, _ in attn[0]]

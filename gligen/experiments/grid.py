@@ -17,7 +17,9 @@ checkpoints/), its sweep goes to `<out>/<cell>/sweep/` (metrics.csv, summary.md,
 sweep_done.json). Every modality sweeps, scored with its own metric (box ap50 / coarse_ap50, keypoint pck / oks_ap,
 image / text_image entity_ap50; gligen.modalities, Modality.metrics); summary.csv has every metric column, empty where
 a cell's modality does not measure it. A cell that is submitted or run again skips finished training and a finished
-sweep, and continues an interrupted run.
+sweep, and continues an interrupted run. A trained and swept cell gets <out>/<cell>/cell_done.json
+(gligen/experiments/cell_status.py), so a clone of committed results without the git-ignored checkpoints skips it
+too, and `collect` reports its training from that marker.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from pathlib import Path
 
 import yaml
 
-from gligen.checkpoint_file import checkpoint_identity
 from gligen.evaluation import reporting
 from gligen.evaluation.results import RECORDS, read_rows, write_rows
+from gligen.experiments.cell_status import CELL_DONE, VAL, cell_complete, cell_sweeps, mark_complete, training_summary
 from gligen.experiments.config import GridConfig, parse, to_dict
 from gligen.experiments.sweep import sweep_checkpoint, sweep_done
-from gligen.provenance import config_hash, git_commit
+from gligen.provenance import git_commit
 from gligen.toy.build import ensure_toy_world
 from gligen.training.cli import fit_from_config
 from gligen.training.preemption import EXIT_INTERRUPTED, PREEMPTION_SIGNALS, requeue_slurm_job, slurm_job_id
@@ -182,23 +184,51 @@ def submit(grid: dict, sbatch_args: list[str]) -> str:
     return job
 
 
+def cell_of(config_path: str | Path) -> dict:
+    """The cell whose training config `expand` wrote to config_path: its run dir, training config and sweep config
+    (as `cells` gives them), read back from <out>/configs and <out>/sweeps."""
+    config = yaml.safe_load(Path(config_path).read_text())
+    sweep = sweep_path(config_path)
+    return {"cell": Path(config_path).stem, "run_dir": Path(config["run_dir"]), "config": config,
+            "sweep": yaml.safe_load(sweep.read_text()) if sweep.exists() else None}
+
+
+def complete_by_marker(config_path: str | Path, fit_args: list[str] = ()) -> bool:
+    """True when the cell of config_path is trained and swept by its marker (cell_status), which records the cell's
+    own config: never with fit overrides, which train something else."""
+    cell = cell_of(config_path)
+    return not fit_args and cell_complete(cell, {VAL: cell["sweep"]} if cell["sweep"] else {})
+
+
 def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None:
     """The tau sweep of one trained cell, once: skipped when the cell has no sweep config, when its training is
-    not finished (e.g. a Slurm task whose fit was just requeued), or when the sweep is already done. Under Slurm,
-    SIGUSR1 / SIGTERM (time limit, preemption) requeue the task, and the requeued task redoes the unfinished sweep."""
+    not finished (e.g. a Slurm task whose fit was just requeued), or when the sweep is already done (also by the
+    cell's marker, without its checkpoint). Under Slurm, SIGUSR1 / SIGTERM (time limit, preemption) requeue the
+    task, and the requeued task redoes the unfinished sweep. A finished sweep writes the cell's marker."""
     sweep = sweep_path(config_path)
     if not sweep.exists():
         print(f"[grid] {config_path}: no sweep config ({sweep}); nothing to sweep")
         return None
+    if complete_by_marker(config_path, fit_args):
+        print(f"[grid] {config_path}: trained and swept ({CELL_DONE}); not redone")
+        return Path(yaml.safe_load(sweep.read_text())["out"])
     if not is_trained(config_path, fit_args):
         print(f"[grid] {config_path}: training not finished (step {trained_step(config_path)} of "
               f"{max_steps_of(config_path, fit_args)}); no sweep yet")
         return None
     _requeue_on_signal()
     config = yaml.safe_load(sweep.read_text())
-    provenance = {"cell": config["cell"]["cell"], "gamma_init": config["cell"]["gamma_init"],
-                  "modality": config["cell"]["modality"], "train_seed": config["cell"]["seed"]}
-    return sweep_checkpoint(config, resume=True, provenance=provenance)
+    out = sweep_checkpoint(config, resume=True, provenance=sweep_provenance(config["cell"]))
+    if not fit_args:
+        cell = cell_of(config_path)
+        mark_complete(cell, {VAL: cell["sweep"]})
+    return out
+
+
+def sweep_provenance(cell: dict) -> dict:
+    """The columns a cell's sweep rows get besides their own: the cell's axes (its seed as train_seed)."""
+    return {"cell": cell["cell"], "gamma_init": cell["gamma_init"], "modality": cell["modality"],
+            "train_seed": cell["seed"]}
 
 
 def _requeue_on_signal() -> None:
@@ -224,39 +254,31 @@ def _requeue_on_signal() -> None:
         signal.signal(signum, handler)
 
 
-def run_local(grid: dict, sweep: bool | None = None, skip: frozenset[str] | set[str] = frozenset()) -> list[Path]:
-    """Trains every cell here (skipping finished ones, and cells named in `skip`), then sweeps it (unless sweep is
-    off); returns the checkpoints of the cells it trained or found trained."""
+def run_local(grid: dict, sweep: bool | None = None) -> list[Path]:
+    """Trains every cell here (skipping finished ones), then sweeps it (unless sweep is off) on its val layouts and
+    on each of the grid's `evaluations` (name -> sweep keys: another layout set, into <run_dir>/sweep_<name>), then
+    writes the cell's marker; a cell complete by its marker is skipped whole. Returns the checkpoints of the cells
+    it trained or found trained."""
     sweep = sweep_enabled(grid) if sweep is None else sweep
     build_toy_world_if_used(grid)
     checkpoints = []
-    for path in (p for p in expand(grid) if p.stem not in skip):
+    for path, cell in zip(expand(grid), cells(grid)):
+        sweeps = cell_sweeps(cell, grid.get("evaluations"), sweep)
+        if cell_complete(cell, sweeps):
+            print(f"[grid] {cell['cell']}: trained and swept ({CELL_DONE}); not redone")
+            continue
         if is_trained(path):
             print(f"[grid] {path}: training finished; not retrained")
-            checkpoints.append(Path(yaml.safe_load(path.read_text())["run_dir"]) / "checkpoints" / "last.ckpt")
+            checkpoints.append(cell["run_dir"] / "checkpoints" / "last.ckpt")
         else:
             checkpoints.append(fit_from_config(str(path)))
         if sweep:
             sweep_cell(path)
+        for name, settings in sweeps.items():
+            if name != VAL:
+                sweep_checkpoint(settings, resume=True, provenance={**sweep_provenance(cell), "evaluation": name})
+        mark_complete(cell, sweeps)
     return checkpoints
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """TensorBoard scalars of a run directory: tag -> [(step, value)] (all event files, in step order)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, dict[int, float]] = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return {tag: sorted(values.items()) for tag, values in out.items()}
-
-
-def mean_last(series: list[tuple[int, float]], n: int = 10) -> float | None:
-    values = [v for _, v in series[-n:]]
-    return sum(values) / len(values) if values else None
 
 
 def _number(text: str | None) -> float | None:
@@ -266,33 +288,6 @@ def _number(text: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(value) else value
-
-
-def training_summary(cell: dict, commit: str) -> dict:
-    """One cell's training: status (done / partial / missing), final step, weights hash, losses and gate values
-    (from its checkpoint + TensorBoard)."""
-    run_dir = cell["run_dir"]
-    row = {k: cell[k] for k in ("cell", "gamma_init", "modality", "seed")}
-    last = run_dir / "checkpoints" / "last.ckpt"
-    identity = checkpoint_identity(last) if last.exists() else {}
-    target = (cell["config"].get("trainer") or {}).get("max_steps")
-    step = identity.get("global_step")
-    # done only at the cell's own max_steps: a checkpoint of a run still going (or cut short) is "partial"
-    row["status"] = "missing" if step is None else "done" if target is None or target < 0 or step >= target \
-        else "partial"
-    row["global_step"] = step
-    row["max_steps"] = target
-    row["weights_hash"] = identity.get("weights_hash")
-    series = scalars(run_dir) if run_dir.exists() else {}
-    row["train_loss_last10"] = mean_last(series.get("train/loss", []))
-    row["val_loss_last"] = mean_last(series.get("val/loss", []), 1)
-    for kind in ("gate_attn", "gate_dense"):
-        finals = [s[-1][1] for tag, s in series.items() if tag.startswith(kind + "/") and s]
-        row[f"{kind}_mean_final"] = sum(finals) / len(finals) if finals else None
-    row["run_dir"] = str(run_dir)
-    row["config_hash"] = config_hash(cell["config"])
-    row["git_commit"] = commit
-    return row
 
 
 SWEEP_KEEP = ("tau", "seed", "git_commit", "config_hash", "num_images")  # columns of a sweep row kept besides metrics
@@ -306,7 +301,7 @@ def collect(grid: dict) -> Path:
     done = swept = 0
     grid_cells = cells(grid)
     for cell in grid_cells:
-        train = training_summary(cell, commit)
+        train = training_summary(cell, commit, cell_sweeps(cell, grid.get("evaluations"), sweep_enabled(grid)))
         done += train["status"] == "done"
         out = Path(cell["sweep"]["out"])
         # a sweep counts only if it scored these very weights (not an earlier checkpoint of a cell trained on since)
@@ -388,7 +383,7 @@ def main(argv=None) -> None:
         run_local(grid)
         collect(grid)
     elif command == "trained":  # extra: the fit overrides grid.sh passes on (a --trainer.max_steps among them)
-        raise SystemExit(0 if is_trained(cell_config, extra) else 1)
+        raise SystemExit(0 if is_trained(cell_config, extra) or complete_by_marker(cell_config, extra) else 1)
     elif command == "sweep-cell":
         sweep_cell(cell_config, extra)
     else:

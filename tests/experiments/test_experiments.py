@@ -161,20 +161,68 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
     assert len(reports) == 3 and not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
     assert sum("weights hash" in line for r in reports for line in r.passed) >= 4
 
-    # requeue-safety: a second run neither retrains nor re-sweeps a finished cell
+    # requeue-safety: a second run neither retrains nor re-sweeps a finished cell (its marker says it is done);
+    # without the markers, the finished training and sweep are found and skipped one by one, and marked again
     stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
                                                                   out / c / "sweep/metrics.csv")}
+    again = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert again.stdout.count("trained and swept (cell_done.json); not redone") == 2, again.stdout
+    markers = {c: (out / c / "cell_done.json").read_text() for c in cells}
+    for cell in cells:
+        (out / cell / "cell_done.json").unlink()
     again = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
                            cwd=tmp_path, capture_output=True, text=True)
     assert again.stdout.count("training finished; not retrained") == 2, again.stdout
     assert again.stdout.count("sweep already done") == 2, again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    # the step a Slurm array task runs after training, directly
+    assert {c: (out / c / "cell_done.json").read_text() for c in cells} == markers
+    # the step a Slurm array task runs after training, directly (it marks the cell too)
+    (out / cells[0] / "cell_done.json").unlink()
     single = subprocess.run([sys.executable, str(GRID), "sweep-cell", str(out / "configs" / f"{cells[0]}.yaml")],
                             check=True, cwd=tmp_path, capture_output=True, text=True)
     assert "sweep already done" in single.stdout and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / cells[0] / "cell_done.json").read_text() == markers[cells[0]]
     assert subprocess.run([sys.executable, str(GRID), "trained", str(out / "configs" / f"{cells[0]}.yaml")],
                           check=False, cwd=tmp_path).returncode == 0
+
+    # committed without checkpoints (git-ignored): a clone trains and sweeps nothing again, and collect reports the
+    # cells' training from their markers (cell_done.json), with the same rows
+    for cell in cells:
+        marker = json.loads((out / cell / "cell_done.json").read_text())
+        assert {marker["weights_hash"]} == {r["weights_hash"] for r in summary if r["cell"] == cell}
+        assert marker["global_step"] == 2 and marker["base_fingerprint"]
+        (out / cell / "checkpoints" / "last.ckpt").unlink()
+    clone = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert clone.stdout.count("trained and swept (cell_done.json); not redone") == 2, clone.stdout
+    assert not list(out.rglob("*.ckpt")) and {p: p.stat().st_mtime_ns for p in stamps if p.exists()} == {
+        p: t for p, t in stamps.items() if p.suffix == ".csv"}
+    again_summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert {r["trained_from"] for r in summary} == {"checkpoint"}
+    assert {r["trained_from"] for r in again_summary} == {"cell_done.json"}
+    keep = [k for k in summary[0] if k != "trained_from"]
+    assert [[r[k] for k in keep] for r in again_summary] == [[r[k] for k in keep] for r in summary]
+    reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]
+    assert len(reports) == 3 and not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
+    first = str(out / "configs" / f"{cells[0]}.yaml")  # the Slurm task's steps
+    assert subprocess.run([sys.executable, str(GRID), "trained", first], cwd=tmp_path).returncode == 0
+    assert "not redone" in subprocess.run([sys.executable, str(GRID), "sweep-cell", first], check=True, cwd=tmp_path,
+                                          capture_output=True, text=True).stdout
+    # fit overrides train something the marker does not record: not trained
+    assert subprocess.run([sys.executable, str(GRID), "trained", first, "--trainer.max_steps", "3"],
+                          cwd=tmp_path).returncode == 1
+    # another training config for the same cell (a changed grid): not complete, so run-local would train it
+    from gligen.experiments import cell_status
+
+    grid = grid_lib.load_grid(argv=["--config", str(config)])
+    cell = grid_lib.cells(grid)[0]
+    assert cell_status.cell_complete(cell, cell_status.cell_sweeps(cell))
+    cell["config"]["optimizer"] = {"lr": 1.0}
+    assert not cell_status.cell_complete(cell, cell_status.cell_sweeps(cell))
+    other = grid_lib.cells(grid)[1]  # an evaluation it was never swept on: not complete
+    assert cell_status.cell_complete(other, cell_status.cell_sweeps(other))
+    assert not cell_status.cell_complete(other, cell_status.cell_sweeps(other, {"ood": {}}))
 
 
 # ----- slurm/train.sh with no arguments: the toy default -------------------------------------------------------
@@ -299,7 +347,7 @@ def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_
     assert any("summary.md (claims)" in line for r in reports for line in r.passed)
 
     # committed without checkpoints (git-ignores *.ckpt): a rerun (a clone, a later session) trains nothing again
-    from gligen.experiments import ablate_claims
+    from gligen.experiments import ablate_claims, cell_status
 
     for checkpoint in out.rglob("*.ckpt"):
         checkpoint.unlink()
@@ -309,7 +357,7 @@ def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_
     config = json.loads((out / "config.json").read_text())  # the config the run used
     cell = grid_lib.cells(ablate_claims.arm_grid(config, "raw_boxes"))[0]
     assert ablate_claims.cell_complete(config, cell)
-    monkeypatch.setattr(ablate_claims, "weights_fingerprint", lambda path: "a rebuilt base")
+    monkeypatch.setattr(cell_status, "weights_fingerprint", lambda path: "a rebuilt base")
     assert not ablate_claims.cell_complete(config, cell)  # the same config on another base LDM: not done
     monkeypatch.undo()
     config["arms"]["raw_boxes"]["trainer.max_steps"] = 3  # another training config: that cell is not done

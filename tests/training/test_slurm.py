@@ -247,5 +247,13 @@ def test_grid_submit_trains_and_sweeps_every_cell_and_collect_summarises_it(slur
     second = submit_grid()
     text = "\n".join(p.read_text() for p in logs.glob(f"{second}_*.out"))
     assert text.count("training already finished; not retrained") == 2, text[-4000:]
-    assert text.count("sweep already done") == 2, text[-4000:]
+    assert text.count("trained and swept (cell_done.json); not redone") == 2, text[-4000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # a clone of the committed results (checkpoints are git-ignored): the cells' markers stand for them
+    for cell in cells:
+        (out / cell / "checkpoints" / "last.ckpt").unlink()
+    third = submit_grid()
+    text = "\n".join(p.read_text() for p in logs.glob(f"{third}_*.out"))
+    assert text.count("training already finished; not retrained") == 2, text[-4000:]
+    assert text.count("trained and swept (cell_done.json); not redone") == 2, text[-4000:]
+    assert not list(out.rglob("*.ckpt")) and all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.exists())
