@@ -125,7 +125,7 @@ def test_grid_cell_sweep_config_follows_the_cell(tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tiny_toy_world, tmp_path):
+def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tiny_toy_world, tmp_path, capsys):
     out = tmp_path / "grid"
     config = tiny_grid_config(tmp_path, tiny_toy_world, out)
     subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True, cwd=tmp_path)
@@ -171,10 +171,12 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
     markers = {c: (out / c / "cell_done.json").read_text() for c in cells}
     for cell in cells:
         (out / cell / "cell_done.json").unlink()
-    again = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
-                           cwd=tmp_path, capture_output=True, text=True)
-    assert again.stdout.count("training finished; not retrained") == 2, again.stdout
-    assert again.stdout.count("sweep already done") == 2, again.stdout
+    grid = grid_lib.load_grid(argv=["--config", str(config)])  # in process from here: the CLI ran above
+    capsys.readouterr()
+    grid_lib.run_local(grid)
+    again = capsys.readouterr().out
+    assert again.count("training finished; not retrained") == 2, again
+    assert again.count("sweep already done") == 2, again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {c: (out / c / "cell_done.json").read_text() for c in cells} == markers
     # the step a Slurm array task runs after training, directly (it marks the cell too)
@@ -193,9 +195,10 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
         assert {marker["weights_hash"]} == {r["weights_hash"] for r in summary if r["cell"] == cell}
         assert marker["global_step"] == 2 and marker["base_fingerprint"]
         (out / cell / "checkpoints" / "last.ckpt").unlink()
-    clone = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
-                           cwd=tmp_path, capture_output=True, text=True)
-    assert clone.stdout.count("trained and swept (cell_done.json); not redone") == 2, clone.stdout
+    grid_lib.run_local(grid)
+    grid_lib.collect(grid)
+    clone = capsys.readouterr().out
+    assert clone.count("trained and swept (cell_done.json); not redone") == 2, clone
     assert not list(out.rglob("*.ckpt")) and {p: p.stat().st_mtime_ns for p in stamps if p.exists()} == {
         p: t for p, t in stamps.items() if p.suffix == ".csv"}
     again_summary = list(csv.DictReader((out / "summary.csv").open()))
@@ -206,16 +209,19 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
     reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]
     assert len(reports) == 3 and not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
     first = str(out / "configs" / f"{cells[0]}.yaml")  # the Slurm task's steps
-    assert subprocess.run([sys.executable, str(GRID), "trained", first], cwd=tmp_path).returncode == 0
-    assert "not redone" in subprocess.run([sys.executable, str(GRID), "sweep-cell", first], check=True, cwd=tmp_path,
-                                          capture_output=True, text=True).stdout
+    with pytest.raises(SystemExit) as trained:
+        grid_lib.main(["trained", first])
+    assert trained.value.code == 0
+    capsys.readouterr()
+    grid_lib.sweep_cell(first)
+    assert "not redone" in capsys.readouterr().out
     # fit overrides train something the marker does not record: not trained
-    assert subprocess.run([sys.executable, str(GRID), "trained", first, "--trainer.max_steps", "3"],
-                          cwd=tmp_path).returncode == 1
+    with pytest.raises(SystemExit) as trained:
+        grid_lib.main(["trained", first, "--trainer.max_steps", "3"])
+    assert trained.value.code == 1
     # another training config for the same cell (a changed grid): not complete, so run-local would train it
     from gligen.experiments import cell_status
 
-    grid = grid_lib.load_grid(argv=["--config", str(config)])
     cell = grid_lib.cells(grid)[0]
     assert cell_status.cell_complete(cell, cell_status.cell_sweeps(cell))
     cell["config"]["optimizer"] = {"lr": 1.0}
