@@ -193,10 +193,9 @@ def cell_of(config_path: str | Path) -> dict:
             "sweep": yaml.safe_load(sweep.read_text()) if sweep.exists() else None}
 
 
-def complete_by_marker(config_path: str | Path, fit_args: list[str] = ()) -> bool:
-    """True when the cell of config_path is trained and swept by its marker (cell_status), which records the cell's
-    own config: never with fit overrides, which train something else."""
-    cell = cell_of(config_path)
+def complete_by_marker(cell: dict, fit_args: list[str] = ()) -> bool:
+    """True when the cell (cell_of) is trained and swept by its marker (cell_status), which records the cell's own
+    config: never with fit overrides, which train something else."""
     return not fit_args and cell_complete(cell, {VAL: cell["sweep"]} if cell["sweep"] else {})
 
 
@@ -209,18 +208,17 @@ def sweep_cell(config_path: str | Path, fit_args: list[str] = ()) -> Path | None
     if not sweep.exists():
         print(f"[grid] {config_path}: no sweep config ({sweep}); nothing to sweep")
         return None
-    if complete_by_marker(config_path, fit_args):
+    cell = cell_of(config_path)
+    if complete_by_marker(cell, fit_args):
         print(f"[grid] {config_path}: trained and swept ({CELL_DONE}); not redone")
-        return Path(yaml.safe_load(sweep.read_text())["out"])
+        return Path(cell["sweep"]["out"])
     if not is_trained(config_path, fit_args):
         print(f"[grid] {config_path}: training not finished (step {trained_step(config_path)} of "
               f"{max_steps_of(config_path, fit_args)}); no sweep yet")
         return None
     _requeue_on_signal()
-    config = yaml.safe_load(sweep.read_text())
-    out = sweep_checkpoint(config, resume=True, provenance=sweep_provenance(config["cell"]))
+    out = sweep_checkpoint(cell["sweep"], resume=True, provenance=sweep_provenance(cell["sweep"]["cell"]))
     if not fit_args:
-        cell = cell_of(config_path)
         mark_complete(cell, {VAL: cell["sweep"]})
     return out
 
@@ -277,7 +275,8 @@ def run_local(grid: dict, sweep: bool | None = None) -> list[Path]:
         for name, settings in sweeps.items():
             if name != VAL:
                 sweep_checkpoint(settings, resume=True, provenance={**sweep_provenance(cell), "evaluation": name})
-        mark_complete(cell, sweeps)
+        if set(sweeps) != {VAL}:  # sweep_cell marked a cell whose only sweep is its val sweep
+            mark_complete(cell, sweeps)
     return checkpoints
 
 
@@ -383,7 +382,7 @@ def main(argv=None) -> None:
         run_local(grid)
         collect(grid)
     elif command == "trained":  # extra: the fit overrides grid.sh passes on (a --trainer.max_steps among them)
-        raise SystemExit(0 if is_trained(cell_config, extra) or complete_by_marker(cell_config, extra) else 1)
+        raise SystemExit(0 if is_trained(cell_config, extra) or complete_by_marker(cell_of(cell_config), extra) else 1)
     elif command == "sweep-cell":
         sweep_cell(cell_config, extra)
     else:
