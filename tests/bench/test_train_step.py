@@ -107,20 +107,32 @@ def test_half_frozen_casts_only_frozen_weights_and_only_for_ours(tiny_pretrained
         StepOptions("fp32", half_frozen=True)
 
 
-@pytest.mark.slow
-def test_bench_train_half_frozen_memory_side_by_side(tmp_path):
-    """The memory row of a half_frozen run holds ours with fp32 frozen weights too, measured in the same run."""
+def test_bench_train_half_frozen_memory_side_by_side(tmp_path, monkeypatch):
+    """The memory row of a half_frozen run holds ours with fp32 frozen weights too, measured in the same run. The
+    per-variant measurement is replaced here (test_bench_train_tiny_memory runs the real subprocesses): what is
+    measured, with which options, and how the row is made of it."""
+    from gligen.bench import train_step
     from gligen.bench.train_step import StepOptions
 
+    calls = []
+
+    def fake_memory(pretrained, batch_path, variant, options=None):
+        calls.append((variant, options))
+        peak = {(True, "ours"): 300.0, (False, "ours"): 500.0}[(options.half_frozen, variant)]
+        return {"peak_mb": peak, "step_mb": peak / 10, "method": "fake"}
+
+    monkeypatch.setattr(train_step, "cpu_memory", fake_memory)
     script = load_script()
     lines = []
+    options = StepOptions("bf16", half_frozen=True)
     (row,) = script.run(["tiny"], repeats=1, device="cpu", out=None, peak_size=128, log=lines.append,
-                        options=StepOptions("bf16", half_frozen=True), memory_official=False)
+                        options=options, memory_official=False)
+    assert calls == [("ours", options), ("ours", StepOptions("bf16", half_frozen=False))]
     assert "mem_official_mb" not in row  # not measured on request (18 GB at the sd size)
     assert row["ours_options"] == "bf16+half_frozen" and row["half_frozen_ours"] is True
-    assert row["mem_ours_fp32_frozen_mb"] > 0
-    assert row["mem_ratio_half_over_fp32_frozen"] == row["mem_ours_mb"] / row["mem_ours_fp32_frozen_mb"]
-    assert "with fp32 frozen weights" in "\n".join(lines)
+    assert row["mem_ours_mb"] == 300.0 and row["mem_ours_fp32_frozen_mb"] == 500.0
+    assert row["mem_ratio_half_over_fp32_frozen"] == 300.0 / 500.0
+    assert "with fp32 frozen weights 500 MB" in "\n".join(lines)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -50,11 +50,12 @@ def test_ablate_beta_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablate_beta_replicates_over_training_seeds_with_intervals(tmp_path):
+def test_ablate_beta_replicates_over_training_seeds_with_intervals(tiny_toy_world, tmp_path):
     """--train_seeds 3: one model per seed, each swept, rows per (seed, tau, sampling seed) with distinct
-    checkpoint hashes, and a summary whose intervals rest on the 3 training seeds."""
-    cache = tmp_path / "cache"
-    overrides = {"toy_cache": str(cache), "toy_config": str(tiny_toy_config(tmp_path)),
+    checkpoint hashes, and a summary whose intervals rest on the 3 training seeds. On the module's tiny world (built
+    once; the test above builds its own)."""
+    cache = tiny_toy_world
+    overrides = {"toy_cache": str(cache), "toy_config": str(cache.parent / "toy_world.yaml"),
                  "out": str(tmp_path / "results"), "taus": [0.0, 1.0], "seeds": [0, 1], "num_images": 4,
                  "steps": 2, "batch_size": 4, "train_seeds": [0, 1, 2]}
     overrides["train_config"] = str(tiny_train_config(tmp_path, cache))
@@ -165,14 +166,15 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
     # without the markers, the finished training and sweep are found and skipped one by one, and marked again
     stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
                                                                   out / c / "sweep/metrics.csv")}
-    again = subprocess.run([sys.executable, str(GRID), "run-local", "--config", str(config)], check=True,
-                           cwd=tmp_path, capture_output=True, text=True)
-    assert again.stdout.count("trained and swept (cell_done.json); not redone") == 2, again.stdout
+    # in process from here (the CLI ran above; each subprocess costs an import of torch + diffusers)
+    capsys.readouterr()
+    grid_lib.main(["run-local", "--config", str(config)])
+    again = capsys.readouterr().out
+    assert again.count("trained and swept (cell_done.json); not redone") == 2, again
     markers = {c: (out / c / "cell_done.json").read_text() for c in cells}
     for cell in cells:
         (out / cell / "cell_done.json").unlink()
-    grid = grid_lib.load_grid(argv=["--config", str(config)])  # in process from here: the CLI ran above
-    capsys.readouterr()
+    grid = grid_lib.load_grid(argv=["--config", str(config)])
     grid_lib.run_local(grid)
     again = capsys.readouterr().out
     assert again.count("training finished; not retrained") == 2, again
@@ -181,12 +183,12 @@ def test_grid_run_local_trains_and_sweeps_every_cell_then_collect_summarises(tin
     assert {c: (out / c / "cell_done.json").read_text() for c in cells} == markers
     # the step a Slurm array task runs after training, directly (it marks the cell too)
     (out / cells[0] / "cell_done.json").unlink()
-    single = subprocess.run([sys.executable, str(GRID), "sweep-cell", str(out / "configs" / f"{cells[0]}.yaml")],
-                            check=True, cwd=tmp_path, capture_output=True, text=True)
-    assert "sweep already done" in single.stdout and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    grid_lib.main(["sweep-cell", str(out / "configs" / f"{cells[0]}.yaml")])
+    assert "sweep already done" in capsys.readouterr().out and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / cells[0] / "cell_done.json").read_text() == markers[cells[0]]
-    assert subprocess.run([sys.executable, str(GRID), "trained", str(out / "configs" / f"{cells[0]}.yaml")],
-                          check=False, cwd=tmp_path).returncode == 0
+    with pytest.raises(SystemExit) as trained:
+        grid_lib.main(["trained", str(out / "configs" / f"{cells[0]}.yaml")])
+    assert trained.value.code == 0
 
     # committed without checkpoints (git-ignored): a clone trains and sweeps nothing again, and collect reports the
     # cells' training from their markers (cell_done.json), with the same rows
@@ -357,7 +359,9 @@ def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_
 
     for checkpoint in out.rglob("*.ckpt"):
         checkpoint.unlink()
-    _, rerun_rows = run_experiment("ablate_claims.py", overrides, tmp_path)
+    monkeypatch.chdir(tmp_path)  # in process (the CLI ran above): the same config file, one import of torch less
+    ablate_claims.main(["--config", str(tmp_path / "ablate.yaml")])
+    rerun_rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert not list(out.rglob("*.ckpt"))
     assert rerun_rows == rows
     config = json.loads((out / "config.json").read_text())  # the config the run used

@@ -83,7 +83,7 @@ from gligen.training.callbacks import GroundingEvaluation
 from gligen.module import GLIGENModule
 from tests.helpers import RandomBoxDataset, collate
 
-PRETRAINED, CORRECT = sys.argv[2], set(json.loads(sys.argv[3]))  # CORRECT: keys the oracle gets right (all: "*")
+PRETRAINED, RIGHT_RANK = sys.argv[2], int(sys.argv[3])  # the rank whose layouts the oracle detects right
 
 
 class KeyedBoxes(RandomBoxDataset):
@@ -111,7 +111,7 @@ def generate(ldm, layouts, *args, **kwargs):
 def oracle(images):
     out = []
     for layout in state["layouts"]:
-        right = "*" in CORRECT or layout["key"] in CORRECT
+        right = t.global_rank == RIGHT_RANK
         shift = 0.0 if right else 0.45  # shifted right by 0.45: no IoU >= 0.5 with any target
         out.append([{"box": [o["box"][0] + shift, o["box"][1], min(1.0, o["box"][2] + shift), o["box"][3]],
                      "label": o["phrase"], "score": 0.9} for o in layout["objects"]])
@@ -206,18 +206,14 @@ def test_ddp_grounding_evaluation_gathers_all_ranks(tiny_pretrained, tmp_path):
     from gligen.metrics.grounding import grounding_ap
     from tests.helpers import RandomBoxDataset, collate
 
-    # a perfect oracle: AP50 1 on both ranks
-    ranks = _run(tmp_path, "oracle", EVAL_SCRIPT, tiny_pretrained, json.dumps(["*"]))
+    # an oracle right only on rank 0's share (one DDP job: each costs two imports of torch + diffusers): rank 0
+    # alone would score AP50 = 1, the gathered set scores less, and both ranks report the gathered value
+    ranks = _run(tmp_path, "half_oracle", EVAL_SCRIPT, tiny_pretrained, 0)
     for rank, result in enumerate(ranks):
         assert result["rank"] == rank and result["world_size"] == 2
-        assert result["metrics"]["val/ap50_tau1"] == pytest.approx(1.0)
     assert sorted(ranks[0]["keys"] + ranks[1]["keys"]) == [f"val-{i}" for i in range(6)]  # 3 + 3, disjoint
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 3
-
-    # an oracle right only on rank 0's share: rank 0 alone would score AP50 = 1, the whole set scores less
     share = ranks[0]["keys"]
-    ranks = _run(tmp_path, "half_oracle", EVAL_SCRIPT, tiny_pretrained, json.dumps(share))
-    assert ranks[0]["keys"] == share  # the same split as before
     dataset = RandomBoxDataset(6)
     layouts = layouts_from_batch({**collate([dataset[i] for i in range(6)]), "keys": [f"val-{i}" for i in range(6)]})
 

@@ -244,16 +244,13 @@ def test_grid_submit_trains_and_sweeps_every_cell_and_collect_summarises_it(slur
 
     stamps = {p: p.stat().st_mtime_ns for c in cells for p in (out / c / "checkpoints/last.ckpt",
                                                                   out / c / "sweep/metrics.csv")}
-    second = submit_grid()
-    text = "\n".join(p.read_text() for p in logs.glob(f"{second}_*.out"))
-    assert text.count("training already finished; not retrained") == 2, text[-4000:]
-    assert text.count("trained and swept (cell_done.json); not redone") == 2, text[-4000:]
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    # a clone of the committed results (checkpoints are git-ignored): the cells' markers stand for them
+    # requeue-safety, as a clone of the committed results meets it (checkpoints are git-ignored): a resubmitted
+    # array neither retrains nor re-sweeps, the cells' markers standing for their checkpoints (with the checkpoints
+    # present, tests/experiments/test_experiments.py's run-local test; one array job less here)
     for cell in cells:
         (out / cell / "checkpoints" / "last.ckpt").unlink()
-    third = submit_grid()
-    text = "\n".join(p.read_text() for p in logs.glob(f"{third}_*.out"))
+    again = submit_grid()
+    text = "\n".join(p.read_text() for p in logs.glob(f"{again}_*.out"))
     assert text.count("training already finished; not retrained") == 2, text[-4000:]
     assert text.count("trained and swept (cell_done.json); not redone") == 2, text[-4000:]
     assert not list(out.rglob("*.ckpt")) and all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.exists())
