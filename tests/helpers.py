@@ -5,6 +5,7 @@ Fixtures live in conftest.py; a test module imports builders from here and never
 """
 
 import csv
+import os
 import re
 import subprocess
 import sys
@@ -309,12 +310,25 @@ def tiny_grid_config(tmp_path: Path, cache: Path, out: Path) -> Path:
     return path
 
 
-def run_experiment(script: str, overrides: dict, tmp_path: Path) -> tuple[Path, list[dict]]:
-    """Run experiments/<script> as a user would (a YAML of overrides, in a subprocess); its out dir and metrics rows."""
+def run_experiment(script: str, overrides: dict, tmp_path: Path, in_process: bool = False
+                   ) -> tuple[Path, list[dict]]:
+    """Run experiments/<script> as a user would (a YAML of overrides, in a subprocess); its out dir and metrics rows.
+    in_process: the same through the experiment's `main` (a rerun after the CLI has run once: no import of torch +
+    diffusers in a new process)."""
     config = tmp_path / "ablate.yaml"
     config.write_text(yaml.safe_dump(overrides))
-    subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--config", str(config)], check=True,
-                   cwd=tmp_path)
+    if in_process:
+        from gligen.experiments.entry import main
+
+        before = os.getcwd()  # contextlib.chdir needs Python 3.11; the project supports 3.10
+        os.chdir(tmp_path)
+        try:
+            main(Path(script).stem, ["--config", str(config)])
+        finally:
+            os.chdir(before)
+    else:
+        subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--config", str(config)], check=True,
+                       cwd=tmp_path)
     out = Path(overrides["out"])
     return out, list(csv.DictReader((out / "metrics.csv").open()))
 

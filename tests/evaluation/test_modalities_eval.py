@@ -9,7 +9,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
@@ -211,7 +210,7 @@ def test_sample_cli_with_keypoint_and_entity_image_layouts(clip_pretrained, tmp_
 
 
 @pytest.mark.slow
-def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path, monkeypatch):
+def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     cache = tmp_path / "cache"
     modalities = ["box", "image"]
     train_configs = {m: str(tiny_train_config(tmp_path, cache, m, steps=1, validate=False)) for m in modalities}
@@ -244,11 +243,8 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path, monkeypat
     # finishable across sessions: each model's scores are kept in out/models; with every checkpoint gone (they are
     # not committed) a rerun, even of fewer modalities, neither trains nor scores again and writes the same rows
     shutil.rmtree(tmp_path / "runs")
-    rerun = tmp_path / "rerun.yaml"  # in process (the CLI ran above): one import of torch + diffusers less
-    rerun.write_text(yaml.safe_dump({**overrides, "modalities": ["image", "box"]}))
-    monkeypatch.chdir(tmp_path)
-    ablate_modality.main(["--config", str(rerun)])
-    again = list(csv.DictReader((out / "metrics.csv").open()))
+    out, again = run_experiment("ablate_modality.py", {**overrides, "modalities": ["image", "box"]}, tmp_path,
+                                in_process=True)  # the CLI ran above
     assert not (tmp_path / "runs").exists()
     key = ("modality", "train_seed", "tau", "seed", "value", "placement", "config_hash", "ckpt_weights_hash")
     assert sorted(tuple(r[k] for k in key) for r in again) == sorted(tuple(r[k] for k in key) for r in rows)

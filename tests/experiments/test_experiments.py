@@ -359,9 +359,7 @@ def test_ablate_claims_trains_every_arm_sweeps_every_layout_set_and_judges_each_
 
     for checkpoint in out.rglob("*.ckpt"):
         checkpoint.unlink()
-    monkeypatch.chdir(tmp_path)  # in process (the CLI ran above): the same config file, one import of torch less
-    ablate_claims.main(["--config", str(tmp_path / "ablate.yaml")])
-    rerun_rows = list(csv.DictReader((out / "metrics.csv").open()))
+    _, rerun_rows = run_experiment("ablate_claims.py", overrides, tmp_path, in_process=True)  # the CLI ran above
     assert not list(out.rglob("*.ckpt"))
     assert rerun_rows == rows
     config = json.loads((out / "config.json").read_text())  # the config the run used
