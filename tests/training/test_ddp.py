@@ -46,8 +46,9 @@ def trainer(**kw):
 DATA_SCRIPT = COMMON + '''
 from gligen.data.datamodule import GroundingDataModule
 
-SPEC, RESAMPLED, NUM_WORKERS, BATCH, BATCHES, EPOCHS = (sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]),
-                                                        int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]))
+# several training streams in one DDP job (each job costs two imports of torch): the first Trainer starts rank 1,
+# the next ones find LOCAL_RANK set and the process group up, and reuse both
+RUNS = json.loads(sys.argv[2])  # [{name, spec, resampled, num_workers, batch, batches, epochs}]
 
 
 class Recorder(L.LightningModule):
@@ -62,19 +63,20 @@ class Recorder(L.LightningModule):
                           "shape": list(batch["pixel_values"].shape)})
         return (self.weight * batch["boxes"].sum()).sum()  # DDP all-reduces this gradient: ranks must keep step
 
-    def on_train_end(self):
-        (OUT / f"train-rank{self.global_rank}.json").write_text(json.dumps(self.seen))
-
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-L.seed_everything(0)
-dm = GroundingDataModule(train_shards={"grounding": SPEC}, resolution=16, batch_size=BATCH,
-                         num_workers=NUM_WORKERS, batches_per_epoch=BATCHES, resampled=RESAMPLED,
-                         shuffle_buffer=1, random_flip=False)
-t = trainer(max_epochs=EPOCHS)
-t.fit(Recorder(), datamodule=dm)
+seen, rank = {}, 0
+for run in RUNS:
+    L.seed_everything(0)
+    dm = GroundingDataModule(train_shards={"grounding": run["spec"]}, resolution=16, batch_size=run["batch"],
+                             num_workers=run["num_workers"], batches_per_epoch=run["batches"],
+                             resampled=run["resampled"], shuffle_buffer=1, random_flip=False)
+    t, module = trainer(max_epochs=run["epochs"]), Recorder()
+    t.fit(module, datamodule=dm)
+    seen[run["name"]], rank = module.seen, t.global_rank
+(OUT / f"train-rank{rank}.json").write_text(json.dumps(seen))
 '''
 
 EVAL_SCRIPT = COMMON + '''
@@ -172,32 +174,38 @@ def _write(root: Path, name: str, keys: list[str]) -> str:
 def test_ddp_training_stream_uneven_shards_resampled_and_exactly_once(tmp_path):
     # resampled=True on uneven shards (7, 2, 1 samples): both ranks run the same number of batches, no hang
     sizes = {"a": 7, "b": 2, "c": 1}
-    spec = "::".join(_write(tmp_path, n, [f"{n}{i:02d}" for i in range(k)]) for n, k in sizes.items())
+    resampled_spec = "::".join(_write(tmp_path, n, [f"{n}{i:02d}" for i in range(k)]) for n, k in sizes.items())
+    resampled_keys = {f"{n}{i:02d}" for n, k in sizes.items() for i in range(k)}
     batches, epochs, batch = 3, 2, 2
-    ranks = _run(tmp_path, "resampled", DATA_SCRIPT, spec, 1, 2, batch, batches, epochs)
-    all_keys = {f"{n}{i:02d}" for n, k in sizes.items() for i in range(k)}
-    for rank, seen in enumerate(ranks):
+    # resampled=False, one shard group per rank (shard i goes to rank i % 2; uneven shards 3, 3, 1, 1 give each
+    # rank 4 samples) and batches_per_epoch * batch_size = 4: one epoch reads every sample exactly once.
+    # Exactly-once needs shuffle_buffer=1: a larger buffer reads ahead into the next pass of the cycled shards.
+    root = tmp_path / "exact"
+    exact_sizes = {"s0": 3, "s1": 3, "s2": 1, "s3": 1}
+    exact_spec = "::".join(_write(root, n, [f"{n}k{i}" for i in range(k)]) for n, k in exact_sizes.items())
+    runs = [{"name": "resampled", "spec": resampled_spec, "resampled": True, "num_workers": 2, "batch": batch,
+             "batches": batches, "epochs": epochs},
+            {"name": "exactly_once", "spec": exact_spec, "resampled": False, "num_workers": 1, "batch": 2,
+             "batches": 2, "epochs": 1}]
+    ranks = _run(tmp_path, "streams", DATA_SCRIPT, json.dumps(runs))
+
+    resampled = [r["resampled"] for r in ranks]
+    for rank, seen in enumerate(resampled):
         assert {s["rank"] for s in seen} == {rank}
         assert len(seen) == batches * epochs  # the same fixed count on each rank, whatever the shard sizes
         assert [s["step"] for s in seen] == list(range(batches * epochs))
         assert Counter(s["epoch"] for s in seen) == {e: batches for e in range(epochs)}
         for s in seen:
-            assert s["shape"] == [batch, 3, 16, 16] and set(s["keys"]) <= all_keys
+            assert s["shape"] == [batch, 3, 16, 16] and set(s["keys"]) <= resampled_keys
             assert "_skips" not in s["members"] and {"boxes", "masks", "phrases", "keys"} <= set(s["members"])
-    assert [s["keys"] for s in ranks[0]] != [s["keys"] for s in ranks[1]]  # each rank draws its own stream
+    assert [s["keys"] for s in resampled[0]] != [s["keys"] for s in resampled[1]]  # each rank draws its own stream
 
-    # resampled=False, one shard group per rank (shard i goes to rank i % 2; uneven shards 3, 3, 1, 1 give each
-    # rank 4 samples) and batches_per_epoch * batch_size = 4: one epoch reads every sample exactly once.
-    # Exactly-once needs shuffle_buffer=1: a larger buffer reads ahead into the next pass of the cycled shards.
-    root = tmp_path / "exact"
-    sizes = {"s0": 3, "s1": 3, "s2": 1, "s3": 1}
-    spec = "::".join(_write(root, n, [f"{n}k{i}" for i in range(k)]) for n, k in sizes.items())
-    ranks = _run(tmp_path, "exactly_once", DATA_SCRIPT, spec, 0, 1, 2, 2, 1)
-    assert [len(seen) for seen in ranks] == [2, 2]
-    per_rank = [Counter(k for s in seen for k in s["keys"]) for seen in ranks]
+    exact = [r["exactly_once"] for r in ranks]
+    assert [len(seen) for seen in exact] == [2, 2] and [{s["rank"] for s in seen} for seen in exact] == [{0}, {1}]
+    per_rank = [Counter(k for s in seen for k in s["keys"]) for seen in exact]
     assert {k[:2] for k in per_rank[0]} == {"s0", "s2"} and {k[:2] for k in per_rank[1]} == {"s1", "s3"}
     seen = per_rank[0] + per_rank[1]
-    assert set(seen) == {f"{n}k{i}" for n, k in sizes.items() for i in range(k)} and set(seen.values()) == {1}
+    assert set(seen) == {f"{n}k{i}" for n, k in exact_sizes.items() for i in range(k)} and set(seen.values()) == {1}
 
 
 @pytest.mark.slow
