@@ -62,7 +62,8 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
 
 def read_rows(path: str | Path) -> list[dict]:
     """`read_csv`, with each row's `layout_records` id replaced by its records from RECORDS_FILE beside the CSV
-    (removed where the file or the id is missing: that row's intervals do not resample layouts)."""
+    (removed where the file or the id is missing: that row's intervals do not resample layouts). Records of the same
+    content read from several folders share their resampled values (`RowRecords.from_json(shared=True)`)."""
     path = Path(path)
     rows = read_csv(path)
     target = path.parent / RECORDS_FILE
@@ -72,7 +73,7 @@ def read_rows(path: str | Path) -> list[dict]:
         key = row.pop(RECORDS, None)
         if key and key in stored:
             if key not in loaded:
-                loaded[key] = RowRecords.from_json(stored[key])
+                loaded[key] = RowRecords.from_json(stored[key], shared=True)
             row[RECORDS] = loaded[key]
     return rows
 

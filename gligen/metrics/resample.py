@@ -175,6 +175,10 @@ class MeanRecords:
 
 
 RECORD_KINDS = {cls.kind: cls for cls in (APRecords, MeanRecords)}
+# records read from files, by content: the same records in two result folders (a claims or modality table and its
+# cells) are resampled once per process (`RowRecords.values`); bounded, cleared when full
+_SHARED_VALUES: dict = {}
+_SHARED_LIMIT = 4096
 
 
 class RowRecords:
@@ -184,6 +188,7 @@ class RowRecords:
         self.families: dict[str, APRecords | MeanRecords] = {}
         self.metrics: dict[str, tuple[str, str]] = {}
         self._cache: dict = {}
+        self._shared_id: str | None = None  # content id of records read from a file (`from_json(shared=True)`)
 
     def add(self, family: str, record: APRecords | MeanRecords, metrics: Mapping[str, str]) -> None:
         """`metrics`: the row's metric name -> the record's value key, e.g. {"coarse_ap50": "ap50"}."""
@@ -210,12 +215,17 @@ class RowRecords:
     def values(self, metric: str, weights: np.ndarray, cache_key=None) -> np.ndarray:
         """The metric on each row of `weights` ([B, n_images]); `cache_key` names the weights to reuse a result."""
         family, key = self.metrics[metric]
-        if cache_key is not None and (family, key, cache_key) in self._cache:
-            return self._cache[(family, key, cache_key)]
+        cache, slot = self._cache, (family, key, cache_key)
+        if self._shared_id is not None:
+            cache, slot = _SHARED_VALUES, (self._shared_id, *slot)
+        if cache_key is not None and slot in cache:
+            return cache[slot]
         record = self.families[family]
         found = (record.values(weights, (key,)) if isinstance(record, APRecords) else record.values(weights))[key]
         if cache_key is not None:
-            self._cache[(family, key, cache_key)] = found
+            if cache is _SHARED_VALUES and len(cache) >= _SHARED_LIMIT:
+                cache.clear()
+            cache[slot] = found
         return found
 
     def mismatches(self, row: Mapping, tolerance: float = 1e-6) -> list[str]:
@@ -230,10 +240,14 @@ class RowRecords:
                 "families": {name: record.to_json() for name, record in self.families.items()}}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> RowRecords:
+    def from_json(cls, data: Mapping, shared: bool = False) -> RowRecords:
+        """`shared`: resampled values are shared with every other shared record of the same content (its id
+        computed here from `data`, not trusted from a file's key)."""
         records = cls()
         records.families = {name: RECORD_KINDS[f["kind"]].from_json(f) for name, f in data["families"].items()}
         records.metrics = {m: (family, key) for m, (family, key) in data["metrics"].items()}
+        if shared:
+            records._shared_id = records.content_id()
         return records
 
     def content_id(self) -> str:

@@ -86,3 +86,43 @@ def test_rows_keep_their_layout_records_through_csv_and_an_image_scorer_adds_per
     assert (tmp_path / "layout_records.json.gz").read_bytes() == first
     (tmp_path / "layout_records.json.gz").unlink()
     assert all("layout_records" not in r for r in read_rows(tmp_path / "metrics.csv"))
+
+
+def test_records_of_the_same_content_in_two_folders_are_resampled_once_and_an_edited_copy_is_not(tmp_path,
+                                                                                                  monkeypatch):
+    """read_rows shares resampled values between records of one content (a table and its cells hold the same
+    records): the content's id is computed from what is read, so a copy edited by hand under the old id is its own."""
+    import gzip
+    import json
+
+    import numpy as np
+
+    from gligen.evaluation.results import read_rows, write_rows
+    from gligen.metrics.resample import APRecords, RowRecords
+
+    calls = []
+    real = APRecords.values
+    monkeypatch.setattr(APRecords, "values", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    records = RowRecords()
+    records.add("box", APRecords([{"det": [[0, 0.9, 1, 0]], "gt": {0: 1}}, {"det": [[0, 0.8, 0, 1]], "gt": {0: 1}}],
+                                 [0.5], [0.0, 0.5, 1.0]), {"ap50": "ap50"})
+    for name in ("a", "b", "edited"):
+        (tmp_path / name).mkdir()
+        write_rows([{"tau": 1.0, "ap50": 0.5, "layout_records": records}], tmp_path / name / "metrics.csv")
+    path = tmp_path / "edited" / "layout_records.json.gz"
+    stored = json.loads(gzip.decompress(path.read_bytes()))
+    (entry,) = stored.values()
+    entry["families"]["box"]["images"][1]["det"][0][2:] = [1, 0]  # the second detection now a true positive too
+    path.write_bytes(gzip.compress(json.dumps(stored).encode()))
+
+    weights = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    key = (2, 3, 12345)  # a cache key no other test uses: the shared values live as long as the process
+    expected = records.values("ap50", weights)
+    calls.clear()
+    a, b, edited = (read_rows(tmp_path / name / "metrics.csv")[0]["layout_records"] for name in ("a", "b", "edited"))
+    assert a is not b
+    first = a.values("ap50", weights, cache_key=key)
+    assert len(calls) == 1 and list(first) == list(expected)
+    assert b.values("ap50", weights, cache_key=key) is first and len(calls) == 1  # b: a's values
+    changed = edited.values("ap50", weights, cache_key=key)
+    assert len(calls) == 2 and changed[1] > first[1]  # the edited copy is computed on its own content
