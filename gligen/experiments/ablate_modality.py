@@ -162,6 +162,13 @@ def modality_metrics(modality: str, rows: list[dict]) -> list[str]:
     return [m for m in get_modality(modality).metric_names if rows[0].get(m) not in (None, "")]
 
 
+def commits(values) -> str:
+    """Distinct commits of some rows, each in backticks ("-" where none is recorded): models kept from several
+    sessions are trained and scored at different commits."""
+    found = dict.fromkeys(c for v in values for c in str(v or "").split())
+    return ", ".join(f"`{c}`" for c in found) or "-"
+
+
 def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]) -> str:
     """summary.md from the rows (metrics.csv), config (config.json) and VAE ceilings (vae_ceiling.csv) alone."""
     headline_table = stats.interval_table(cells(rows), "cell", ["value", "placement"])
@@ -172,7 +179,8 @@ def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]
     notes = bound_notes(rows, ceilings)
     summary = ["# Grounding modalities: each modality's own metric, GLIGEN (tau = 1) vs the base LDM (tau = 0)", "",
                f"Command: `{command_line()}`", "",
-               (f"git commit `{rows[0]['git_commit']}`, training seeds {sorted({r['train_seed'] for r in rows})} "
+               (f"scored at git {commits(r['git_commit'] for r in rows)} (per model below), training seeds "
+                f"{sorted({r['train_seed'] for r in rows})} "
                 f"(one model per modality and seed), sampling seeds {config['seeds']}, {config['num_images']} layouts "
                 f"per cell, sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}. "
                 "tau = 0 is the frozen base LDM on the same layouts and seeds."), "",
@@ -189,8 +197,10 @@ def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]
         mine = [r for r in rows if r["modality"] == modality]
         models = {str(r["train_seed"]): r for r in mine}
         summary += [f"## {modality}", "", f"config hash `{mine[0]['config_hash']}`", "",
-                    "| training seed | checkpoint | step | weights hash |", "|---|---|---|---|",
-                    *[f"| {seed} | `{r['ckpt']}` | {r['ckpt_step']} | `{r['ckpt_weights_hash']}` |"
+                    "| training seed | checkpoint | step | weights hash | trained at | scored at |",
+                    "|---|---|---|---|---|---|",
+                    *[f"| {seed} | `{r['ckpt']}` | {r['ckpt_step']} | `{r['ckpt_weights_hash']}` | "
+                      f"{commits([r.get('ckpt_train_commits') or ''])} | {commits([r['git_commit']])} |"
                       for seed, r in models.items()], "",
                     *interval_sections(mine, "tau", modality_metrics(modality, mine)),
                     "Samples: " + ", ".join(f"samples_{modality}_tau{t:g}.png" for t in config["taus"]), ""]

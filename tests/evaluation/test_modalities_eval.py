@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 from PIL import Image
 
+from gligen.evaluation.results import read_rows
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments import ablate_modality, modality_models, verify
 from gligen.ldm import FrozenLDM
@@ -249,6 +250,17 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     key = ("modality", "train_seed", "tau", "seed", "value", "placement", "config_hash", "ckpt_weights_hash")
     assert sorted(tuple(r[k] for k in key) for r in again) == sorted(tuple(r[k] for k in key) for r in rows)
     assert not verify.verify_folder(out).failures
+    # models kept from several sessions: the summary names each model's training and scoring commits
+    mixed = [{**r, "git_commit": "feedface0000"} if r["modality"] == "image" else r
+             for r in read_rows(out / "metrics.csv")]
+    text = ablate_modality.summary_text(out, mixed, json.loads((out / "config.json").read_text()), ceilings)
+    header = next(line for line in text.splitlines() if line.startswith("scored at git"))
+    assert "`feedface0000`" in header and f"`{rows[0]['git_commit']}`" in header
+    sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
+    box, image = ([line for line in sections[m].splitlines() if line.startswith(("| 0 | `", "| 1 | `"))]
+                  for m in ("box", "image"))
+    assert len(box) == len(image) == 2 and all(line.endswith("| `feedface0000` |") for line in image)
+    assert all(line.endswith(f"| `{rows[0]['git_commit']}` |") for line in box)
     config = ablate_modality.parse_args(["--config", str(tmp_path / "ablate.yaml")])
     folder = modality_models.model_dir(config, "box", 1)
     assert modality_models.model_scored(folder, modality_models.model_settings("box", config, 1))
