@@ -225,6 +225,7 @@ class RowRecords:
         if cache_key is not None:
             if cache is _SHARED_VALUES and len(cache) >= _SHARED_LIMIT:
                 cache.clear()
+            found.flags.writeable = False  # handed to every later caller: nobody may change it in place
             cache[slot] = found
         return found
 

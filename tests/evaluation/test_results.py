@@ -124,5 +124,6 @@ def test_records_of_the_same_content_in_two_folders_are_resampled_once_and_an_ed
     first = a.values("ap50", weights, cache_key=key)
     assert len(calls) == 1 and list(first) == list(expected)
     assert b.values("ap50", weights, cache_key=key) is first and len(calls) == 1  # b: a's values
+    assert not first.flags.writeable  # shared: no caller may change another folder's values in place
     changed = edited.values("ap50", weights, cache_key=key)
     assert len(calls) == 2 and changed[1] > first[1]  # the edited copy is computed on its own content
