@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 
 from gligen.evaluation import stats
-from gligen.evaluation.results import mean_std_table, write_rows
+from gligen.evaluation.results import commits, mean_std_table, model_table, write_rows
 from gligen.evaluation.visualize import layouts_grid
 from gligen.modalities import DEFAULT_MODALITY, get_modality, modality_names
 
@@ -216,15 +216,13 @@ def summary_metrics(row: dict) -> list[str]:
 
 def seed_summary(rows: list[dict], config: dict) -> str:
     """summary.md over training seeds, from the rows of every seed's sweep (metrics.csv) and config (config.json)."""
-    models = {str(r["train_seed"]): r for r in rows}  # training seed -> one of its rows (its checkpoint's identity)
     lines = ["# Scheduled sampling sweep over training seeds", "", f"Command: `{command_line()}`", "",
-             (f"git commit `{rows[0]['git_commit']}`, {rows[0]['num_images']} layouts per cell, sampling seeds "
+             (f"scored at git {commits(r['git_commit'] for r in rows)} (per model below), {rows[0]['num_images']} "
+              f"layouts per cell, sampling seeds "
               f"{sorted({int(r['seed']) for r in rows})} (each model its own, so sampling noise is part of the spread "
               f"over models), sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}; "
               f"base `{config.get('pretrained')}`."), "",
-             "| training seed | checkpoint | step | weights hash |", "|---|---|---|---|",
-             *[f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` |"
-               for seed, r in models.items()], "",
+             *model_table(rows), "",
              *interval_sections(rows, "tau", summary_metrics(rows[0])),
              *_verdict_lines(rows),
              "Per training seed: train_seed<s>/ (metrics.csv, summary.md, sample grids, tensorboard/).", "",

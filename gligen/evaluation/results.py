@@ -25,6 +25,24 @@ def checkpoint_columns(ckpt, identity: dict) -> dict:
             "ckpt_train_shards": identity["train_shards_fingerprint"]}
 
 
+def commits(values) -> str:
+    """Distinct commits of some rows, each in backticks ("-" where none is recorded): models kept from several
+    sessions are trained and scored at different commits."""
+    found = dict.fromkeys(c for v in values for c in str(v or "").split())
+    return ", ".join(f"`{c}`" for c in found) or "-"
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    """The lines of a markdown table naming each training seed's model: checkpoint, step, weights hash, and the
+    commits it was trained and scored at."""
+    models = {str(r["train_seed"]): r for r in rows}  # training seed -> one of its rows (its checkpoint's identity)
+    return ["| training seed | checkpoint | step | weights hash | trained at | scored at |",
+            "|---|---|---|---|---|---|",
+            *[f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` | "
+              f"{commits([r.get('ckpt_train_commits')])} | {commits([r['git_commit']])} |"
+              for seed, r in models.items()]]
+
+
 def write_csv(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ import torch
 
 from gligen.evaluation import stats
 from gligen.evaluation.reporting import command_line, interval_sections, summary_marker
-from gligen.evaluation.results import write_csv, write_rows
+from gligen.evaluation.results import commits, model_table, write_csv, write_rows
 from gligen.evaluation.visualize import layouts_grid
 from gligen.experiments.config import ModalityAblationConfig, parse, to_dict
 from gligen.experiments.modality_models import modality_layouts, scored_model
@@ -162,13 +162,6 @@ def modality_metrics(modality: str, rows: list[dict]) -> list[str]:
     return [m for m in get_modality(modality).metric_names if rows[0].get(m) not in (None, "")]
 
 
-def commits(values) -> str:
-    """Distinct commits of some rows, each in backticks ("-" where none is recorded): models kept from several
-    sessions are trained and scored at different commits."""
-    found = dict.fromkeys(c for v in values for c in str(v or "").split())
-    return ", ".join(f"`{c}`" for c in found) or "-"
-
-
 def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]) -> str:
     """summary.md from the rows (metrics.csv), config (config.json) and VAE ceilings (vae_ceiling.csv) alone."""
     headline_table = stats.interval_table(cells(rows), "cell", ["value", "placement"])
@@ -195,13 +188,7 @@ def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]
         summary += ["Not a headline (ceiling or saturation): " + "; ".join(notes) + ".", ""]
     for modality in dict.fromkeys(r["modality"] for r in rows):
         mine = [r for r in rows if r["modality"] == modality]
-        models = {str(r["train_seed"]): r for r in mine}
-        summary += [f"## {modality}", "", f"config hash `{mine[0]['config_hash']}`", "",
-                    "| training seed | checkpoint | step | weights hash | trained at | scored at |",
-                    "|---|---|---|---|---|---|",
-                    *[f"| {seed} | `{r['ckpt']}` | {r['ckpt_step']} | `{r['ckpt_weights_hash']}` | "
-                      f"{commits([r.get('ckpt_train_commits') or ''])} | {commits([r['git_commit']])} |"
-                      for seed, r in models.items()], "",
+        summary += [f"## {modality}", "", f"config hash `{mine[0]['config_hash']}`", "", *model_table(mine), "",
                     *interval_sections(mine, "tau", modality_metrics(modality, mine)),
                     "Samples: " + ", ".join(f"samples_{modality}_tau{t:g}.png" for t in config["taus"]), ""]
     summary += [("Files: metrics.csv (every row), vae_ceiling.csv, modalities.png, samples_*.png (first training "

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from gligen.evaluation import reporting
 from gligen.evaluation.results import read_rows
 from gligen.experiments import grid as grid_lib
 from gligen.experiments import verify
@@ -81,6 +82,14 @@ def test_ablate_beta_replicates_over_training_seeds_with_intervals(tiny_toy_worl
     reports = [verify.verify_folder(folder) for folder in verify.result_folders(out)]  # the summary and each seed's
     assert len(reports) == 4 and not any(r.failures for r in reports), "\n".join(r.text() for r in reports)
     assert all(any("tables recompute" in line for line in r.passed) for r in reports)
+    # models swept in different sessions: the summary names each model's training and scoring commits
+    mixed = [{**r, "git_commit": "feedface0000"} if r["train_seed"] == "1" else r for r in pooled]
+    text = reporting.seed_summary(mixed, json.loads((out / "config.json").read_text()))
+    header = next(line for line in text.splitlines() if line.startswith("scored at git"))
+    assert "`feedface0000`" in header and f"`{rows[0]['git_commit']}`" in header
+    models = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith(("| 0 | `", "| 1 | `"))}
+    assert models["| 1"].endswith("| `feedface0000` |") and models["| 0"].endswith(f"| `{rows[0]['git_commit']}` |")
+    assert all(f"| `{rows[0]['ckpt_train_commits']}` |" in line for line in models.values())
 
 
 # ----- experiments/grid.py: every cell trains, then sweeps tau; collect -> summary.csv ----------------------------
