@@ -173,7 +173,7 @@ def summary_text(out: Path, rows: list[dict], config: dict, ceilings: list[dict]
     summary = ["# Grounding modalities: each modality's own metric, GLIGEN (tau = 1) vs the base LDM (tau = 0)", "",
                f"Command: `{command_line()}`", "",
                (f"scored at git {commits(r['git_commit'] for r in rows)} (per model below), training seeds "
-                f"{sorted({r['train_seed'] for r in rows})} "
+                f"{sorted({int(r['train_seed']) for r in rows})} "
                 f"(one model per modality and seed), sampling seeds {config['seeds']}, {config['num_images']} layouts "
                 f"per cell, sampler {config['sampler']}, {config['steps']} steps, guidance {config['guidance']}. "
                 "tau = 0 is the frozen base LDM on the same layouts and seeds."), "",

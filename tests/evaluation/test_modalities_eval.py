@@ -256,6 +256,7 @@ def test_ablate_modality_runs_end_to_end_on_a_tiny_toy_world(tmp_path):
     text = ablate_modality.summary_text(out, mixed, json.loads((out / "config.json").read_text()), ceilings)
     header = next(line for line in text.splitlines() if line.startswith("scored at git"))
     assert "`feedface0000`" in header and f"`{rows[0]['git_commit']}`" in header
+    assert "training seeds [0, 1] " in header  # as numbers, though rows read back from CSV hold strings
     sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
     box, image = ([line for line in sections[m].splitlines() if line.startswith(("| 0 | `", "| 1 | `"))]
                   for m in ("box", "image"))
