@@ -1,6 +1,7 @@
 """The package's shape, checked: layers import only downward, no import cycles, package-internal imports at the top of
-the file, no modality-name branching outside gligen/modalities/, and no module over ~400 lines without a reason at
-its top. The layers, bottom to top (README "Layout"):
+the file, no modality-name branching outside gligen/modalities/, no module over ~400 lines without a reason at
+its top, and the whole tree lint-clean (ruff with pyproject.toml's settings). The layers, bottom to top (README
+"Layout"):
 
     constants -> nn -> data -> metrics -> core (ldm, module, sampling, modalities) -> evaluation -> training
     -> toy -> interop -> bench -> experiments
@@ -12,6 +13,8 @@ nothing under it imports it: the toy's detectors are found by name (gligen.metri
 import ast
 import functools
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,11 @@ def test_modules_stay_short_or_say_why(name):
         head = "\n".join(lines[:30])
         assert LONG_ON_PURPOSE.search(head), (f"gligen/{path.relative_to(PACKAGE)} has {len(lines)} lines: split it, "
                                               "or say at its top why it is one file (\"one file on purpose: ...\")")
+
+
+def test_the_tree_is_lint_clean():
+    """ruff (a dev dependency) with pyproject.toml's [tool.ruff] settings, over the package, tests, entry points and
+    notebooks: unused imports, undefined names, import order, line length."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+                            cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

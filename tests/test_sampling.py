@@ -143,7 +143,8 @@ def test_sample_cli_from_checkpoint_writes_image_and_boxes(tiny_pretrained, tmp_
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     layout = tmp_path / "layout.json"
     layout.write_text(json.dumps({"prompt": "a red square", "objects": [
-        {"box": [0.1, 0.1, 0.5, 0.5], "phrase": "red square"}, {"box": [0.5, 0.4, 0.9, 0.9], "phrase": "blue circle"}]}))
+        {"box": [0.1, 0.1, 0.5, 0.5], "phrase": "red square"},
+        {"box": [0.5, 0.4, 0.9, 0.9], "phrase": "blue circle"}]}))
     args = ["--ckpt", str(tmp_path / "m.ckpt"), "--layout", str(layout), "--steps", "3", "--tau", "1", "--seed", "4"]
     main(args + ["--out", str(tmp_path / "a.png")])
     main(args + ["--out", str(tmp_path / "b.png")])

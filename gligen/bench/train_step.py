@@ -448,7 +448,8 @@ def summary(row: dict) -> str:
     precision = row.get("precision_ours", "fp32")
     lines = [
         (f"[{name}] ours = {row.get('ours_options', 'fp32')}; step time ours {row['time_ours_s']:.3f} s, "
-         f"official-style {row['time_official_s']:.3f} s (median of {row['repeats']}); a/b time ratio {row['time_ratio_ours_over_official']:.3f}"),
+         f"official-style {row['time_official_s']:.3f} s (median of {row['repeats']}); "
+         f"a/b time ratio {row['time_ratio_ours_over_official']:.3f}"),
         (f"[{name}] FLOPs ours {row['flops_ours'] / 1e9:.2f} G, official {row['flops_official'] / 1e9:.2f} G; "
          f"matmul peak fp32 {row['matmul_peak_flops'] / 1e9:.1f} GFLOP/s"
          + (f", {precision} {row['matmul_peak_flops_ours'] / 1e9:.1f} GFLOP/s"

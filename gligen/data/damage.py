@@ -161,7 +161,8 @@ SAMPLE_DAMAGE: dict[str, Damage] = {
     "nan_literal_json": Damage("box_nan", lambda k, s: _with_json(k, s, _ann(s, boxes=[(float("nan"), 0, 1, 1)]))),
     "box_as_strings": Damage("bad_box", lambda k, s: _with_json(k, s, _ann(s, boxes=[("0.1", "0.1", "0.5", "0.5")]))),
     "inverted_box": Damage("box_inverted", lambda k, s: _with_json(k, s, _ann(s, boxes=[(0.6, 0.1, 0.2, 0.5)]))),
-    "box_out_of_range": Damage("box_out_of_range", lambda k, s: _with_json(k, s, _ann(s, boxes=[(0.1, 0.1, 1.5, 0.5)]))),
+    "box_out_of_range": Damage("box_out_of_range",
+                               lambda k, s: _with_json(k, s, _ann(s, boxes=[(0.1, 0.1, 1.5, 0.5)]))),
     "wrong_keypoint_count": Damage("bad_keypoint_count", lambda k, s: _with_json(
         k, s, _ann(s, persons=[[[0.5, 0.5, 2]] * 16]))),
     # arrays and members

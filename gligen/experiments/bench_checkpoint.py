@@ -70,7 +70,8 @@ def main(argv=None) -> None:
         load_s = time.perf_counter() - start
         rows.append({"repeat": repeat, "trainable_params": trainable, "file_bytes": path.stat().st_size,
                      "save_s": round(save_s, 3), "load_s": round(load_s, 3), "dir": str(directory),
-                     "git_commit": git_commit(), "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                     "git_commit": git_commit(),
+                     "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                      **machine})
         print(f"repeat {repeat}: {path.stat().st_size / 2**30:.2f} GiB, save {save_s:.1f} s, load {load_s:.1f} s",
               flush=True)

@@ -10,11 +10,12 @@ weights; (b) official-style = VAE encode + text encoder every step, gradients fo
 grounding weights are updated), fp32; (c) the limit = the step's FLOPs (FlopCounterMode) / dense fp32 matmul
 throughput measured in the same run (in ours' precision: bf16 runs are measured against the bf16 peak where the
 device computes bf16 natively; where it emulates bf16, e.g. an AVX2-only CPU, no bf16 peak or MFU is reported).
-Every row records the processor class, its ISA flags (AVX2 / AVX-512 / AVX512-BF16 / AMX) and native_bf16. Times are medians of alternating a, b, a, b, ... steps after one warm-up
-each. Memory: CUDA max_memory_allocated on GPU; on CPU a fresh subprocess per variant reading its peak RSS
-(details in gligen/bench/train_step.py). Prints the a/b time ratio, MFU of (a) and the a/b memory ratio per size and
-appends one row per size to --out (machine, torch version, git commit, command). Settings: BenchTrainConfig
-(gligen/experiments/config.py): `--help`, `--print_config`, `--config`.
+Every row records the processor class, its ISA flags (AVX2 / AVX-512 / AVX512-BF16 / AMX) and native_bf16. Times
+are medians of alternating a, b, a, b, ... steps after one warm-up each. Memory: CUDA max_memory_allocated on GPU;
+on CPU a fresh subprocess per variant reading its peak RSS (details in gligen/bench/train_step.py). Prints the a/b
+time ratio, MFU of (a) and the a/b memory ratio per size and appends one row per size to --out (machine, torch
+version, git commit, command). Settings: BenchTrainConfig (gligen/experiments/config.py): `--help`,
+`--print_config`, `--config`.
 """
 
 from __future__ import annotations

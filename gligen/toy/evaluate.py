@@ -130,12 +130,13 @@ def mean_best_iou(detections: list[list[Detection]], layouts: list[dict]) -> flo
 
 
 def count_accuracy(detections: list[list[Detection]], layouts: list[dict]) -> float:
-    return float(np.mean([len(d) == len(l["objects"]) for d, l in zip(detections, layouts)]))
+    return float(np.mean([len(d) == len(layout["objects"]) for d, layout in zip(detections, layouts)]))
 
 
 def caption_accuracy(detections: list[list[Detection]], layouts: list[dict]) -> float:
     """Images where every category the layout names is detected (class level; boxes ignored)."""
-    hits = [{c for c, _ in _layout_objects(l)} <= {d.category for d in dets} for dets, l in zip(detections, layouts)]
+    hits = [{c for c, _ in _layout_objects(layout)} <= {d.category for d in dets}
+            for dets, layout in zip(detections, layouts)]
     return float(np.mean(hits))
 
 

@@ -61,7 +61,8 @@ class TinyPipelineConfig:
     text_layers: int = 2
     text_heads: int = 4
     norm_num_groups: int = 8
-    words: list[str] = field(default_factory=lambda: ["a", "an", "and", "the", "red", "green", "blue", "square", "circle", "triangle"])
+    words: list[str] = field(default_factory=lambda: ["a", "an", "and", "the", "red", "green", "blue",
+                                                      "square", "circle", "triangle"])
 
 
 def build_tiny_pipeline(out_dir: str | Path, config: TinyPipelineConfig | None = None, seed: int = 0) -> Path:

@@ -110,7 +110,8 @@ def from_noised_real(ldm: FrozenLDM, layouts: list[dict], references: list[np.nd
     """SDEdit: real val images noised to `strength` of the schedule and denoised by the base LDM with their caption
     (or with every shape word swapped). How much of the real shapes survives, and whether the caption's shape words
     change that, says where the base loses shape: in denoising (low strength) or in composing (high strength)."""
-    asked = [{**l, "caption": swap_shape_words(l["caption"])} for l in layouts] if swap_shapes else layouts
+    asked = ([{**layout, "caption": swap_shape_words(layout["caption"])} for layout in layouts] if swap_shapes
+             else layouts)
     images = generate(ldm, asked, tau_schedule(steps, 0.0), seed=seed,
                       steps=steps, guidance=guidance, progress=False, init_images=references, strength=strength)
     metrics = evaluate_boxes(images, layouts)

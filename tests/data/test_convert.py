@@ -118,7 +118,8 @@ def test_coco_detection_round_trip_and_problem_report(coco):
     samples = _read(coco / "out")
     assert sorted(samples) == ["coco-1", "coco-2"]
     a, b = samples["coco-1"], samples["coco-2"]
-    assert a.caption == "" and a.annotation.kind == "detection" and (a.annotation.width, a.annotation.height) == (40, 20)
+    assert a.caption == "" and a.annotation.kind == "detection"
+    assert (a.annotation.width, a.annotation.height) == (40, 20)
     assert [o.phrase for o in a.annotation.objects] == ["dog", "traffic light"]
     assert [o.category for o in a.annotation.objects] == ["dog", "traffic light"]
     _assert_boxes(a, [_xyxy([4.5, 2, 10, 8.25], 40, 20), _xyxy([20, 0, 20, 20], 40, 20)])

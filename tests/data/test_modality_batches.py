@@ -225,7 +225,8 @@ class GradProbe(Callback):
 
 
 def tiny_fit_config(tmp_path: Path, cache: Path, modality: str) -> Path:
-    config = load_config([ROOT / "experiments/configs/toy_base.yaml", ROOT / f"experiments/configs/toy_{modality}.yaml"])
+    config = load_config([ROOT / "experiments/configs/toy_base.yaml",
+                          ROOT / f"experiments/configs/toy_{modality}.yaml"])
     assert config["model"]["modality"] == modality and config["run_dir"] == f"runs/toy_{modality}"
     config["run_dir"] = str(tmp_path / f"runs/toy_{modality}")
     config["trainer"].update(max_steps=2, limit_val_batches=1, val_check_interval=2, log_every_n_steps=1)

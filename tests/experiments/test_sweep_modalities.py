@@ -1,6 +1,6 @@
-"""The tau sweep (gligen.experiments.sweep.sweep_checkpoint) for every grounding modality: keypoint and image checkpoints are
-sampled on their own validation layouts (person shards; object shards with entity images) and scored with their own
-metric, and experiments/grid.py sweeps and collects cells of every modality."""
+"""The tau sweep (gligen.experiments.sweep.sweep_checkpoint) for every grounding modality: keypoint and image
+checkpoints are sampled on their own validation layouts (person shards; object shards with entity images) and scored
+with their own metric, and experiments/grid.py sweeps and collects cells of every modality."""
 
 import csv
 import json

@@ -291,7 +291,8 @@ def test_official_variant_imports_every_weight(official_variants, clip_base, tmp
     position_keys = {k for k in checkpoint["model"] if k.startswith("position_net.")}
     expected_keys = {
         "text_image": {"null_text_feature", "null_image_feature", "null_position_feature",
-                       *(f"linears_{m}.{i}.{p}" for m in ("text", "image") for i in (0, 2, 4) for p in ("weight", "bias"))},
+                       *(f"linears_{m}.{i}.{p}" for m in ("text", "image") for i in (0, 2, 4)
+                         for p in ("weight", "bias"))},
         "keypoint": {"person_embeddings", "keypoint_embeddings", "null_person_feature", "null_xy_feature",
                      *(f"linears.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias"))},
     }[variant]

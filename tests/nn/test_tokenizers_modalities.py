@@ -149,7 +149,8 @@ def test_text_image_tokens_text_first_then_image_with_nulls():
     tokenizer = TextImageBoxTokenizer(in_dim=6, out_dim=5)
     randomise(tokenizer)
     boxes, texts, images = torch.rand(1, 3, 4), torch.randn(1, 3, 6), torch.randn(1, 3, 6)
-    masks, phrases_masks, image_masks = torch.tensor([[1.0, 1, 0]]), torch.tensor([[1.0, 0, 0]]), torch.tensor([[0.0, 1, 0]])
+    masks = torch.tensor([[1.0, 1, 0]])
+    phrases_masks, image_masks = torch.tensor([[1.0, 0, 0]]), torch.tensor([[0.0, 1, 0]])
     out = tokenizer(boxes, masks, phrases_masks, image_masks, texts, images)
     position = fourier_embed(boxes[0])
     t, i = tokenizer.linears_text, tokenizer.linears_image

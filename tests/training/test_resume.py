@@ -1,4 +1,5 @@
-"""Resume without Slurm: exact continuation, the requeue checkpoint, atomic checkpoint writes (gligen/training/checkpointing.py).
+"""Resume without Slurm: exact continuation, the requeue checkpoint, atomic checkpoint writes
+(gligen/training/checkpointing.py).
 
 Exactness: with RandomBoxDataModule(length=2, batch_size=2) every step sees the same batch, so the data position
 (which a plain DataLoader does not restore mid-epoch) cannot matter, and an interrupted run must reproduce the

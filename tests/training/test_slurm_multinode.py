@@ -93,7 +93,8 @@ class Job:
             },
             "model": {"pretrained": pretrained, "learning_rate": 1e-3, "warmup_steps": 0},
             "data": {"class_path": "gligen.data.datamodule.GroundingDataModule", "init_args": {
-                "train_shards": {"grounding": str(shards)}, "val_shards": str(shards / "val"), "resolution": 16, "batch_size": 2, "num_workers": 0,
+                "train_shards": {"grounding": str(shards)}, "val_shards": str(shards / "val"), "resolution": 16,
+                "batch_size": 2, "num_workers": 0,
                 "batches_per_epoch": 1000, "resampled": False, "shuffle_buffer": 1, "random_flip": False}},
         }
         config_path = tmp_path / "config.yaml"

@@ -204,7 +204,8 @@ def output_sample(p: Prepared, arrays: dict[str, np.ndarray], cfg: PrecomputeCon
         if category == "caption":
             sample[member] = p.sample.caption
         elif category == "array":  # per-object rows follow the kept objects
-            sample[member] = p.sample.arrays[member][p.kept] if member == "entity_embeds.npy" else p.sample.arrays[member]
+            array = p.sample.arrays[member]
+            sample[member] = array[p.kept] if member == "entity_embeds.npy" else array
         else:
             sample[member] = data
     if p.crop is not None and cfg.image == "crop":
