@@ -35,12 +35,16 @@ def commits(values) -> str:
 def model_table(rows: list[dict]) -> list[str]:
     """The lines of a markdown table naming each training seed's model: checkpoint, step, weights hash, and the
     commits it was trained and scored at (every scoring commit of its rows: a sweep may be finished later)."""
-    models = {str(r["train_seed"]): r for r in rows}  # training seed -> one of its rows (its checkpoint's identity)
-    scored = {seed: commits(r["git_commit"] for r in rows if str(r["train_seed"]) == seed) for seed in models}
-    return ["| training seed | checkpoint | step | weights hash | trained at | scored at |",
-            "|---|---|---|---|---|---|",
-            *[f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` | "
-              f"{commits([r.get('ckpt_train_commits')])} | {scored[seed]} |" for seed, r in models.items()]]
+    by_seed: dict[str, list[dict]] = {}
+    for row in rows:
+        by_seed.setdefault(str(row["train_seed"]), []).append(row)
+    lines = ["| training seed | checkpoint | step | weights hash | trained at | scored at |",
+             "|---|---|---|---|---|---|"]
+    for seed, mine in by_seed.items():
+        r = mine[-1]  # the checkpoint's identity, the same in every row of the model
+        lines.append(f"| {seed} | `{r['ckpt']}` | {r.get('ckpt_step', '')} | `{r.get('ckpt_weights_hash', '')}` | "
+                     f"{commits([r.get('ckpt_train_commits')])} | {commits(row['git_commit'] for row in mine)} |")
+    return lines
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

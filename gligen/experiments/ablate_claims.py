@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gligen.evaluation import stats
 from gligen.evaluation.reporting import command_line, summary_marker
-from gligen.evaluation.results import read_rows, write_rows
+from gligen.evaluation.results import commits, read_rows, write_rows
 from gligen.experiments import cell_status
 from gligen.experiments import grid as grid_lib
 from gligen.experiments.cell_status import VAL, evaluation_sweep
@@ -129,7 +129,7 @@ def _name(side: dict) -> str:
 def summary_text(rows: list[dict], config: dict) -> str:
     """summary.md from the pooled rows (metrics.csv) and config (config.json) alone."""
     lines = ["# The paper's claims on the toy world", "", f"Command: `{config.get('command') or command_line()}`", "",
-             f"git commits: {', '.join(f'`{c}`' for c in sorted({str(r['git_commit']) for r in rows}))}; training "
+             f"git commits: {commits(sorted({str(r['git_commit']) for r in rows}))}; training "
              f"seeds {sorted({int(r['train_seed']) for r in rows})}; every arm: `{config['base_config']}` + "
              f"`{json.dumps(config.get('overrides') or {})}` + its own keys.", "",
              "| claim | paper | metric | a - b [95% interval] | verdict | why |", "|---|---|---|---|---|---|"]
